@@ -1,0 +1,42 @@
+import os
+import pickle
+import shutil
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SHARED = os.path.join(os.path.dirname(REPO), 'shared')
+sys.path.insert(0, REPO)
+os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.join(SHARED, 'tiktoken_cache'))
+
+# a model small enough that a training run takes a second or two on a CPU
+TINY = ['--device=cpu', '--dtype=float32', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=16',
+        '--batch_size=4', '--gradient_accumulation_steps=2', '--eval_iters=2', '--log_interval=1',
+        '--warmup_iters=2', '--lr_decay_iters=40', '--learning_rate=1e-2', '--dataset=tiny']
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """A copy of the scripts with a small random-token dataset in data/tiny/, so tests never touch the repo."""
+    for name in os.listdir(REPO):
+        if name.endswith('.py'):
+            shutil.copy(os.path.join(REPO, name), tmp_path / name)
+    data = tmp_path / 'data' / 'tiny'
+    data.mkdir(parents=True)
+    rng = np.random.default_rng(0)
+    rng.integers(0, 50, 4000, dtype=np.uint16).tofile(data / 'train.bin')
+    rng.integers(0, 50, 1000, dtype=np.uint16).tofile(data / 'val.bin')
+    with open(data / 'meta.pkl', 'wb') as f:
+        pickle.dump({'vocab_size': 50}, f)
+    return tmp_path
+
+
+def run_script(workdir, *args, timeout=300, check=True):
+    """Run a script as a user would, from workdir; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+    if check and proc.returncode != 0:
+        raise AssertionError(f'{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}')
+    return proc

@@ -1,0 +1,172 @@
+import math
+import os
+
+import pytest
+import torch
+
+from conftest import REPO
+from model_bio import GPT, GPTConfig, SparseGate, apply_rope, load_model, rope_tables, save_checkpoint
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+
+
+def test_rope_scores_depend_only_on_relative_position():
+    torch.manual_seed(0)
+    head_dim = 16
+    cos, sin = rope_tables(head_dim, 64)
+    q, k = torch.randn(head_dim), torch.randn(head_dim)
+
+    def score(m, n):  # q at position m, k at position n
+        rq = apply_rope(q.view(1, 1, 1, -1), cos[m:m + 1], sin[m:m + 1])
+        rk = apply_rope(k.view(1, 1, 1, -1), cos[n:n + 1], sin[n:n + 1])
+        return (rq * rk).sum().item()
+
+    for m, n, shift in [(5, 2, 10), (0, 0, 40), (9, 3, 1)]:
+        assert score(m, n) == pytest.approx(score(m + shift, n + shift), abs=1e-4)
+    # and it is not a no-op: a different offset gives a different score
+    assert abs(score(5, 2) - score(5, 4)) > 1e-3
+
+
+def test_rope_changes_attention_and_any_length_works():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, use_rope=True))
+    model.eval()
+    for T in (1, 2, 7, 16):
+        logits, _ = model(torch.randint(0, 50, (2, T)))
+        assert logits.shape == (2, 1, 50)
+    # the order of earlier tokens must matter to the last position (it would not with no positions at all)
+    idx = torch.tensor([[3, 7, 3, 9]])
+    swapped = torch.tensor([[7, 3, 3, 9]])
+    assert not torch.allclose(model(idx)[0], model(swapped)[0])
+
+
+def test_sparse_gate_sparsity_is_the_zero_fraction_and_gate_learns():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, use_bio_mlp=True, use_sparse_gate=True))
+    outputs = []
+    for gate in model.sparse_gates():
+        gate.register_forward_hook(lambda mod, inp, out: outputs.append(out.detach()))
+    idx = torch.randint(0, 50, (4, 16))
+    _, loss = model(idx, idx)
+    loss.backward()
+    zeros = sum((o == 0).sum().item() for o in outputs)
+    total = sum(o.numel() for o in outputs)
+    assert 0 < zeros < total
+    assert model.read_sparsity() == pytest.approx(zeros / total, abs=1e-12)
+    assert model.read_sparsity() is None  # reading resets the count
+    for gate in model.sparse_gates():
+        assert gate.gate_weight.grad is not None and gate.gate_weight.grad.abs().sum() > 0
+        assert gate.gate_bias.grad is not None and gate.gate_bias.grad.abs().sum() > 0
+
+
+def test_sparse_gate_forward_is_exact_and_backward_is_the_sigmoid_surrogate():
+    torch.manual_seed(0)
+    gate = SparseGate(6, threshold=0.25)
+    with torch.no_grad():
+        gate.gate_weight.copy_(torch.linspace(0.5, 1.5, 6))
+        gate.gate_bias.copy_(torch.linspace(-0.2, 0.2, 6))
+    x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    act = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
+    gate.double()
+    out = gate(x, act)
+    voltage = gate.gate_weight * x + gate.gate_bias - 0.25
+    fires = voltage > 0
+    assert torch.equal(out, torch.where(fires, act, torch.zeros_like(act)))
+    upstream = torch.randn_like(out)
+    out.backward(upstream)
+    s = torch.sigmoid(5 * voltage.detach())
+    dvoltage = upstream * act.detach() * 5 * s * (1 - s)
+    assert torch.allclose(act.grad, upstream * fires)
+    assert torch.allclose(x.grad, dvoltage * gate.gate_weight.detach())
+    assert torch.allclose(gate.gate_weight.grad, (dvoltage * x.detach()).sum(0))
+    assert torch.allclose(gate.gate_bias.grad, dvoltage.sum(0))
+
+
+def test_oscillating_activation_formula_and_init():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, use_bio_mlp=True))
+    act = model.transformer.h[0].mlp.activation
+    x = torch.randn(3, 128)
+    expected = torch.sin(act.omega * x + act.phi) * torch.tanh(x) + act.baseline
+    assert torch.allclose(act(x), expected)
+    omegas = torch.cat([b.mlp.activation.omega for b in model.transformer.h]).detach()
+    assert abs(omegas.mean().item() - 1.0) < 0.03 and abs(omegas.std().item() - 0.1) < 0.03
+    assert all((b.mlp.activation.baseline == 0).all() for b in model.transformer.h)
+
+
+def test_param_counts_of_the_124m_config():
+    settings = {}
+    with open(os.path.join(REPO, 'config_gpt2_bio_3070.py')) as f:
+        exec(f.read(), settings)
+    model_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'use_bio_mlp', 'use_rmsnorm', 'use_rope')
+    cfg = {k: settings[k] for k in model_keys}
+    bio = GPT(GPTConfig(**cfg)).get_num_params()
+    gelu = GPT(GPTConfig(**{**cfg, 'use_bio_mlp': False})).get_num_params()
+    gated = GPT(GPTConfig(**cfg, use_sparse_gate=True)).get_num_params()
+    assert bio == 123_697_920
+    assert bio - gelu == 110_592
+    assert gated - bio == 2 * 3072 * 12
+
+
+def test_weight_decay_only_on_matrices():
+    model = GPT(GPTConfig(**TINY, use_bio_mlp=True, bias=True))
+    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
+    decayed, plain = opt.param_groups
+    assert decayed['weight_decay'] == 0.1 and plain['weight_decay'] == 0.0
+    assert all(p.dim() == 2 for p in decayed['params'])
+    assert all(p.dim() == 1 for p in plain['params'])
+    omega = model.transformer.h[0].mlp.activation.omega
+    assert any(p is omega for p in plain['params'])
+    assert len(decayed['params']) + len(plain['params']) == len(list(model.parameters()))
+
+
+def test_loss_ignores_minus_one_targets():
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY))
+    idx = torch.randint(0, 50, (2, 8))
+    targets = idx.clone()
+    targets[:, :4] = -1
+    logits, loss = model(idx, targets)
+    expected = torch.nn.functional.cross_entropy(logits[:, 4:].reshape(-1, 50), idx[:, 4:].reshape(-1))
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_gradient_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(**TINY, use_bio_mlp=True, use_rope=True))
+    ckpt = GPT(GPTConfig(**TINY, use_bio_mlp=True, use_rope=True, gradient_checkpointing=True))
+    ckpt.load_state_dict(plain.state_dict())
+    idx = torch.randint(0, 50, (2, 16))
+    for m in (plain, ckpt):
+        m(idx, idx)[1].backward()
+    for (name, a), b in zip(plain.named_parameters(), ckpt.parameters()):
+        assert torch.allclose(a.grad, b.grad, atol=1e-6), name
+
+
+def test_load_model_strips_compile_prefix_and_rejects_foreign_files(tmp_path):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**TINY, use_bio_mlp=True))
+    state = {'_orig_mod.' + k: v for k, v in model.state_dict().items()}
+    path = str(tmp_path / 'ckpt.pt')
+    save_checkpoint({'model': state, 'model_args': dict(TINY, use_bio_mlp=True), 'iter_num': 3,
+                     'best_val_loss': torch.tensor(2.5)}, path)
+    loaded, ckpt = load_model(path, 'cpu')
+    assert ckpt['iter_num'] == 3
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, loaded.state_dict()[k])
+    torch.save({'something': 1}, tmp_path / 'foreign.pt')
+    with pytest.raises(SystemExit, match='not a WiggleGPT checkpoint'):
+        load_model(str(tmp_path / 'foreign.pt'), 'cpu')
+    with pytest.raises(SystemExit, match='no checkpoint at'):
+        load_model(str(tmp_path / 'missing.pt'), 'cpu')
+    (tmp_path / 'junk.pt').write_bytes(b'not a zip file at all')
+    with pytest.raises(SystemExit, match='not a readable checkpoint'):
+        load_model(str(tmp_path / 'junk.pt'), 'cpu')
+
+
+def test_mfu_needs_a_known_peak():
+    model = GPT(GPTConfig(**TINY))
+    assert model.estimate_mfu(1000.0, None) is None
+    mfu = model.estimate_mfu(1000.0, 1e12)
+    assert mfu == pytest.approx(model.flops_per_token() * 1000.0 / 1e12)
+    assert math.isfinite(mfu) and mfu > 0

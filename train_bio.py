@@ -1,0 +1,401 @@
+"""
+Pretrain WiggleGPT. One process:
+    python train_bio.py config_shakespeare_char_cpu.py
+Several GPUs (or CPU processes with --backend=gloo) through DDP:
+    torchrun --standalone --nproc_per_node=4 train_bio.py config_gpt2_bio_3070.py
+Any setting below can be overridden with --key=value after the config file.
+"""
+
+import json
+import math
+import os
+import pickle
+import signal
+import sys
+import time
+from contextlib import nullcontext
+
+import numpy as np
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+
+from model_bio import GPT, GPTConfig, device_peak_flops, load_model, save_checkpoint
+
+# -----------------------------------------------------------------------------
+# defaults: the 124M WiggleGPT on OpenWebText
+out_dir = 'out'
+init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+eval_interval = 2000
+eval_iters = 200
+log_interval = 10
+eval_only = False
+wandb_log = False
+wandb_project = 'wigglegpt'
+wandb_run_name = 'run'
+# data
+dataset = 'openwebtext'
+gradient_accumulation_steps = 40  # total over all processes
+batch_size = 12
+block_size = 1024
+# model
+n_layer = 12
+n_head = 12
+n_embd = 768
+dropout = 0.0
+bias = False
+use_bio_mlp = True
+use_rmsnorm = True
+use_rope = True
+use_sparse_gate = False
+bio_threshold = 0.25
+gradient_checkpointing = False
+# AdamW
+learning_rate = 6e-4
+max_iters = 600000
+weight_decay = 1e-1
+beta1 = 0.9
+beta2 = 0.95
+grad_clip = 1.0  # 0 disables
+# learning rate schedule: linear warmup, then cosine down to min_lr at lr_decay_iters
+decay_lr = True
+warmup_iters = 2000
+lr_decay_iters = 600000
+min_lr = 6e-5
+# system
+backend = 'nccl'  # DDP backend: 'nccl' for GPUs, 'gloo' for CPU
+device = 'auto'  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
+dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
+compile = False  # torch.compile needs Triton, which Windows lacks
+peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks it up by GPU name
+seed = 1337
+# -----------------------------------------------------------------------------
+config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
+from configurator import configure  # noqa: E402
+
+config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+globals().update(config)
+# -----------------------------------------------------------------------------
+
+
+def fail(message):
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(1)
+
+
+# DDP: torchrun sets RANK; each process gets one device and a share of the gradient accumulation
+ddp = int(os.environ.get('RANK', -1)) != -1
+if ddp:
+    dist.init_process_group(backend=backend)
+    rank = dist.get_rank()
+    local_rank = int(os.environ['LOCAL_RANK'])
+    world_size = dist.get_world_size()
+    if gradient_accumulation_steps % world_size:
+        fail(f'gradient_accumulation_steps={gradient_accumulation_steps} must divide among {world_size} processes')
+    gradient_accumulation_steps //= world_size
+else:
+    rank, local_rank, world_size = 0, 0, 1
+master = rank == 0
+
+if device == 'auto':
+    if torch.cuda.is_available():
+        device = 'cuda'
+    elif torch.backends.mps.is_available():
+        device = 'mps'
+    else:
+        device = 'cpu'
+if ddp and device == 'cuda':
+    device = f'cuda:{local_rank}'
+device_type = device.split(':')[0]
+if device_type == 'cuda':
+    if not torch.cuda.is_available():
+        fail(f'device={device} but CUDA is not available (use --device=cpu)')
+    torch.cuda.set_device(device)
+if dtype == 'auto':
+    if device_type == 'cuda':
+        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+    else:
+        dtype = 'float32'
+if dtype not in ('float32', 'bfloat16', 'float16'):
+    fail(f"dtype={dtype!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+if dtype == 'float16' and device_type != 'cuda':
+    fail('dtype=float16 needs CUDA; use --dtype=float32 or bfloat16')
+ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
+autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+if device_type == 'cuda':
+    torch.backends.cuda.matmul.allow_tf32 = True
+    torch.backends.cudnn.allow_tf32 = True
+
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
+if master:
+    print(f'tokens per iteration: {tokens_per_iter:,}')
+    os.makedirs(out_dir, exist_ok=True)
+
+# -----------------------------------------------------------------------------
+# data: token memmaps written by data/<dataset>/prepare.py
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+for split in ('train', 'val'):
+    if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
+        fail(f'{data_dir}/{split}.bin not found; prepare the data first: python data/{dataset}/prepare.py')
+for split in ('train', 'val'):
+    if len(np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')) <= block_size:
+        fail(f'data/{dataset}/{split}.bin holds no more than block_size={block_size} tokens; prepare more data or lower block_size')
+
+
+def get_batch(split, generator):
+    # a fresh memmap per batch: numpy's memmap otherwise keeps growing resident memory
+    data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
+    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in ix]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
+
+
+meta_vocab_size = None
+meta_path = os.path.join(data_dir, 'meta.pkl')
+if os.path.isfile(meta_path):
+    with open(meta_path, 'rb') as f:
+        meta_vocab_size = pickle.load(f)['vocab_size']
+    if master:
+        print(f'vocab_size = {meta_vocab_size} (from {meta_path})')
+
+# -----------------------------------------------------------------------------
+# model, optimizer and the state an exact resume needs
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+best_path = os.path.join(out_dir, 'ckpt_best.pt')
+log_path = os.path.join(out_dir, 'log.jsonl')
+model_keys = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'use_bio_mlp', 'use_rmsnorm',
+              'use_rope', 'use_sparse_gate', 'bio_threshold', 'gradient_checkpointing']
+torch.manual_seed(seed)  # the initial weights depend on the seed alone, not on the process
+if init_from == 'scratch':
+    model_args = {k: globals()[k] for k in model_keys}
+    model_args['vocab_size'] = meta_vocab_size or 50304
+    model = GPT(GPTConfig(**model_args))
+    model.to(device)
+    checkpoint = None
+    iter_num, tokens_seen, best_val_loss = 0, 0, float('inf')
+elif init_from == 'resume':
+    if not os.path.isfile(ckpt_path):
+        fail(f'init_from=resume but {ckpt_path} does not exist (train from scratch first, or fix out_dir)')
+    model, checkpoint = load_model(ckpt_path, device)
+    model_args = checkpoint['model_args']
+    for k in model_keys:  # the checkpoint's architecture wins over the config
+        if k in model_args:
+            globals()[k] = model_args[k]
+    block_size = model_args['block_size']
+    iter_num = checkpoint['iter_num']
+    tokens_seen = checkpoint.get('tokens', iter_num * tokens_per_iter)
+    best_val_loss = float(checkpoint['best_val_loss'])
+    if master:
+        print(f'resuming from {ckpt_path} at iter {iter_num}')
+else:
+    fail(f"init_from={init_from!r} is not 'scratch' or 'resume'")
+if master:
+    print(f'number of parameters: {model.get_num_params() / 1e6:.2f}M')
+
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
+scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
+data_rng = torch.Generator().manual_seed(seed + rank)  # training batches; each process its own
+torch.manual_seed(seed + rank)  # dropout
+if checkpoint is not None:
+    optimizer.load_state_dict(checkpoint['optimizer'])
+    if 'scaler' in checkpoint:
+        scaler.load_state_dict(checkpoint['scaler'])
+    rng = checkpoint.get('rng')
+    if rng and rank < len(rng['data']):  # the same number of processes as the run that saved it
+        data_rng.set_state(rng['data'][rank])
+        torch.set_rng_state(rng['torch'][rank])
+        if device_type == 'cuda' and rng['cuda'][rank] is not None:
+            torch.cuda.set_rng_state(rng['cuda'][rank], device)
+    elif master:
+        print('note: the checkpoint has no random state for this number of processes; batches will differ from an unbroken run')
+    checkpoint = None  # free the memory
+
+raw_model = model
+if compile:
+    if master:
+        print('compiling the model...')
+    model = torch.compile(model)
+train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss over eval_iters batches per split; the same batches every time, so evals compare."""
+    losses = {}
+    model.eval()
+    for split in ('train', 'val'):
+        eval_rng = torch.Generator().manual_seed(seed + 1)
+        total = torch.zeros((), device=device)
+        for _ in range(eval_iters):
+            x, y = get_batch(split, eval_rng)
+            with autocast:
+                _, loss = model(x, y)
+            total += loss.float()
+        losses[split] = total.item() / eval_iters
+    model.train()
+    return losses
+
+
+def get_lr(it):
+    if not decay_lr:
+        return learning_rate
+    if it < warmup_iters:
+        return learning_rate * (it + 1) / (warmup_iters + 1)
+    if it >= lr_decay_iters:
+        return min_lr
+    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
+    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
+
+
+def random_states():
+    """Every process's RNG states, gathered on all (a collective: every process must call it)."""
+    mine = {'data': data_rng.get_state(), 'torch': torch.get_rng_state(),
+            'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None}
+    if not ddp:
+        return {k: [v] for k, v in mine.items()}
+    gathered = [None] * world_size
+    dist.all_gather_object(gathered, {k: (v.cpu() if v is not None else None) for k, v in mine.items()})
+    return {k: [g[k] for g in gathered] for k in mine}
+
+
+def write_checkpoint(rng_states, also_best):
+    """Save the run on the master process; weights that are not finite are never saved."""
+    if not master:
+        return
+    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+        fail(f'weights are not finite at iter {iter_num}; not saving, {ckpt_path} keeps the last good state')
+    checkpoint = {
+        'model': raw_model.state_dict(),
+        'optimizer': optimizer.state_dict(),
+        'model_args': model_args,
+        'iter_num': iter_num,
+        'best_val_loss': best_val_loss,
+        'config': config,
+        'format_version': 1,
+        'tokens': tokens_seen,
+        'scaler': scaler.state_dict(),
+        'rng': rng_states,
+    }
+    save_checkpoint(checkpoint, ckpt_path)
+    if also_best:
+        # a hard link costs nothing; the next save replaces ckpt.pt by rename and leaves this one alone
+        tmp = best_path + '.tmp'
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        try:
+            os.link(ckpt_path, tmp)
+            os.replace(tmp, best_path)
+        except OSError:
+            save_checkpoint(checkpoint, best_path)
+    print(f'saved checkpoint at iter {iter_num} to {out_dir}')
+
+
+def log_json(record):
+    if master:
+        with open(log_path, 'a') as f:
+            f.write(json.dumps(record) + '\n')
+
+
+if master and init_from == 'resume' and os.path.isfile(log_path):
+    # drop what a crashed run logged after the checkpoint it is resumed from, so the log has no repeats
+    with open(log_path) as f:
+        kept = [line for line in f if line.strip() and json.loads(line)['iter'] <= iter_num]
+    with open(log_path + '.tmp', 'w') as f:
+        f.writelines(kept)
+    os.replace(log_path + '.tmp', log_path)
+
+if wandb_log and master:
+    import wandb
+    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+
+# Ctrl-C asks the loop to stop at the end of the current iteration and save; a second one kills
+stop_requested = False
+
+
+def request_stop(signum, frame):
+    global stop_requested
+    if stop_requested:
+        raise KeyboardInterrupt
+    stop_requested = True
+    if master:
+        print('\ninterrupted: saving a checkpoint after this iteration (Ctrl-C again to quit without saving)')
+
+
+signal.signal(signal.SIGINT, request_stop)
+
+peak = device_peak_flops(device, peak_flops)
+start_iter = iter_num
+interval_start, interval_iters = time.time(), 0
+while True:
+    # evaluate and save (not at the iteration a resumed run starts from: its checkpoint has that)
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (iter_num != start_iter or init_from == 'scratch' or eval_only):
+        losses = estimate_loss()
+        if master:
+            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+            log_json({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'tokens': tokens_seen})
+            if wandb_log:
+                wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'tokens': tokens_seen})
+        if eval_only:
+            break
+        if not math.isfinite(losses['val']):
+            fail(f'val loss is {losses["val"]} at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
+        improved = losses['val'] < best_val_loss
+        best_val_loss = min(best_val_loss, losses['val'])
+        rng_states = random_states()
+        write_checkpoint(rng_states, also_best=improved)
+        interval_start, interval_iters = time.time(), 0  # the step time excludes evaluation
+    if iter_num >= max_iters:
+        break
+    if ddp and iter_num % log_interval == 0:  # all processes stop at the same iteration: agree on a Ctrl-C
+        flag = torch.tensor([float(stop_requested)], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        stop_requested = bool(flag.item())
+    if stop_requested:
+        write_checkpoint(random_states(), also_best=False)
+        break
+
+    lr = get_lr(iter_num)
+    for group in optimizer.param_groups:
+        group['lr'] = lr
+    loss_sum = torch.zeros((), device=device)
+    for micro_step in range(gradient_accumulation_steps):
+        x, y = get_batch('train', data_rng)
+        # in DDP, gradients are averaged across processes only on the last micro-step
+        sync = train_model.no_sync() if ddp and micro_step < gradient_accumulation_steps - 1 else nullcontext()
+        with sync, autocast:
+            _, loss = train_model(x, y)
+        loss_sum += loss.detach().float()
+        scaler.scale(loss / gradient_accumulation_steps).backward()
+    if grad_clip != 0.0:
+        scaler.unscale_(optimizer)
+        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
+    scaler.step(optimizer)
+    scaler.update()
+    optimizer.zero_grad(set_to_none=True)
+    iter_num += 1
+    tokens_seen += tokens_per_iter
+    interval_iters += 1
+
+    if iter_num % log_interval == 0 and master:
+        lossf = loss_sum.item() / gradient_accumulation_steps  # waits for the device: once per log line
+        if not math.isfinite(lossf):
+            fail(f'loss is {lossf} at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
+        dt = (time.time() - interval_start) / interval_iters
+        interval_start, interval_iters = time.time(), 0
+        mfu = raw_model.estimate_mfu(tokens_per_iter / dt, peak)
+        sparsity = raw_model.read_sparsity()
+        line = f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu * 100:.2f}%' if mfu is not None \
+            else f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu n/a'
+        if sparsity is not None:
+            line += f', sparsity {sparsity * 100:.2f}%'
+        print(line)
+        log_json({'iter': iter_num, 'loss': lossf, 'lr': lr, 'time_ms': dt * 1000, 'mfu': mfu,
+                  'sparsity': sparsity, 'tokens': tokens_seen})
+        if wandb_log:
+            wandb.log({'iter': iter_num, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu, 'sparsity': sparsity})
+
+if ddp:
+    dist.destroy_process_group()
