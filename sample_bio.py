@@ -29,10 +29,14 @@ globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
 # -----------------------------------------------------------------------------
 
 if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'cpu'
+    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
 if start.startswith('FILE:'):
+    if not os.path.isfile(start[5:]):
+        sys.exit(f'error: prompt file {start[5:]} not found')
     with open(start[5:], encoding='utf-8') as f:
         start = f.read()
+if not start:
+    sys.exit('error: the prompt is empty; give at least one character with --start')
 torch.manual_seed(seed)
 model, checkpoint = load_model(os.path.join(out_dir, ckpt), device)
 model.eval()

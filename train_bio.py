@@ -79,22 +79,19 @@ globals().update(config)
 
 
 def fail(message):
-    print(f'error: {message}', file=sys.stderr)
+    if int(os.environ.get('RANK', 0)) == 0:  # under DDP every process stops, one says why
+        print(f'error: {message}', file=sys.stderr)
     sys.exit(1)
 
 
 # DDP: torchrun sets RANK; each process gets one device and a share of the gradient accumulation
 ddp = int(os.environ.get('RANK', -1)) != -1
+rank, local_rank, world_size = 0, 0, 1
 if ddp:
-    dist.init_process_group(backend=backend)
-    rank = dist.get_rank()
-    local_rank = int(os.environ['LOCAL_RANK'])
-    world_size = dist.get_world_size()
+    rank, local_rank, world_size = (int(os.environ[k]) for k in ('RANK', 'LOCAL_RANK', 'WORLD_SIZE'))
     if gradient_accumulation_steps % world_size:
         fail(f'gradient_accumulation_steps={gradient_accumulation_steps} must divide among {world_size} processes')
     gradient_accumulation_steps //= world_size
-else:
-    rank, local_rank, world_size = 0, 0, 1
 master = rank == 0
 
 if device == 'auto':
@@ -111,6 +108,10 @@ if device_type == 'cuda':
     if not torch.cuda.is_available():
         fail(f'device={device} but CUDA is not available (use --device=cpu)')
     torch.cuda.set_device(device)
+if ddp:
+    if backend == 'nccl' and device_type != 'cuda':
+        fail(f"backend=nccl needs CUDA devices; with device={device} use --backend=gloo")
+    dist.init_process_group(backend=backend)
 if dtype == 'auto':
     if device_type == 'cuda':
         dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
@@ -126,9 +127,7 @@ if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
 
-tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if master:
-    print(f'tokens per iteration: {tokens_per_iter:,}')
     os.makedirs(out_dir, exist_ok=True)
 
 # -----------------------------------------------------------------------------
@@ -180,20 +179,23 @@ elif init_from == 'resume':
     if not os.path.isfile(ckpt_path):
         fail(f'init_from=resume but {ckpt_path} does not exist (train from scratch first, or fix out_dir)')
     model, checkpoint = load_model(ckpt_path, device)
+    if 'optimizer' not in checkpoint:
+        fail(f'{ckpt_path} has no optimizer state, so it cannot be resumed (start a new run from its weights instead)')
     model_args = checkpoint['model_args']
     for k in model_keys:  # the checkpoint's architecture wins over the config
         if k in model_args:
-            globals()[k] = model_args[k]
-    block_size = model_args['block_size']
+            config[k] = globals()[k] = model_args[k]
     iter_num = checkpoint['iter_num']
-    tokens_seen = checkpoint.get('tokens', iter_num * tokens_per_iter)
+    tokens_seen = checkpoint.get('tokens', 0)
     best_val_loss = float(checkpoint['best_val_loss'])
     if master:
         print(f'resuming from {ckpt_path} at iter {iter_num}')
 else:
     fail(f"init_from={init_from!r} is not 'scratch' or 'resume'")
+tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if master:
     print(f'number of parameters: {model.get_num_params() / 1e6:.2f}M')
+    print(f'tokens per iteration: {tokens_per_iter:,}')
 
 optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
 scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
@@ -201,14 +203,15 @@ data_rng = torch.Generator().manual_seed(seed + rank)  # training batches; each 
 torch.manual_seed(seed + rank)  # dropout
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
-    if 'scaler' in checkpoint:
+    if scaler.is_enabled() and checkpoint.get('scaler'):  # empty when the saved run did not use fp16
         scaler.load_state_dict(checkpoint['scaler'])
     rng = checkpoint.get('rng')
-    if rng and rank < len(rng['data']):  # the same number of processes as the run that saved it
-        data_rng.set_state(rng['data'][rank])
-        torch.set_rng_state(rng['torch'][rank])
+    if rng and len(rng['data']) == world_size:  # the same number of processes as the run that saved it
+        # load_model moved every tensor to the device; RNG states must be CPU byte tensors
+        data_rng.set_state(rng['data'][rank].cpu())
+        torch.set_rng_state(rng['torch'][rank].cpu())
         if device_type == 'cuda' and rng['cuda'][rank] is not None:
-            torch.cuda.set_rng_state(rng['cuda'][rank], device)
+            torch.cuda.set_rng_state(rng['cuda'][rank].cpu(), device)
     elif master:
         print('note: the checkpoint has no random state for this number of processes; batches will differ from an unbroken run')
     checkpoint = None  # free the memory
@@ -218,7 +221,10 @@ if compile:
     if master:
         print('compiling the model...')
     model = torch.compile(model)
-train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None) if ddp else model
+if ddp:  # broadcast_buffers off: no buffer needs syncing (RoPE tables are fixed, gate counts are per process)
+    train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+else:
+    train_model = model
 
 
 @torch.no_grad()
@@ -263,10 +269,11 @@ def random_states():
 
 def write_checkpoint(rng_states, also_best):
     """Save the run on the master process; weights that are not finite are never saved."""
-    if not master:
-        return
+    # every process holds the same weights, so all of them reach the same verdict
     if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
         fail(f'weights are not finite at iter {iter_num}; not saving, {ckpt_path} keeps the last good state')
+    if not master:
+        return
     checkpoint = {
         'model': raw_model.state_dict(),
         'optimizer': optimizer.state_dict(),
@@ -301,33 +308,46 @@ def log_json(record):
 
 if master and init_from == 'resume' and os.path.isfile(log_path):
     # drop what a crashed run logged after the checkpoint it is resumed from, so the log has no repeats
+    kept = []
     with open(log_path) as f:
-        kept = [line for line in f if line.strip() and json.loads(line)['iter'] <= iter_num]
+        for line in f:
+            try:
+                if json.loads(line)['iter'] <= iter_num:
+                    kept.append(line)
+            except (ValueError, KeyError):  # a line cut short by a crash
+                pass
     with open(log_path + '.tmp', 'w') as f:
         f.writelines(kept)
     os.replace(log_path + '.tmp', log_path)
 
 if wandb_log and master:
-    import wandb
+    try:
+        import wandb
+    except ImportError:
+        fail('wandb_log=True but wandb is not installed (pip install wandb, or --wandb_log=False)')
     wandb.init(project=wandb_project, name=wandb_run_name, config=config)
 
-# Ctrl-C asks the loop to stop at the end of the current iteration and save; a second one kills
-stop_requested = False
+# Ctrl-C (or torchrun's SIGTERM) asks the loop to stop after the current iteration and save;
+# a second Ctrl-C quits at once without saving
+signal_seen = None
 
 
 def request_stop(signum, frame):
-    global stop_requested
-    if stop_requested:
-        raise KeyboardInterrupt
-    stop_requested = True
-    if master:
+    global signal_seen
+    if signal_seen == signal.SIGINT and signum == signal.SIGINT:
+        print('\ninterrupted again: exiting without saving', file=sys.stderr)
+        os._exit(130)
+    if signal_seen is None and master:
         print('\ninterrupted: saving a checkpoint after this iteration (Ctrl-C again to quit without saving)')
+    signal_seen = signal_seen or signum
 
 
 signal.signal(signal.SIGINT, request_stop)
+signal.signal(signal.SIGTERM, request_stop)
 
 peak = device_peak_flops(device, peak_flops)
 start_iter = iter_num
+stop_requested = False
 interval_start, interval_iters = time.time(), 0
 while True:
     # evaluate and save (not at the iteration a resumed run starts from: its checkpoint has that)
@@ -349,10 +369,6 @@ while True:
         interval_start, interval_iters = time.time(), 0  # the step time excludes evaluation
     if iter_num >= max_iters:
         break
-    if ddp and iter_num % log_interval == 0:  # all processes stop at the same iteration: agree on a Ctrl-C
-        flag = torch.tensor([float(stop_requested)], device=device)
-        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
-        stop_requested = bool(flag.item())
     if stop_requested:
         write_checkpoint(random_states(), also_best=False)
         break
@@ -379,13 +395,22 @@ while True:
     tokens_seen += tokens_per_iter
     interval_iters += 1
 
+    if ddp:
+        if iter_num % log_interval == 0:  # processes agree on a stop or a bad loss, so they stop together
+            flags = torch.tensor([float(signal_seen is not None), float(not torch.isfinite(loss_sum))], device=device)
+            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+            stop_requested, loss_is_bad = bool(flags[0]), bool(flags[1])
+            if loss_is_bad:
+                fail(f'the loss stopped being finite by iter {iter_num}; {ckpt_path} keeps the last good state')
+    else:
+        stop_requested = signal_seen is not None
     if iter_num % log_interval == 0 and master:
         lossf = loss_sum.item() / gradient_accumulation_steps  # waits for the device: once per log line
         if not math.isfinite(lossf):
             fail(f'loss is {lossf} at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
         dt = (time.time() - interval_start) / interval_iters
         interval_start, interval_iters = time.time(), 0
-        mfu = raw_model.estimate_mfu(tokens_per_iter / dt, peak)
+        mfu = raw_model.estimate_mfu(tokens_per_iter / world_size / dt, peak)  # per device, against one device's peak
         sparsity = raw_model.read_sparsity()
         line = f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu * 100:.2f}%' if mfu is not None \
             else f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu n/a'

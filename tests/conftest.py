@@ -30,7 +30,8 @@ def workdir(tmp_path):
     rng.integers(0, 50, 4000, dtype=np.uint16).tofile(data / 'train.bin')
     rng.integers(0, 50, 1000, dtype=np.uint16).tofile(data / 'val.bin')
     with open(data / 'meta.pkl', 'wb') as f:
-        pickle.dump({'vocab_size': 50}, f)
+        chars = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX'  # a character-level vocabulary of 50
+        pickle.dump({'vocab_size': 50, 'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)}}, f)
     return tmp_path
 
 
