@@ -108,7 +108,7 @@ def _require_known(config, key, message):
 def _report(line):
     # Under DDP every process parses the same argv; only the first one talks.
     if os.environ.get('RANK', '0') == '0':
-        print(f'config: {line}')
+        print(f'config: {line}', file=sys.stderr)  # stderr, so sampled text on stdout stays clean
 
 
 def _fail(message):

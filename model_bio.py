@@ -12,8 +12,10 @@ Module and parameter names follow the original WiggleGPT release so its checkpoi
 import inspect
 import math
 import os
+import pickle
 import sys
-from dataclasses import dataclass, fields
+from contextlib import nullcontext
+from dataclasses import asdict, dataclass, fields
 
 import torch
 import torch.nn as nn
@@ -33,6 +35,7 @@ class GPTConfig:
     use_bio_mlp: bool = False  # oscillating activation instead of GELU
     use_rmsnorm: bool = False
     use_rope: bool = False  # rotary position embeddings instead of learned ones
+    use_positions: bool = True  # False: no positional encoding at all, as the original release's no-op RoPE
     gradient_checkpointing: bool = False
     use_sparse_gate: bool = False  # only with use_bio_mlp
     bio_threshold: float = 0.25  # firing threshold of the sparse gate
@@ -78,7 +81,7 @@ class CausalSelfAttention(nn.Module):
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
 
-    def forward(self, x, rope=None):
+    def forward(self, x, rope=None, kv_cache=None):
         B, T, C = x.size()
         q, k, v = self.c_attn(x).split(C, dim=2)
         q = q.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)  # (B, nh, T, hs)
@@ -86,7 +89,13 @@ class CausalSelfAttention(nn.Module):
         v = v.view(B, T, self.n_head, C // self.n_head).transpose(1, 2)
         if rope is not None:
             q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=True,
+        if kv_cache is not None:  # generation: earlier tokens' keys and values are kept, not recomputed
+            if kv_cache:
+                assert T == 1, 'a filled cache takes one token at a time'
+                k, v = torch.cat((kv_cache[0], k), dim=2), torch.cat((kv_cache[1], v), dim=2)
+            kv_cache[:] = (k, v)
+        # one new token may see every cached one; a longer input starts from an empty cache, so causal
+        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                            dropout_p=self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
@@ -171,8 +180,8 @@ class Block(nn.Module):
         self.ln_2 = make_norm(config)
         self.mlp = BioMLP(config) if config.use_bio_mlp else MLP(config)
 
-    def forward(self, x, rope=None):
-        x = x + self.attn(self.ln_1(x), rope)
+    def forward(self, x, rope=None, kv_cache=None):
+        x = x + self.attn(self.ln_1(x), rope, kv_cache)
         return x + self.mlp(self.ln_2(x))
 
 
@@ -189,12 +198,12 @@ class GPT(nn.Module):
             h=nn.ModuleList([Block(config) for _ in range(config.n_layer)]),
             ln_f=make_norm(config),
         )
-        if not config.use_rope:
+        if config.use_positions and not config.use_rope:
             modules['wpe'] = nn.Embedding(config.block_size, config.n_embd)
         self.transformer = nn.ModuleDict(modules)
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=False)
         self.transformer.wte.weight = self.lm_head.weight  # weight tying
-        if config.use_rope:
+        if config.use_positions and config.use_rope:
             head_dim = config.n_embd // config.n_head
             assert head_dim % 2 == 0, 'RoPE needs an even head size'
             cos, sin = rope_tables(head_dim, config.block_size)
@@ -218,25 +227,35 @@ class GPT(nn.Module):
     def get_num_params(self, non_embedding=True):
         """Parameter count (the tied embedding once); learned positions excluded by default."""
         n_params = sum(p.numel() for p in self.parameters())
-        if non_embedding and not self.config.use_rope:
+        if non_embedding and 'wpe' in self.transformer:
             n_params -= self.transformer.wpe.weight.numel()
         return n_params
 
-    def forward(self, idx, targets=None):
+    def new_kv_cache(self):
+        """An empty key/value cache for forward(kv_cache=...): one [keys, values] per layer, filled as it runs."""
+        return [[] for _ in self.transformer.h]
+
+    def forward(self, idx, targets=None, kv_cache=None):
+        """Logits (and the loss with targets; -1 targets are ignored); only the last position's without targets.
+
+        With kv_cache (from new_kv_cache) idx continues the cached tokens: the first call fills the
+        cache from a whole context, later calls add one token each.
+        """
         B, T = idx.size()
-        assert T <= self.config.block_size, f'sequence of {T} tokens, block_size is {self.config.block_size}'
+        past = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] else 0
+        assert past + T <= self.config.block_size, f'sequence of {past + T} tokens, block_size is {self.config.block_size}'
         x = self.transformer.wte(idx)
         rope = None
-        if self.config.use_rope:
-            rope = (self.rope_cos[:T], self.rope_sin[:T])
-        else:
-            x = x + self.transformer.wpe(torch.arange(T, device=idx.device))
+        if 'wpe' in self.transformer:
+            x = x + self.transformer.wpe(torch.arange(past, past + T, device=idx.device))
+        elif hasattr(self, 'rope_cos'):
+            rope = (self.rope_cos[past:past + T], self.rope_sin[past:past + T])
         x = self.transformer.drop(x)
-        for block in self.transformer.h:
+        for i, block in enumerate(self.transformer.h):
             if self.config.gradient_checkpointing and self.training:
                 x = checkpoint(block, x, rope, use_reentrant=False)
             else:
-                x = block(x, rope)
+                x = block(x, rope, None if kv_cache is None else kv_cache[i])
         x = self.transformer.ln_f(x)
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
@@ -282,23 +301,97 @@ class GPT(nn.Module):
             return None
         return self.flops_per_token() * tokens_per_second / peak_flops
 
-    @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=None):
-        """Append max_new_tokens sampled tokens to idx (B, T); temperature 0 is greedy."""
-        for _ in range(max_new_tokens):
-            context = idx[:, -self.config.block_size:]
-            logits, _ = self(context)
-            logits = logits[:, -1, :]
-            if temperature == 0:
-                next_token = logits.argmax(dim=-1, keepdim=True)
-            else:
-                logits = logits / temperature
-                if top_k is not None:
-                    kth = torch.topk(logits, min(top_k, logits.size(-1))).values[:, [-1]]
-                    logits = logits.masked_fill(logits < kth, float('-inf'))
-                next_token = torch.multinomial(F.softmax(logits, dim=-1), num_samples=1)
-            idx = torch.cat((idx, next_token), dim=1)
-        return idx
+
+# -----------------------------------------------------------------------------
+# generation
+
+
+def apply_repetition_penalty(logits, recent_ids, penalty, exempt_ids=()):
+    """Make each token seen in recent_ids less likely: positive logits divided by penalty, negative multiplied.
+
+    exempt_ids (e.g. chat template markers) are never penalised. logits: (vocab,), changed in place.
+    """
+    penalised = sorted(set(recent_ids) - set(exempt_ids))
+    if penalty == 1.0 or not penalised:
+        return logits
+    index = torch.tensor(penalised, device=logits.device)
+    values = logits[index]
+    logits[index] = torch.where(values > 0, values / penalty, values * penalty)
+    return logits
+
+
+def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
+    """One token id from logits (vocab,): greedy at temperature 0, else softmax sampling after top-k and top-p."""
+    if temperature == 0:
+        return int(logits.argmax())
+    logits = logits / temperature
+    if top_k:
+        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
+        logits = logits.masked_fill(logits < kth, float('-inf'))
+    if top_p is not None and top_p < 1.0:
+        # keep the most likely tokens until their probabilities sum to top_p (at least one)
+        sorted_logits, order = torch.sort(logits, descending=True)
+        sorted_probs = F.softmax(sorted_logits, dim=-1)
+        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        logits = logits.masked_fill(outside.scatter(0, order, outside), float('-inf'))
+    probs = F.softmax(logits, dim=-1)
+    return int(torch.multinomial(probs, 1, generator=generator))
+
+
+@torch.no_grad()
+def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
+                    repetition_penalty=1.0, penalty_window=64, penalty_exempt=(), generator=None, use_cache=True):
+    """Yield up to max_new_tokens token ids that continue prompt_ids (a list of at least one id).
+
+    The model sees the last block_size tokens. With use_cache each step feeds only the newest
+    token; once the text outgrows block_size the window slides, every position changes and the
+    cache is rebuilt from the window at each step, so the tokens always equal a full recompute.
+    repetition_penalty applies to the ids among the last penalty_window tokens, except penalty_exempt.
+    """
+    assert len(prompt_ids) > 0, 'the prompt needs at least one token'
+    block_size = model.config.block_size
+    device = next(model.parameters()).device
+    ids = list(prompt_ids)
+    kv_cache = None
+    for _ in range(max_new_tokens):
+        if kv_cache is not None and len(ids) <= block_size:
+            logits, _ = model(torch.tensor([ids[-1:]], device=device), kv_cache=kv_cache)
+        else:
+            kv_cache = model.new_kv_cache() if use_cache else None
+            logits, _ = model(torch.tensor([ids[-block_size:]], device=device), kv_cache=kv_cache)
+        logits = logits[0, -1].float()
+        apply_repetition_penalty(logits, ids[-penalty_window:], repetition_penalty, penalty_exempt)
+        next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
+        ids.append(next_id)
+        yield next_id
+
+
+def stream_text(token_ids, decode, stop_sequences=()):
+    """Turn a stream of token ids into text pieces as they become final; end before the first stop sequence.
+
+    Text that may be the start of a stop sequence (or of a character still being spelled out in
+    UTF-8 bytes) is held back until the next tokens settle it.
+    """
+    ids, shown, text = [], 0, ''
+    for token in token_ids:
+        ids.append(token)
+        text = decode(ids)
+        hits = [text.find(s, max(shown - len(s), 0)) for s in stop_sequences]
+        hits = [h for h in hits if h >= 0]
+        if hits:
+            if min(hits) > shown:
+                yield text[shown:min(hits)]
+            return
+        ready = len(text)
+        while ready > shown and text[ready - 1] == '\ufffd':
+            ready -= 1
+        held = max([n for s in stop_sequences for n in range(1, len(s)) if text[:ready].endswith(s[:n])], default=0)
+        ready -= held
+        if ready > shown:
+            yield text[shown:ready]
+            shown = ready
+    if len(text) > shown:
+        yield text[shown:]
 
 
 # dense bf16/fp16 tensor-core peak FLOP/s (fp32 accumulate), matched against the CUDA device name
@@ -316,6 +409,34 @@ GPU_PEAK_FLOPS = {
     'RTX 3080': 59.5e12,
     'RTX 3070': 40.6e12,
 }
+
+
+def pick_device(device):
+    """'auto' becomes cuda, then mps, then cpu, whichever is available first; anything else is kept."""
+    if device != 'auto':
+        return device
+    if torch.cuda.is_available():
+        return 'cuda'
+    return 'mps' if torch.backends.mps.is_available() else 'cpu'
+
+
+def autocast_for(device_type, dtype):
+    """(dtype, autocast context) for dtype 'auto', 'float32', 'bfloat16' or 'float16'; ValueError when unusable.
+
+    'auto' is bfloat16 on GPUs that have it, float16 on older GPUs, float32 elsewhere.
+    """
+    if dtype == 'auto':
+        if device_type == 'cuda':
+            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
+        else:
+            dtype = 'float32'
+    if dtype not in ('float32', 'bfloat16', 'float16'):
+        raise ValueError(f"dtype={dtype!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
+    if dtype == 'float16' and device_type != 'cuda':
+        raise ValueError('dtype=float16 needs CUDA; use --dtype=float32 or bfloat16')
+    if dtype == 'float32':
+        return dtype, nullcontext()
+    return dtype, torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
 
 
 def device_peak_flops(device, override=0.0):
@@ -354,8 +475,17 @@ def load_model(ckpt_path, device):
         sys.exit(f'error: {ckpt_path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})')
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
         sys.exit(f'error: {ckpt_path} is not a WiggleGPT checkpoint (it has no model / model_args)')
+    model_args = dict(checkpoint['model_args'])
+    if 'format_version' not in checkpoint:  # written by the original WiggleGPT code
+        checkpoint['best_val_loss'] = float(checkpoint.get('best_val_loss', float('inf')))
+        if model_args.get('use_rope') and model_args.get('use_positions', True):
+            # its RoPE rotated nothing, so these weights were trained without any positional encoding
+            model_args['use_positions'] = False
+            print(f'note: {ckpt_path} comes from the original WiggleGPT, whose RoPE was a no-op; '
+                  'running it with positional encoding off (use_positions=False), as it was trained', file=sys.stderr)
     known = {f.name for f in fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in checkpoint['model_args'].items() if k in known})
+    config = GPTConfig(**{k: v for k, v in model_args.items() if k in known})
+    checkpoint['model_args'] = asdict(config)  # what the model really is, for whoever saves it again
     model = GPT(config)
     prefix = '_orig_mod.'  # torch.compile's wrapper adds it to every key
     state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in checkpoint['model'].items()}
@@ -367,3 +497,38 @@ def load_model(ckpt_path, device):
         sys.exit(f'error: {ckpt_path} does not match the model its model_args describe: {str(e).splitlines()[1].strip()}')
     model.to(device)
     return model, checkpoint
+
+
+def load_codec(checkpoint):
+    """(encode, decode) for a checkpoint: its dataset's meta.pkl for character-level runs, else GPT-2 BPE."""
+    dataset = checkpoint.get('config', {}).get('dataset')
+    meta_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', str(dataset), 'meta.pkl')
+    if dataset and os.path.isfile(meta_path):
+        with open(meta_path, 'rb') as f:
+            meta = pickle.load(f)
+        stoi, itos = meta['stoi'], meta['itos']
+
+        def encode(text):
+            unknown = sorted(set(c for c in text if c not in stoi))
+            if unknown:
+                raise ValueError(f'characters outside the {dataset} vocabulary: {unknown!r}')
+            return [stoi[c] for c in text]
+
+        return encode, lambda ids: ''.join(itos[i] for i in ids)
+    if checkpoint['model_args']['vocab_size'] < 50257:
+        sys.exit(f'error: the checkpoint has a {checkpoint["model_args"]["vocab_size"]}-token vocabulary but '
+                 f'{meta_path} is missing (run data/{dataset}/prepare.py again)')
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    return (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'})), enc.decode
+
+
+# -----------------------------------------------------------------------------
+# the chat template of the original release, as plain text (GPT-2 BPE, no added tokens)
+EOT_ID = 50256  # <|endoftext|>, which ends every conversation
+CHAT_STOPS = ('<|/assistant|>', '<|endoftext|>', '<|user|>')  # where a reply ends
+
+
+def chat_turn(role, content):
+    """One turn of a conversation: role is 'system', 'user' or 'assistant'."""
+    return f'<|{role}|>\n{content}\n<|/{role}|>\n'

@@ -1,16 +1,15 @@
 """
 Sample text from a trained WiggleGPT checkpoint:
     python sample_bio.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:"
-`start` may be FILE:prompt.txt to read the prompt from a file.
+`start` may be FILE:prompt.txt to read the prompt from a file. Text is printed as it is generated.
 """
 
 import os
-import pickle
 import sys
 
 import torch
 
-from model_bio import load_model
+from model_bio import autocast_for, generate_tokens, load_codec, load_model, pick_device, stream_text
 
 out_dir = 'out'
 ckpt = 'ckpt.pt'  # or 'ckpt_best.pt'
@@ -18,9 +17,13 @@ start = '\n'  # prompt text, or FILE:path
 num_samples = 3
 max_new_tokens = 500
 temperature = 0.8  # 0 is greedy
-top_k = 200
+top_k = 200  # 0 disables
+top_p = 1.0  # nucleus sampling; 1.0 disables
+repetition_penalty = 1.0  # > 1 makes recently seen tokens less likely; 1.0 disables
 seed = 1337
 device = 'auto'
+dtype = 'auto'
+compile = False
 # -----------------------------------------------------------------------------
 config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
 from configurator import configure  # noqa: E402
@@ -28,8 +31,11 @@ from configurator import configure  # noqa: E402
 globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
 # -----------------------------------------------------------------------------
 
-if device == 'auto':
-    device = 'cuda' if torch.cuda.is_available() else 'mps' if torch.backends.mps.is_available() else 'cpu'
+device = pick_device(device)
+try:
+    dtype, autocast = autocast_for(device.split(':')[0], dtype)
+except ValueError as e:
+    sys.exit(f'error: {e}')
 if start.startswith('FILE:'):
     if not os.path.isfile(start[5:]):
         sys.exit(f'error: prompt file {start[5:]} not found')
@@ -37,38 +43,23 @@ if start.startswith('FILE:'):
         start = f.read()
 if not start:
     sys.exit('error: the prompt is empty; give at least one character with --start')
-torch.manual_seed(seed)
+
 model, checkpoint = load_model(os.path.join(out_dir, ckpt), device)
 model.eval()
+if compile:
+    model = torch.compile(model)
+encode, decode = load_codec(checkpoint)
+try:
+    prompt_ids = encode(start)
+except ValueError as e:
+    sys.exit(f'error: the prompt has {e}')
 
-# character-level runs decode through their dataset's meta.pkl, the rest through GPT-2's BPE
-dataset = checkpoint.get('config', {}).get('dataset')
-meta_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', str(dataset), 'meta.pkl')
-if os.path.isfile(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta = pickle.load(f)
-    stoi, itos = meta['stoi'], meta['itos']
-    unknown = sorted(set(c for c in start if c not in stoi))
-    if unknown:
-        sys.exit(f'error: the prompt has characters outside the {dataset} vocabulary: {unknown!r}')
-
-    def encode(s):
-        return [stoi[c] for c in s]
-
-    def decode(ids):
-        return ''.join(itos[i] for i in ids)
-else:
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
-
-    def encode(s):
-        return enc.encode(s, allowed_special={'<|endoftext|>'})
-
-    def decode(ids):
-        return enc.decode(ids)
-
-prompt = torch.tensor([encode(start)], dtype=torch.long, device=device)
+generator = torch.Generator(device=device).manual_seed(seed)
 for _ in range(num_samples):
-    out = model.generate(prompt, max_new_tokens, temperature=temperature, top_k=top_k or None)
-    print(decode(out[0].tolist()))
-    print('---------------')
+    print(start, end='', flush=True)
+    with autocast:
+        tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                 top_p=top_p, repetition_penalty=repetition_penalty, generator=generator)
+        for piece in stream_text(tokens, decode):
+            print(piece, end='', flush=True)
+    print('\n---------------')

@@ -6,6 +6,7 @@ Several GPUs (or CPU processes with --backend=gloo) through DDP:
 Any setting below can be overridden with --key=value after the config file.
 """
 
+import inspect
 import json
 import math
 import os
@@ -20,7 +21,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model_bio import GPT, GPTConfig, device_peak_flops, load_model, save_checkpoint
+from model_bio import GPT, GPTConfig, autocast_for, device_peak_flops, load_model, pick_device, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # defaults: the 124M WiggleGPT on OpenWebText
@@ -47,6 +48,7 @@ bias = False
 use_bio_mlp = True
 use_rmsnorm = True
 use_rope = True
+use_positions = True  # False trains with no positional encoding (NoPE)
 use_sparse_gate = False
 bio_threshold = 0.25
 gradient_checkpointing = False
@@ -94,13 +96,7 @@ if ddp:
     gradient_accumulation_steps //= world_size
 master = rank == 0
 
-if device == 'auto':
-    if torch.cuda.is_available():
-        device = 'cuda'
-    elif torch.backends.mps.is_available():
-        device = 'mps'
-    else:
-        device = 'cpu'
+device = pick_device(device)
 if ddp and device == 'cuda':
     device = f'cuda:{local_rank}'
 device_type = device.split(':')[0]
@@ -112,17 +108,10 @@ if ddp:
     if backend == 'nccl' and device_type != 'cuda':
         fail(f"backend=nccl needs CUDA devices; with device={device} use --backend=gloo")
     dist.init_process_group(backend=backend)
-if dtype == 'auto':
-    if device_type == 'cuda':
-        dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-    else:
-        dtype = 'float32'
-if dtype not in ('float32', 'bfloat16', 'float16'):
-    fail(f"dtype={dtype!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
-if dtype == 'float16' and device_type != 'cuda':
-    fail('dtype=float16 needs CUDA; use --dtype=float32 or bfloat16')
-ptdtype = {'float32': torch.float32, 'bfloat16': torch.bfloat16, 'float16': torch.float16}[dtype]
-autocast = nullcontext() if dtype == 'float32' else torch.autocast(device_type=device_type, dtype=ptdtype)
+try:
+    dtype, autocast = autocast_for(device_type, dtype)
+except ValueError as e:
+    fail(str(e))
 if device_type == 'cuda':
     torch.backends.cuda.matmul.allow_tf32 = True
     torch.backends.cudnn.allow_tf32 = True
@@ -166,7 +155,7 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 best_path = os.path.join(out_dir, 'ckpt_best.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 model_keys = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'use_bio_mlp', 'use_rmsnorm',
-              'use_rope', 'use_sparse_gate', 'bio_threshold', 'gradient_checkpointing']
+              'use_rope', 'use_positions', 'use_sparse_gate', 'bio_threshold', 'gradient_checkpointing']
 torch.manual_seed(seed)  # the initial weights depend on the seed alone, not on the process
 if init_from == 'scratch':
     model_args = {k: globals()[k] for k in model_keys}
@@ -221,8 +210,11 @@ if compile:
     if master:
         print('compiling the model...')
     model = torch.compile(model)
-if ddp:  # broadcast_buffers off: no buffer needs syncing (RoPE tables are fixed, gate counts are per process)
-    train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, broadcast_buffers=False)
+if ddp:
+    # no buffer needs syncing at each forward: RoPE tables are fixed and gate counts are per process
+    # (newer PyTorch renamed broadcast_buffers to forward_sync_buffers)
+    no_sync = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters else 'broadcast_buffers'
+    train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, **{no_sync: False})
 else:
     train_model = model
 
@@ -423,4 +415,5 @@ while True:
             wandb.log({'iter': iter_num, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu, 'sparsity': sparsity})
 
 if ddp:
+    dist.barrier()  # rank 0 may still be writing; leaving together avoids a gloo teardown race
     dist.destroy_process_group()

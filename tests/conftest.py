@@ -35,9 +35,15 @@ def workdir(tmp_path):
     return tmp_path
 
 
-def run_script(workdir, *args, timeout=300, check=True):
-    """Run a script as a user would, from workdir; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout)
+def run_script(workdir, *args, timeout=300, check=True, input=''):
+    """Run a script as a user would, from workdir, with input piped to stdin; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
+                          input=input)
     if check and proc.returncode != 0:
         raise AssertionError(f'{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}')
     return proc
+
+
+def message_lines(stderr):
+    """stderr without the configurator's `config: ...` echo lines: what a user mistake should leave is one line."""
+    return [line for line in stderr.strip().splitlines() if not line.startswith('config: ')]

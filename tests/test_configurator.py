@@ -55,7 +55,7 @@ def test_config_file_applied_and_input_untouched(tmp_path, capsys):
     config = configure(DEFAULTS, [cfg])
     assert config == {**DEFAULTS, 'max_iters': 100, 'learning_rate': pytest.approx(6e-3)}
     assert DEFAULTS == before
-    out = capsys.readouterr().out
+    out = capsys.readouterr().err
     assert 'config: max_iters = 100' in out
     assert 'out_dir' not in out  # settings the file left alone are not reported
 
@@ -77,7 +77,7 @@ def test_bare_string(capsys):
     config = configure(DEFAULTS, ['--dataset=shakespeare_char', '--out_dir=123'])
     assert config['dataset'] == 'shakespeare_char'
     assert config['out_dir'] == '123'  # a number-looking value stays text for a str setting
-    assert "config: dataset = 'shakespeare_char'" in capsys.readouterr().out
+    assert "config: dataset = 'shakespeare_char'" in capsys.readouterr().err
 
 
 def test_quoted_string():
@@ -91,6 +91,7 @@ def test_float_key_takes_int():
 
 def test_bool_key(capsys):
     assert configure(DEFAULTS, ['--compile=True'])['compile'] is True
+    capsys.readouterr()
     err = fails(capsys, ['--compile=1'])
     assert '--compile expects bool' in err and "'1'" in err
 

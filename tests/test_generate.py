@@ -1,0 +1,150 @@
+import pytest
+import torch
+import torch.nn.functional as F
+
+from model_bio import (GPT, GPTConfig, apply_repetition_penalty, chat_turn, generate_tokens, load_model,
+                       sample_next_token, save_checkpoint, stream_text)
+
+TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
+POSITIONS = {'learned': dict(), 'rope': dict(use_rope=True), 'none': dict(use_positions=False)}
+
+
+def sharp_model(**overrides):
+    """A tiny model with large random weights, so its next token depends strongly on every position."""
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**dict(TINY, **overrides)))
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0.0, 0.5)
+    return model.eval()
+
+
+def count_fed_tokens(model):
+    """A list whose sum is the number of token positions the model has been run on."""
+    fed = []
+    model.transformer.wte.register_forward_hook(lambda mod, inp, out: fed.append(inp[0].numel()))
+    return fed
+
+
+@pytest.mark.parametrize('positions', POSITIONS)
+@pytest.mark.parametrize('temperature', [0, 1.0])
+def test_kv_cache_gives_the_tokens_of_a_full_recompute(positions, temperature):
+    model = sharp_model(**POSITIONS[positions], use_bio_mlp=True)
+    fed = count_fed_tokens(model)
+    results = {}
+    for use_cache in (True, False):
+        fed.clear()
+        generator = torch.Generator().manual_seed(7)
+        # 40 new tokens after 5: the text grows well past block_size=16
+        results[use_cache] = list(generate_tokens(model, [1, 2, 3, 4, 5], 40, temperature=temperature,
+                                                  top_k=20, repetition_penalty=3.0, penalty_window=6,
+                                                  generator=generator, use_cache=use_cache))
+        results[use_cache, 'fed'] = sum(fed)
+    assert results[True] == results[False]
+    assert len(set(results[True])) > 5  # varied text (the penalty breaks greedy loops), so a wrong cache would show
+    assert results[True, 'fed'] < results[False, 'fed']  # and the cache was really used
+
+
+def test_cached_logits_match_full_forward():
+    model = sharp_model(use_rope=True)
+    idx = torch.randint(0, 50, (1, 12))
+    cache = model.new_kv_cache()
+    model(idx[:, :6], kv_cache=cache)
+    for t in range(6, 12):
+        step_logits, _ = model(idx[:, t:t + 1], kv_cache=cache)
+        full_logits, _ = model(idx[:, :t + 1])
+        torch.testing.assert_close(step_logits, full_logits, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize('positions', POSITIONS)
+def test_one_token_prompt(positions):
+    model = sharp_model(**POSITIONS[positions], n_head=4)  # fewer prompt tokens than heads crashed the original
+    tokens = list(generate_tokens(model, [7], 5, temperature=0))
+    assert len(tokens) == 5 and all(0 <= t < 50 for t in tokens)
+
+
+def test_repetition_penalty_lowers_negative_and_positive_logits():
+    logits = torch.tensor([-2.0, 1.5, 0.5, -0.5])
+    before = F.softmax(logits, dim=-1)
+    penalised = apply_repetition_penalty(logits.clone(), [0, 1], 1.3)
+    after = F.softmax(penalised, dim=-1)
+    assert penalised[0] == pytest.approx(-2.6) and penalised[1] == pytest.approx(1.5 / 1.3)
+    assert after[0] < before[0] and after[1] < before[1]  # dividing -2 would have made token 0 more likely
+    assert penalised[2] == logits[2] and penalised[3] == logits[3]
+
+
+def test_repetition_penalty_spares_exempt_tokens_and_respects_the_window():
+    logits = torch.tensor([1.0, 1.0, 1.0, 1.0])
+    penalised = apply_repetition_penalty(logits.clone(), [0, 1, 2], 2.0, exempt_ids={1})
+    assert penalised.tolist() == [0.5, 1.0, 0.5, 1.0]
+    # through generation: with a window of 1 only the last token is penalised
+    model = sharp_model()
+    plain = list(generate_tokens(model, [1, 2, 3], 6, temperature=0))
+    spared = list(generate_tokens(model, [1, 2, 3], 6, temperature=0, repetition_penalty=50.0,
+                                  penalty_exempt=set(range(50))))
+    assert spared == plain
+
+
+def test_chat_markers_are_exempt_in_chat():
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    markers = set()
+    for role in ('system', 'user', 'assistant'):
+        markers.update(enc.encode(chat_turn(role, '')))
+    # every token of a closing marker is among them, so the stop marker is never made less likely
+    assert set(enc.encode('\n<|/assistant|>\n')) <= markers
+    assert chat_turn('user', 'Hi') == '<|user|>\nHi\n<|/user|>\n'
+
+
+def test_top_p_keeps_the_nucleus_only():
+    logits = torch.log(torch.tensor([0.5, 0.3, 0.15, 0.05]))
+    generator = torch.Generator().manual_seed(0)
+    seen = {sample_next_token(logits, 1.0, top_p=0.7, generator=generator) for _ in range(300)}
+    assert seen == {0, 1}  # 0.5 + 0.3 covers 0.7; tokens 2 and 3 are outside
+    assert sample_next_token(logits, 0) == 0
+
+
+def test_stream_text_holds_back_a_possible_stop_and_cuts_before_it():
+    chars = list('Hi <there> <|x|>!<|/assistant|>tail')
+    pieces = list(stream_text(range(len(chars)), lambda ids: ''.join(chars[i] for i in ids),
+                              ('<|/assistant|>',)))
+    assert ''.join(pieces) == 'Hi <there> <|x|>!'
+    # a piece never ends in the middle of what could still become the stop marker
+    assert all(not p.endswith('<') and not p.endswith('<|') for p in pieces[:-1])
+    assert list(stream_text(iter([0, 1]), lambda ids: 'ab'[:len(ids)], ('b',))) == ['a']
+
+
+def test_original_format_checkpoint_runs_without_positions(tmp_path, capsys):
+    """A checkpoint laid out as the original release wrote it (names from the notes, compile prefix)."""
+    n_layer, n_embd, vocab = 2, 32, 64
+    torch.manual_seed(0)
+    shapes = {'transformer.wte.weight': (vocab, n_embd), 'transformer.ln_f.weight': (n_embd,)}
+    for i in range(n_layer):
+        h = f'transformer.h.{i}.'
+        shapes.update({h + 'ln_1.weight': (n_embd,), h + 'ln_2.weight': (n_embd,),
+                       h + 'attn.c_attn.weight': (3 * n_embd, n_embd), h + 'attn.c_proj.weight': (n_embd, n_embd),
+                       h + 'mlp.c_fc.weight': (4 * n_embd, n_embd), h + 'mlp.c_proj.weight': (n_embd, 4 * n_embd),
+                       h + 'mlp.activation.omega': (4 * n_embd,), h + 'mlp.activation.phi': (4 * n_embd,),
+                       h + 'mlp.activation.baseline': (4 * n_embd,)})
+    weights = {k: torch.randn(shape) * 0.5 for k, shape in shapes.items()}
+    weights['lm_head.weight'] = weights['transformer.wte.weight']
+    model_args = dict(n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=16, bias=False, vocab_size=vocab,
+                      dropout=0.0, use_bio_mlp=True, use_rmsnorm=True, use_rope=True, gradient_checkpointing=False)
+    original = {'model': {'_orig_mod.' + k: v for k, v in weights.items()}, 'model_args': model_args,
+                'optimizer': {}, 'iter_num': 600000, 'best_val_loss': torch.tensor(3.1621), 'config': {}}
+    torch.save(original, tmp_path / 'original.pt')
+    ours = {'model': weights, 'model_args': model_args, 'iter_num': 1, 'best_val_loss': 3.0, 'config': {},
+            'format_version': 1}
+    save_checkpoint(ours, str(tmp_path / 'ours.pt'))
+
+    idx = torch.randint(0, vocab, (1, 10))
+    loaded, ckpt = load_model(str(tmp_path / 'original.pt'), 'cpu')
+    assert 'positional encoding off' in capsys.readouterr().err
+    assert ckpt['model_args']['use_positions'] is False and ckpt['best_val_loss'] == pytest.approx(3.1621)
+    reference = GPT(GPTConfig(**dict(model_args, use_positions=False)))
+    reference.load_state_dict(weights)
+    torch.testing.assert_close(loaded.eval()(idx)[0], reference.eval()(idx)[0], rtol=0, atol=0)
+
+    ours_loaded, _ = load_model(str(tmp_path / 'ours.pt'), 'cpu')
+    assert capsys.readouterr().err == ''
+    assert not torch.allclose(ours_loaded.eval()(idx)[0], reference(idx)[0], atol=1e-3)

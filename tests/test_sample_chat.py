@@ -1,0 +1,95 @@
+import re
+
+import torch
+
+from conftest import TINY, message_lines, run_script
+from model_bio import GPT, GPTConfig, save_checkpoint
+
+
+def test_sample_script_streams_from_a_trained_checkpoint(workdir):
+    run_script(workdir, 'train_bio.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out')
+    proc = run_script(workdir, 'sample_bio.py', '--out_dir=out', '--device=cpu', '--start=hello',
+                      '--num_samples=2', '--max_new_tokens=5', '--top_p=0.9', '--repetition_penalty=1.2',
+                      '--ckpt=ckpt_best.pt')
+    samples = proc.stdout.split('---------------')
+    assert len(samples) == 3 and samples[-1].strip() == ''
+    for sample in samples[:2]:
+        text = sample.strip('\n')
+        assert text.startswith('hello') and len(text) == len('hello') + 5  # character-level: 5 new characters
+    (workdir / 'prompt.txt').write_text('abc')
+    proc = run_script(workdir, 'sample_bio.py', '--out_dir=out', '--device=cpu', '--start=FILE:prompt.txt',
+                      '--num_samples=1', '--max_new_tokens=3', '--temperature=0')
+    assert proc.stdout.startswith('abc')
+
+
+def test_sample_script_user_mistakes_are_one_line_errors(workdir):
+    run_script(workdir, 'train_bio.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out')
+    (workdir / 'junk.pt').write_text('not a checkpoint')
+    for args, message in [(['--out_dir=nowhere'], 'no checkpoint at'),
+                          (['--out_dir=.', '--ckpt=junk.pt'], 'not a readable checkpoint'),
+                          (['--out_dir=out', '--start=hello!'], 'outside the tiny vocabulary'),
+                          (['--out_dir=out', '--start=FILE:missing.txt'], 'prompt file missing.txt not found'),
+                          (['--out_dir=out', '--dtype=float16'], 'float16 needs CUDA')]:
+        proc = run_script(workdir, 'sample_bio.py', '--device=cpu', *args, check=False)
+        assert proc.returncode != 0, args
+        assert message in proc.stderr and len(message_lines(proc.stderr)) == 1, (args, proc.stderr)
+
+
+def write_bpe_checkpoint(out_dir, block_size):
+    """A small untrained model over GPT-2's vocabulary: enough to drive chat.py."""
+    model_args = dict(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=50304, bias=False,
+                      use_bio_mlp=True, use_rmsnorm=True, use_rope=True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**model_args))
+    out_dir.mkdir()
+    save_checkpoint({'model': model.state_dict(), 'model_args': model_args, 'iter_num': 0, 'best_val_loss': 9.0,
+                     'config': {'dataset': 'openwebtext'}, 'format_version': 1}, str(out_dir / 'ckpt.pt'))
+
+
+def chat(workdir, lines, *args):
+    return run_script(workdir, 'chat.py', '--out_dir=chat', '--device=cpu', '--temperature=0', '--max_new_tokens=6',
+                      '--show_prompt=True', *args, input=''.join(line + '\n' for line in lines))
+
+
+def test_chat_through_a_pipe_sends_the_template_and_clears(workdir):
+    write_bpe_checkpoint(workdir / 'chat', block_size=256)
+    proc = chat(workdir, ['Hello there', 'How are you?', 'clear', 'Third turn', 'quit', 'never read'],
+                '--system=Be brief.')
+    assert proc.returncode == 0
+    assert proc.stdout.count('WiggleGPT: ') == 3 and '(conversation cleared)' in proc.stdout
+    assert 'never read' not in proc.stdout
+    prompts = re.findall(r'\[prompt\](.*?)\[/prompt\]', proc.stderr, re.S)
+    replies = re.findall(r'WiggleGPT: (.*)', proc.stdout)
+    system = '<|system|>\nBe brief.\n<|/system|>\n'
+    assert prompts[0] == system + '<|user|>\nHello there\n<|/user|>\n<|assistant|>\n'
+    assert prompts[1] == (system + '<|user|>\nHello there\n<|/user|>\n'
+                          f'<|assistant|>\n{replies[0].strip()}\n<|/assistant|>\n'
+                          '<|user|>\nHow are you?\n<|/user|>\n<|assistant|>\n')
+    assert prompts[2] == system + '<|user|>\nThird turn\n<|/user|>\n<|assistant|>\n'  # clear forgot the rest
+
+
+def test_chat_drops_the_oldest_turns_to_fit_block_size(workdir):
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    # an exchange is about 40 tokens: two fit in 96 with room for a 6-token reply, three do not
+    write_bpe_checkpoint(workdir / 'chat', block_size=96)
+    turns = ['first question about apples and pears', 'second question about ships', 'third one']
+    proc = chat(workdir, turns)
+    prompts = re.findall(r'\[prompt\](.*?)\[/prompt\]', proc.stderr, re.S)
+    assert len(prompts) == 3
+    assert all(len(enc.encode(p)) + 6 <= 96 for p in prompts)
+    assert 'apples' in prompts[1] and 'ships' in prompts[1]
+    assert 'apples' not in prompts[2] and prompts[2].startswith('<|user|>\nsecond question about ships\n')
+    assert prompts[2].endswith('<|user|>\nthird one\n<|/user|>\n<|assistant|>\n')
+
+
+def test_chat_commands_and_bad_checkpoints(workdir):
+    write_bpe_checkpoint(workdir / 'chat', block_size=64)
+    proc = chat(workdir, ['/help', '/temp 0.5', '/temp hot', '/topk 5', '/nonsense', 'exit'])
+    assert 'clear' in proc.stdout and '(temp = 0.5)' in proc.stdout and '(topk = 5)' in proc.stdout
+    assert '/temp needs a number' in proc.stdout and 'unknown command /nonsense' in proc.stdout
+    assert 'WiggleGPT: ' not in proc.stdout
+    # a character-level checkpoint cannot chat: the template needs GPT-2's vocabulary
+    run_script(workdir, 'train_bio.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out')
+    proc = run_script(workdir, 'chat.py', '--out_dir=out', '--device=cpu', check=False, input='hi\n')
+    assert proc.returncode != 0 and 'needs a GPT-2 BPE model' in proc.stderr and 'Traceback' not in proc.stderr
