@@ -136,17 +136,19 @@ while True:
     if show_prompt:
         print(f'[prompt]{prompt}[/prompt]', file=sys.stderr, flush=True)
     print('WiggleGPT: ', end='', flush=True)
-    reply = ''
+    reply, generated = '', []
     try:
         with autocast:
             tokens = generate_tokens(model, encode(prompt), max_new_tokens, temperature=temperature,
                                      top_k=top_k or None, top_p=top_p, repetition_penalty=repetition_penalty,
                                      penalty_window=penalty_window, penalty_exempt=marker_ids, generator=generator)
-            for piece in stream_text(tokens, decode, stops):
+            for piece in stream_text((generated.append(t) or t for t in tokens), decode, stops):
                 print(piece, end='', flush=True)
                 reply += piece
     except KeyboardInterrupt:
         print('\n(reply stopped)')
         continue  # an interrupted exchange is not kept
     print()
+    if len(generated) == max_new_tokens and not any(s in decode(generated) for s in CHAT_STOPS):
+        print(f'[the reply ran to max_new_tokens={max_new_tokens} without its end marker]', file=sys.stderr)
     exchanges.append(chat_turn('user', line) + chat_turn('assistant', reply.strip()))

@@ -9,7 +9,6 @@ tied input/output embeddings.
 Module and parameter names follow the original WiggleGPT release so its checkpoints load by name.
 """
 
-import inspect
 import math
 import os
 import pickle
@@ -101,6 +100,178 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
+# -----------------------------------------------------------------------------
+# the oscillating activation, sin(omega*x + phi) * tanh(x) + baseline, optionally sparse-gated.
+# Written as plain ops it runs as ~6 kernels each way and keeps several intermediates for
+# backward. So there are three implementations, all computing the same numbers:
+#   'plain'    the formula itself: the reference, and what torch.compile fuses inside a compiled model
+#   'function' a custom autograd function that keeps only x and recomputes the rest in backward
+#   'fused'    the same, its forward and backward each compiled into one kernel (Triton on CUDA,
+#              C++ on CPU); needs a working torch.compile, and falls back to 'function' without one
+# 'auto' takes 'plain' inside torch.compile, 'fused' for training where it works, else 'function'.
+OSCILLATION_IMPL = 'auto'
+
+
+def tanh(x):
+    """tanh(x) as 2 sigmoid(2x) - 1: the same function, but PyTorch's CPU tanh kernel (eager and
+    compiled) is several times slower than its sigmoid; float32 error stays below 2e-7."""
+    return torch.sigmoid(2.0 * x) * 2.0 - 1.0
+
+
+def oscillate_reference(x, omega, phi, baseline, gate_weight=None, gate_bias=None, threshold=0.0):
+    """The activation (and, with gate_weight, the sparse gate) as plain differentiable ops."""
+    out = torch.sin(omega * x + phi) * tanh(x) + baseline
+    if gate_weight is None:
+        return out
+    voltage = gate_weight * x + gate_bias - threshold
+    fires = (voltage > 0).to(out.dtype)
+    surrogate = torch.sigmoid(5.0 * voltage)
+    return out * (fires + (surrogate - surrogate.detach()))  # value: fires; gradient: the sigmoid's
+
+
+class OscillateFunction(torch.autograd.Function):
+    """oscillate_reference's values and gradients, saving only x (and the per-neuron vectors).
+
+    Computes in float32 (float64 for float64 input) and returns x's dtype; under autocast that is
+    the dtype the next Linear casts to anyway. Parameter gradients are reduced in float32.
+    In-place ops keep the number of full-size temporaries (and passes over memory) low.
+    """
+
+    @staticmethod
+    def forward(ctx, x, omega, phi, baseline, gate_weight, gate_bias, threshold):
+        ctx.save_for_backward(x, omega, phi, baseline, gate_weight, gate_bias)
+        ctx.threshold = threshold
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        out = (xf * omega).add_(phi).sin_().mul_(tanh(xf)).add_(baseline)
+        if gate_weight is not None:
+            out.mul_((xf * gate_weight).add_(gate_bias - threshold) > 0)
+        return out.to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        return OscillateFunction.gradients(ctx.saved_tensors, ctx.threshold, grad_out)
+
+    @staticmethod
+    def gradients(saved, threshold, grad_out):
+        x, omega, phi, baseline, gate_weight, gate_bias = saved
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        g = grad_out.to(xf.dtype)
+        n = x.size(-1)
+        u = (xf * omega).add_(phi)
+        sin_u, tanh_x = torch.sin(u), tanh(xf)
+        grad_gate_weight = grad_gate_bias = grad_from_gate = None
+        if gate_weight is not None:
+            voltage = (xf * gate_weight).add_(gate_bias - threshold)
+            fires = voltage > 0
+            surrogate = voltage.mul_(5.0).sigmoid_()
+            # d out / d voltage = activation * 5 s (1 - s), s the surrogate sigmoid
+            grad_voltage = (sin_u * tanh_x).add_(baseline).mul_(g).mul_(surrogate.mul(1.0 - surrogate).mul_(5.0))
+            grad_gate_weight = (grad_voltage * xf).view(-1, n).sum(0)
+            grad_gate_bias = grad_voltage.view(-1, n).sum(0)
+            grad_from_gate = grad_voltage.mul_(gate_weight)
+            g = g * fires  # the gradient reaching the activation: the step's value
+        g_cos_tanh = u.cos_().mul_(tanh_x).mul_(g)
+        grad_omega = (g_cos_tanh * xf).view(-1, n).sum(0)
+        grad_phi = g_cos_tanh.view(-1, n).sum(0)
+        grad_baseline = g.reshape(-1, n).sum(0)
+        # d out / dx = omega cos(u) tanh(x) + sin(u) (1 - tanh(x)^2)
+        grad_x = g_cos_tanh.mul_(omega).add_(tanh_x.mul_(tanh_x).neg_().add_(1.0).mul_(sin_u).mul_(g))
+        if grad_from_gate is not None:
+            grad_x += grad_from_gate
+        return grad_x.to(x.dtype), grad_omega, grad_phi, grad_baseline, grad_gate_weight, grad_gate_bias, None
+
+
+def oscillate_backward_math(x, grad_out, omega, phi, baseline, gate_weight, gate_bias, threshold):
+    """OscillateFunction's gradients as out-of-place ops, for torch.compile to fuse into one kernel."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    g = grad_out.to(xf.dtype)
+    n = x.size(-1)
+    u = xf * omega + phi
+    sin_u, tanh_x = torch.sin(u), tanh(xf)
+    grad_gate_weight = grad_gate_bias = None
+    if gate_weight is not None:
+        voltage = xf * gate_weight + (gate_bias - threshold)
+        surrogate = torch.sigmoid(5.0 * voltage)
+        grad_voltage = g * (sin_u * tanh_x + baseline) * (5.0 * surrogate * (1.0 - surrogate))
+        grad_gate_weight = (grad_voltage * xf).reshape(-1, n).sum(0)
+        grad_gate_bias = grad_voltage.reshape(-1, n).sum(0)
+        g = g * (voltage > 0)
+    g_cos_tanh = g * torch.cos(u) * tanh_x
+    grad_x = g_cos_tanh * omega + g * sin_u * (1.0 - tanh_x * tanh_x)
+    if gate_weight is not None:
+        grad_x = grad_x + grad_voltage * gate_weight
+    return (grad_x.to(x.dtype), (g_cos_tanh * xf).reshape(-1, n).sum(0), g_cos_tanh.reshape(-1, n).sum(0),
+            g.reshape(-1, n).sum(0), grad_gate_weight, grad_gate_bias)
+
+
+def oscillate_forward_math(x, omega, phi, baseline, gate_weight, gate_bias, threshold):
+    """The forward values in x's dtype (the reference's straight-through terms are 0 in value)."""
+    return oscillate_reference(x.to(torch.promote_types(x.dtype, torch.float32)), omega, phi, baseline,
+                               gate_weight, gate_bias, threshold).to(x.dtype)
+
+
+fused_kernels = {}  # 'forward'/'backward' -> compiled function, made on first use; False once compiling failed
+
+
+def compiled_kernel(name):
+    if name not in fused_kernels:
+        math = oscillate_forward_math if name == 'forward' else oscillate_backward_math
+        fused_kernels[name] = torch.compile(math, dynamic=True)
+    return fused_kernels[name]
+
+
+def give_up_fusing(error):
+    fused_kernels.update(forward=False, backward=False)
+    print(f"note: the fused oscillation kernel does not compile here ({type(error).__name__}: "
+          f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); using the unfused one", file=sys.stderr)
+
+
+class OscillateFused(torch.autograd.Function):
+    """OscillateFunction with its forward and its backward each compiled into a single kernel."""
+
+    @staticmethod
+    def forward(ctx, x, omega, phi, baseline, gate_weight, gate_bias, threshold):
+        ctx.save_for_backward(x, omega, phi, baseline, gate_weight, gate_bias)
+        ctx.threshold = threshold
+        return compiled_kernel('forward')(x, omega, phi, baseline, gate_weight, gate_bias, threshold)
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved_tensors  # read once: gradient checkpointing allows no second unpacking
+        if fused_kernels.get('backward') is not False:
+            try:
+                return *compiled_kernel('backward')(saved[0], grad_out, *saved[1:], ctx.threshold), None
+            except Exception as e:  # no compiler (or Triton) here: say so once, then stay unfused
+                give_up_fusing(e)
+        return OscillateFunction.gradients(saved, ctx.threshold, grad_out)
+
+
+def oscillate(x, omega, phi, baseline, gate_weight=None, gate_bias=None, threshold=0.0):
+    """The activation through the implementation OSCILLATION_IMPL selects."""
+    impl = OSCILLATION_IMPL
+    if impl == 'auto':
+        if torch.compiler.is_compiling():
+            impl = 'plain'
+        elif torch.is_grad_enabled() and x.requires_grad and fused_kernels.get('forward') is not False:
+            impl = 'fused'
+        else:  # inference: the forward alone gains little from fusing
+            impl = 'function'
+    args = (x, omega, phi, baseline, gate_weight, gate_bias, threshold)
+    if impl == 'plain':
+        return oscillate_reference(*args)
+    if impl == 'fused':
+        try:
+            return OscillateFused.apply(*args)
+        except Exception as e:
+            if OSCILLATION_IMPL == 'fused':  # asked for explicitly: no quiet fallback
+                raise
+            give_up_fusing(e)
+            impl = 'function'
+    if impl == 'function':
+        return OscillateFunction.apply(*args)
+    raise ValueError(f'OSCILLATION_IMPL={impl!r} is not one of auto, plain, function, fused')
+
+
 class OscillatingActivation(nn.Module):
     """sin(omega*x + phi) * tanh(x) + baseline, one omega, phi, baseline per hidden neuron."""
 
@@ -111,7 +282,7 @@ class OscillatingActivation(nn.Module):
         self.baseline = nn.Parameter(torch.zeros(n))
 
     def forward(self, x):
-        return torch.sin(self.omega * x + self.phi) * torch.tanh(x) + self.baseline
+        return oscillate(x, self.omega, self.phi, self.baseline)
 
 
 class SparseGate(nn.Module):
@@ -131,11 +302,9 @@ class SparseGate(nn.Module):
         self.register_buffer('outputs_seen', torch.zeros((), dtype=torch.int64), persistent=False)
 
     def forward(self, x, activation):
-        voltage = self.gate_weight * x + self.gate_bias - self.threshold
-        fires = (voltage > 0).to(activation.dtype)
-        surrogate = torch.sigmoid(5.0 * voltage)
-        spike = fires + (surrogate - surrogate.detach())  # value: fires; gradient: the sigmoid's
-        out = activation * spike
+        """The gated activation of pre-activations x; activation is the OscillatingActivation to gate."""
+        out = oscillate(x, activation.omega, activation.phi, activation.baseline,
+                        self.gate_weight, self.gate_bias, self.threshold)
         if self.training:
             self.zeros_seen += (out == 0).sum()
             self.outputs_seen += out.numel()
@@ -166,9 +335,7 @@ class BioMLP(nn.Module):
 
     def forward(self, x):
         h = self.c_fc(x)
-        a = self.activation(h)
-        if self.sparse_gate is not None:
-            a = self.sparse_gate(h, a)
+        a = self.activation(h) if self.sparse_gate is None else self.sparse_gate(h, self.activation)
         return self.dropout(self.c_proj(a))
 
 
@@ -260,7 +427,9 @@ class GPT(nn.Module):
         if targets is None:
             return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
         logits = self.lm_head(x)
-        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1)
+        # the mean over targets that are not -1; 0 (not nan) when a batch has none
+        loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
+                               reduction='sum') / (targets != -1).sum().clamp(min=1)
         return logits, loss
 
     def sparse_gates(self):
@@ -286,8 +455,7 @@ class GPT(nn.Module):
         no_decay = [p for p in params if p.dim() < 2]
         groups = [{'params': decay, 'weight_decay': weight_decay},
                   {'params': no_decay, 'weight_decay': 0.0}]
-        fused = device_type == 'cuda' and 'fused' in inspect.signature(torch.optim.AdamW).parameters
-        extra = {'fused': True} if fused else {}
+        extra = {'fused': True} if device_type == 'cuda' else {}  # one kernel for all parameters on CUDA
         return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
 
     def flops_per_token(self):
@@ -462,8 +630,10 @@ def save_checkpoint(checkpoint, path):
     os.replace(tmp_path, path)
 
 
-def load_model(ckpt_path, device):
+def load_model(ckpt_path, device, **overrides):
     """Build the model a checkpoint describes and load its weights; returns (model, checkpoint dict).
+
+    overrides replace settings that do not change the weights (dropout, gradient_checkpointing).
 
     User mistakes (missing or foreign file) exit with a one-line message.
     """
@@ -483,6 +653,7 @@ def load_model(ckpt_path, device):
             model_args['use_positions'] = False
             print(f'note: {ckpt_path} comes from the original WiggleGPT, whose RoPE was a no-op; '
                   'running it with positional encoding off (use_positions=False), as it was trained', file=sys.stderr)
+    model_args.update(overrides)
     known = {f.name for f in fields(GPTConfig)}
     config = GPTConfig(**{k: v for k, v in model_args.items() if k in known})
     checkpoint['model_args'] = asdict(config)  # what the model really is, for whoever saves it again

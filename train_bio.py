@@ -1,5 +1,5 @@
 """
-Pretrain WiggleGPT. One process:
+Pretrain WiggleGPT (and, with task='finetune', fine-tune it on conversations: finetune_native.py). One process:
     python train_bio.py config_shakespeare_char_cpu.py
 Several GPUs (or CPU processes with --backend=gloo) through DDP:
     torchrun --standalone --nproc_per_node=4 train_bio.py config_gpt2_bio_3070.py
@@ -26,7 +26,8 @@ from model_bio import GPT, GPTConfig, autocast_for, device_peak_flops, load_mode
 # -----------------------------------------------------------------------------
 # defaults: the 124M WiggleGPT on OpenWebText
 out_dir = 'out'
-init_from = 'scratch'  # 'scratch' or 'resume' (from out_dir/ckpt.pt)
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a checkpoint path to start a new run from its weights
+task = 'pretrain'  # 'pretrain': token streams; 'finetune': whole conversations, loss on the assistant's tokens only
 eval_interval = 2000
 eval_iters = 200
 log_interval = 10
@@ -52,6 +53,9 @@ use_positions = True  # False trains with no positional encoding (NoPE)
 use_sparse_gate = False
 bio_threshold = 0.25
 gradient_checkpointing = False
+freeze_layers = 0  # fine-tuning: the first N blocks keep their weights
+freeze_embeddings = False  # also keep the token (and position) embeddings; wte is tied to lm_head, so it stays too
+eval_conversations = 0  # fine-tuning: evaluate on the first N conversations of each split (0: the whole val split)
 # AdamW
 learning_rate = 6e-4
 max_iters = 600000
@@ -85,6 +89,16 @@ def fail(message):
         print(f'error: {message}', file=sys.stderr)
     sys.exit(1)
 
+
+# the data first: a missing dataset is the likeliest mistake, and the cheapest to report
+data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
+if task not in ('pretrain', 'finetune'):
+    fail(f"task={task!r} is not 'pretrain' or 'finetune'")
+data_files = ['.bin'] if task == 'pretrain' else ['.bin', '_mask.bin', '_offsets.npy']
+for split in ('train', 'val'):
+    for suffix in data_files:
+        if not os.path.isfile(os.path.join(data_dir, split + suffix)):
+            fail(f'{data_dir}/{split}{suffix} not found; prepare the data first: python data/{dataset}/prepare.py')
 
 # DDP: torchrun sets RANK; each process gets one device and a share of the gradient accumulation
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -121,24 +135,52 @@ if master:
 
 # -----------------------------------------------------------------------------
 # data: token memmaps written by data/<dataset>/prepare.py
-data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-for split in ('train', 'val'):
-    if not os.path.isfile(os.path.join(data_dir, f'{split}.bin')):
-        fail(f'{data_dir}/{split}.bin not found; prepare the data first: python data/{dataset}/prepare.py')
-for split in ('train', 'val'):
-    if len(np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')) <= block_size:
-        fail(f'data/{dataset}/{split}.bin holds no more than block_size={block_size} tokens; prepare more data or lower block_size')
+if task == 'pretrain':
+    for split in ('train', 'val'):
+        if len(np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')) <= block_size:
+            fail(f'data/{dataset}/{split}.bin holds no more than block_size={block_size} tokens; prepare more data or lower block_size')
+else:
+    conversation_starts = {split: np.load(os.path.join(data_dir, f'{split}_offsets.npy')) for split in ('train', 'val')}
+    for split, starts in conversation_starts.items():
+        if len(starts) == 0:
+            fail(f'data/{dataset}/{split} holds no conversations; prepare more data')
+
+
+def to_device(x, y):
+    if device_type == 'cuda':
+        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
+    return x.to(device), y.to(device)
 
 
 def get_batch(split, generator):
-    # a fresh memmap per batch: numpy's memmap otherwise keeps growing resident memory
+    """A random training batch: inputs x and next-token targets y, (batch_size, block_size) each."""
+    if task == 'finetune':
+        indices = torch.randint(len(conversation_starts[split]), (batch_size,), generator=generator).tolist()
+        return conversation_batch(split, indices)
+    # windows of the token stream; a fresh memmap per batch: numpy's otherwise keeps growing resident memory
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
     ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
     x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in ix]))
     y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
-    if device_type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
+    return to_device(x, y)
+
+
+def conversation_batch(split, indices):
+    """Whole conversations (their first block_size + 1 tokens), one per row: targets are -1 where the
+    mask is 0 and in the padding, so no loss falls on user text, markers or another conversation."""
+    tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    mask = np.memmap(os.path.join(data_dir, f'{split}_mask.bin'), dtype=np.uint8, mode='r')
+    starts = conversation_starts[split]
+    x = torch.zeros((len(indices), block_size), dtype=torch.int64)
+    y = torch.full((len(indices), block_size), -1, dtype=torch.int64)
+    for row, i in enumerate(indices):
+        end = starts[i + 1] if i + 1 < len(starts) else len(tokens)
+        end = min(end, starts[i] + block_size + 1)
+        ids = torch.from_numpy(tokens[starts[i]:end].astype(np.int64))
+        trained = torch.from_numpy(mask[starts[i] + 1:end].astype(np.bool_))
+        x[row, :len(ids) - 1] = ids[:-1]
+        y[row, :len(ids) - 1] = torch.where(trained, ids[1:], -1)
+    return to_device(x, y)
 
 
 meta_vocab_size = None
@@ -171,16 +213,36 @@ elif init_from == 'resume':
     if 'optimizer' not in checkpoint:
         fail(f'{ckpt_path} has no optimizer state, so it cannot be resumed (start a new run from its weights instead)')
     model_args = checkpoint['model_args']
-    for k in model_keys:  # the checkpoint's architecture wins over the config
-        if k in model_args:
+    for k in model_keys:  # the checkpoint's architecture wins over the config (block_size: the window may be shorter)
+        if k in model_args and k != 'block_size':
             config[k] = globals()[k] = model_args[k]
     iter_num = checkpoint['iter_num']
     tokens_seen = checkpoint.get('tokens', 0)
     best_val_loss = float(checkpoint['best_val_loss'])
     if master:
         print(f'resuming from {ckpt_path} at iter {iter_num}')
-else:
-    fail(f"init_from={init_from!r} is not 'scratch' or 'resume'")
+else:  # a path: a new run from that checkpoint's weights (either format), e.g. fine-tuning a pretrained model
+    if not os.path.isfile(init_from):
+        fail(f"init_from={init_from!r} is not 'scratch', 'resume' or an existing checkpoint file")
+    model, checkpoint = load_model(init_from, device, dropout=dropout, gradient_checkpointing=gradient_checkpointing)
+    model_args = checkpoint['model_args']
+    for k in model_keys:  # the checkpoint's architecture wins over the config (block_size: the window may be shorter)
+        if k != 'block_size':
+            config[k] = globals()[k] = model_args[k]
+    checkpoint = None
+    iter_num, tokens_seen, best_val_loss = 0, 0, float('inf')
+    if master:
+        print(f'starting from the weights of {init_from}')
+if block_size > model.config.block_size:
+    fail(f'block_size={block_size} is longer than the model context of {model.config.block_size} tokens')
+if meta_vocab_size and meta_vocab_size != model.config.vocab_size:
+    fail(f'data/{dataset} has a {meta_vocab_size}-token vocabulary but the model has {model.config.vocab_size}')
+for block in model.transformer.h[:freeze_layers]:
+    block.requires_grad_(False)
+if freeze_embeddings:
+    model.transformer.wte.requires_grad_(False)  # tied: lm_head.weight stays as it is too
+    if 'wpe' in model.transformer:
+        model.transformer.wpe.requires_grad_(False)
 tokens_per_iter = gradient_accumulation_steps * world_size * batch_size * block_size
 if master:
     print(f'number of parameters: {model.get_num_params() / 1e6:.2f}M')
@@ -221,9 +283,25 @@ else:
 
 @torch.no_grad()
 def estimate_loss():
-    """Mean loss over eval_iters batches per split; the same batches every time, so evals compare."""
+    """Mean loss per split on the same batches every time, so evals compare: eval_iters random batches,
+    or when fine-tuning, per trained token over the first eval_conversations conversations (0: all of val)."""
     losses = {}
     model.eval()
+    if task == 'finetune':
+        count = eval_conversations or len(conversation_starts['val'])
+        for split in ('train', 'val'):
+            total, tokens = torch.zeros((), device=device), 0
+            last = min(count, len(conversation_starts[split]))
+            for first in range(0, last, batch_size):
+                x, y = conversation_batch(split, range(first, min(first + batch_size, last)))
+                with autocast:
+                    _, loss = model(x, y)
+                n = int((y != -1).sum())
+                total += loss.float() * n
+                tokens += n
+            losses[split] = total.item() / max(tokens, 1)
+        model.train()
+        return losses
     for split in ('train', 'val'):
         eval_rng = torch.Generator().manual_seed(seed + 1)
         total = torch.zeros((), device=device)
@@ -343,7 +421,7 @@ stop_requested = False
 interval_start, interval_iters = time.time(), 0
 while True:
     # evaluate and save (not at the iteration a resumed run starts from: its checkpoint has that)
-    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (iter_num != start_iter or init_from == 'scratch' or eval_only):
+    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (iter_num != start_iter or init_from != 'resume' or eval_only):
         losses = estimate_loss()
         if master:
             print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
@@ -369,14 +447,19 @@ while True:
     for group in optimizer.param_groups:
         group['lr'] = lr
     loss_sum = torch.zeros((), device=device)
-    for micro_step in range(gradient_accumulation_steps):
-        x, y = get_batch('train', data_rng)
+    batches = [get_batch('train', data_rng) for _ in range(gradient_accumulation_steps)]
+    # each micro-batch's mean loss weighs by its share of trained tokens, so the step's loss is the mean over
+    # all of them (micro-batches of conversations hold different numbers of assistant tokens)
+    counts = [(y != -1).sum() for _, y in batches]
+    trained_tokens = sum(counts).clamp(min=1)
+    for micro_step, (x, y) in enumerate(batches):
         # in DDP, gradients are averaged across processes only on the last micro-step
         sync = train_model.no_sync() if ddp and micro_step < gradient_accumulation_steps - 1 else nullcontext()
         with sync, autocast:
             _, loss = train_model(x, y)
+        loss = loss * (counts[micro_step] / trained_tokens)
         loss_sum += loss.detach().float()
-        scaler.scale(loss / gradient_accumulation_steps).backward()
+        scaler.scale(loss).backward()
     if grad_clip != 0.0:
         scaler.unscale_(optimizer)
         torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
@@ -397,7 +480,7 @@ while True:
     else:
         stop_requested = signal_seen is not None
     if iter_num % log_interval == 0 and master:
-        lossf = loss_sum.item() / gradient_accumulation_steps  # waits for the device: once per log line
+        lossf = loss_sum.item()  # waits for the device: once per log line
         if not math.isfinite(lossf):
             fail(f'loss is {lossf} at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
         dt = (time.time() - interval_start) / interval_iters

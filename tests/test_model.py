@@ -5,7 +5,9 @@ import pytest
 import torch
 
 from conftest import REPO
-from model_bio import GPT, GPTConfig, SparseGate, apply_rope, load_model, rope_tables, save_checkpoint
+import model_bio
+from model_bio import (GPT, GPTConfig, OscillatingActivation, SparseGate, apply_rope, load_model, rope_tables,
+                       save_checkpoint)
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
 
@@ -59,27 +61,34 @@ def test_sparse_gate_sparsity_is_the_zero_fraction_and_gate_learns():
         assert gate.gate_bias.grad is not None and gate.gate_bias.grad.abs().sum() > 0
 
 
-def test_sparse_gate_forward_is_exact_and_backward_is_the_sigmoid_surrogate():
+@pytest.mark.parametrize('impl', ['plain', 'function'])
+def test_sparse_gate_forward_is_exact_and_backward_is_the_sigmoid_surrogate(impl, monkeypatch):
+    monkeypatch.setattr(model_bio, 'OSCILLATION_IMPL', impl)
     torch.manual_seed(0)
-    gate = SparseGate(6, threshold=0.25)
+    gate, act = SparseGate(6, threshold=0.25).double(), OscillatingActivation(6).double()
     with torch.no_grad():
         gate.gate_weight.copy_(torch.linspace(0.5, 1.5, 6))
         gate.gate_bias.copy_(torch.linspace(-0.2, 0.2, 6))
     x = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    act = torch.randn(5, 6, dtype=torch.float64, requires_grad=True)
-    gate.double()
     out = gate(x, act)
-    voltage = gate.gate_weight * x + gate.gate_bias - 0.25
+    # by hand: a = sin(w x + p) tanh(x) + b, and its derivative in x
+    w, p, b = act.omega.detach(), act.phi.detach(), act.baseline.detach()
+    xd = x.detach()
+    a = torch.sin(w * xd + p) * torch.tanh(xd) + b
+    da_dx = w * torch.cos(w * xd + p) * torch.tanh(xd) + torch.sin(w * xd + p) * (1 - torch.tanh(xd) ** 2)
+    voltage = gate.gate_weight.detach() * xd + gate.gate_bias.detach() - 0.25
     fires = voltage > 0
-    assert torch.equal(out, torch.where(fires, act, torch.zeros_like(act)))
+    assert 0 < fires.sum() < fires.numel()
+    assert torch.equal(out.detach() == 0, ~fires | (a == 0))  # silent neurons are exactly 0
+    torch.testing.assert_close(out.detach(), torch.where(fires, a, torch.zeros_like(a)))
     upstream = torch.randn_like(out)
     out.backward(upstream)
-    s = torch.sigmoid(5 * voltage.detach())
-    dvoltage = upstream * act.detach() * 5 * s * (1 - s)
-    assert torch.allclose(act.grad, upstream * fires)
-    assert torch.allclose(x.grad, dvoltage * gate.gate_weight.detach())
-    assert torch.allclose(gate.gate_weight.grad, (dvoltage * x.detach()).sum(0))
-    assert torch.allclose(gate.gate_bias.grad, dvoltage.sum(0))
+    s = torch.sigmoid(5 * voltage)
+    dvoltage = upstream * a * 5 * s * (1 - s)
+    torch.testing.assert_close(x.grad, upstream * fires * da_dx + dvoltage * gate.gate_weight.detach())
+    torch.testing.assert_close(act.baseline.grad, (upstream * fires).sum(0))
+    torch.testing.assert_close(gate.gate_weight.grad, (dvoltage * xd).sum(0))
+    torch.testing.assert_close(gate.gate_bias.grad, dvoltage.sum(0))
 
 
 def test_oscillating_activation_formula_and_init():

@@ -1,0 +1,27 @@
+"""Tiny Shakespeare in GPT-2 BPE tokens (train.bin, val.bin; the first 90% of the text is train).
+
+Uses input.txt beside this file, downloading it first if it is missing:
+    python data/shakespeare/prepare.py
+A small corpus for pretraining a GPT-2-vocabulary model on a CPU, e.g. before trying fine-tuning.
+"""
+import os
+import urllib.request
+
+import numpy as np
+import tiktoken
+
+here = os.path.dirname(os.path.abspath(__file__))
+input_path = os.path.join(here, 'input.txt')
+if not os.path.exists(input_path):
+    url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
+    urllib.request.urlretrieve(url, input_path + '.tmp')
+    os.replace(input_path + '.tmp', input_path)
+with open(input_path, encoding='utf-8') as f:
+    text = f.read()
+split_at = int(len(text) * 0.9)
+encoding = tiktoken.get_encoding('gpt2')
+for name, part in (('train', text[:split_at]), ('val', text[split_at:])):
+    tokens = np.array(encoding.encode_ordinary(part), dtype=np.uint16)
+    tokens.tofile(os.path.join(here, f'{name}.bin.tmp'))
+    os.replace(os.path.join(here, f'{name}.bin.tmp'), os.path.join(here, f'{name}.bin'))
+    print(f'{name}: {len(tokens):,} tokens')

@@ -1,0 +1,54 @@
+"""A small synthetic conversation set with short replies, for trying fine-tuning on a CPU.
+
+Writes conversations.jsonl beside itself (arithmetic, colours, counting, repeating a word; a third of
+them two exchanges long, some with a system prompt), then turns it into fine-tuning files with
+data/smoltalk/prepare.py, so the result is laid out like data/smoltalk:
+    python data/synthetic_chat/prepare.py
+    python finetune_native.py config_finetune_synthetic.py
+Numbers up to 49 appear in training; prompts with larger ones make held-out questions.
+"""
+import argparse
+import json
+import os
+import random
+import subprocess
+import sys
+
+COLOURS = {'sky': 'blue', 'grass': 'green', 'snow': 'white', 'coal': 'black', 'sun': 'yellow', 'blood': 'red'}
+WORDS = ['apple', 'river', 'candle', 'mountain', 'violin', 'garden', 'pepper', 'window', 'rocket', 'forest']
+
+parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser.add_argument('--conversations', type=int, default=3000)
+parser.add_argument('--seed', type=int, default=1337)
+args = parser.parse_args()
+here = os.path.dirname(os.path.abspath(__file__))
+rng = random.Random(args.seed)
+
+
+def exchange():
+    kind = rng.randrange(4)
+    if kind == 0:
+        a, b = rng.randrange(50), rng.randrange(50)
+        return f'What is {a} plus {b}?', f'{a} plus {b} is {a + b}.'
+    if kind == 1:
+        thing = rng.choice(list(COLOURS))
+        return f'What colour is the {thing}?', f'The {thing} is {COLOURS[thing]}.'
+    if kind == 2:
+        start = rng.randrange(45)
+        end = start + rng.randrange(2, 5)
+        return f'Count from {start} to {end}.', ', '.join(str(n) for n in range(start, end + 1)) + '.'
+    word = rng.choice(WORDS)
+    return f'Say the word {word}.', f'{word.capitalize()}.'
+
+
+path = os.path.join(here, 'conversations.jsonl')
+with open(path + '.tmp', 'w') as f:
+    for _ in range(args.conversations):
+        messages = [{'role': 'system', 'content': 'Answer briefly.'}] if rng.random() < 0.2 else []
+        for _ in range(2 if rng.random() < 0.33 else 1):
+            question, answer = exchange()
+            messages += [{'role': 'user', 'content': question}, {'role': 'assistant', 'content': answer}]
+        f.write(json.dumps({'messages': messages}) + '\n')
+os.replace(path + '.tmp', path)
+smoltalk = os.path.join(os.path.dirname(here), 'smoltalk', 'prepare.py')
+sys.exit(subprocess.call([sys.executable, smoltalk, '--dataset', path, '--out_dir', here, '--max_tokens', '256']))

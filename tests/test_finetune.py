@@ -1,0 +1,146 @@
+import json
+import os
+
+import numpy as np
+import pytest
+import tiktoken
+import torch
+
+from conftest import REPO, message_lines, run_script
+from model_bio import GPT, GPTConfig, load_model, save_checkpoint
+
+enc = tiktoken.get_encoding('gpt2')
+PREPARE = os.path.join(REPO, 'data', 'smoltalk', 'prepare.py')
+CONVERSATIONS = [
+    {'messages': [{'role': 'system', 'content': 'Be brief.'}, {'role': 'user', 'content': 'Hi there'},
+                  {'role': 'assistant', 'content': 'Hello! How can I help?'},
+                  {'role': 'user', 'content': 'Say yes.'}, {'role': 'assistant', 'content': 'Yes.'}]},
+    {'conversations': [{'from': 'human', 'value': 'What is 2+2?'}, {'from': 'gpt', 'value': ' 4 '}]},
+    {'messages': [{'role': 'user', 'content': 'a question nobody answers'}]},
+    {'text': 'not a conversation at all'},
+] + [{'messages': [{'role': 'user', 'content': f'Question {i}?'}, {'role': 'assistant', 'content': f'Answer {i}.'}]}
+     for i in range(40)]
+
+
+def prepare(tmp_path, *args, records=CONVERSATIONS):
+    source = tmp_path / 'conv.jsonl'
+    source.write_text(''.join(json.dumps(r) + '\n' for r in records))
+    out = tmp_path / 'out'
+    proc = run_script(tmp_path, PREPARE, f'--dataset={source}', f'--out_dir={out}', *args)
+    return out, proc
+
+
+def read_split(out, split):
+    tokens = np.fromfile(out / f'{split}.bin', dtype=np.uint16)
+    mask = np.fromfile(out / f'{split}_mask.bin', dtype=np.uint8)
+    offsets = np.load(out / f'{split}_offsets.npy')
+    return tokens, mask, offsets
+
+
+def test_mask_covers_exactly_the_assistant_replies(tmp_path):
+    out, proc = prepare(tmp_path, '--val_fraction=0.2')
+    meta = json.loads((out / 'meta.json').read_text())
+    assert meta['records'] == 44 and meta['skipped'] == 2
+    assert meta['train']['conversations'] + meta['val']['conversations'] == 42 and meta['val']['conversations'] > 0
+    replies = {'<|system|>\nBe brief.': ['Hello! How can I help?', 'Yes.'], '<|user|>\nWhat is 2+2?': ['4']}
+    replies.update({f'<|user|>\nQuestion {i}?': [f'Answer {i}.'] for i in range(40)})
+    seen = 0
+    for split in ('train', 'val'):
+        tokens, mask, offsets = read_split(out, split)
+        assert len(tokens) == len(mask) and offsets[0] == 0 and np.all(np.diff(offsets) > 0)
+        for start, end in zip(offsets, list(offsets[1:]) + [len(tokens)]):
+            conv, conv_mask = tokens[start:end].tolist(), mask[start:end]
+            text = enc.decode(conv)
+            key = next(k for k in replies if text.startswith(k))  # each offset is a conversation's start
+            expected = ''.join(r + '\n<|/assistant|>' for r in replies[key]) + '<|endoftext|>'
+            assert enc.decode([t for t, m in zip(conv, conv_mask) if m]) == expected
+            unmasked = enc.decode([t for t, m in zip(conv, conv_mask) if not m])
+            assert 'Be brief' in unmasked or key.startswith('<|user|>')  # system and user text stay unmasked
+            assert conv[-1] == 50256 and conv_mask[-1] == 1
+            seen += 1
+    assert seen == 42
+
+
+def test_val_split_is_deterministic_and_seeded(tmp_path):
+    outs = {}
+    for name, args in (('first', []), ('again', []), ('other', ['--seed=7'])):
+        (tmp_path / name).mkdir()
+        outs[name], _ = prepare(tmp_path / name, '--val_fraction=0.3', *args)
+    for file in ('val.bin', 'val_mask.bin', 'train.bin', 'val_offsets.npy'):
+        assert (outs['first'] / file).read_bytes() == (outs['again'] / file).read_bytes()
+    assert (outs['first'] / 'val.bin').read_bytes() != (outs['other'] / 'val.bin').read_bytes()
+
+
+def test_long_conversations_are_cut_at_a_turn_boundary(tmp_path):
+    long = {'messages': [{'role': 'user', 'content': 'First question?'}, {'role': 'assistant', 'content': 'First answer.'},
+                         {'role': 'user', 'content': 'word ' * 60}, {'role': 'assistant', 'content': 'Second.'}]}
+    out, _ = prepare(tmp_path, '--max_tokens=40', '--val_fraction=0', records=[long])
+    tokens, mask, _ = read_split(out, 'train')
+    assert len(tokens) <= 40
+    assert enc.decode(tokens.tolist()).endswith('First answer.\n<|/assistant|>\n<|endoftext|>')
+    assert json.loads((out / 'meta.json').read_text())['cut'] == 1
+
+
+def test_prepare_errors(tmp_path):
+    proc = run_script(tmp_path, PREPARE, '--dataset=missing.jsonl', check=False)
+    assert proc.returncode == 2 and 'not found' in proc.stderr and 'Traceback' not in proc.stderr
+    (tmp_path / 'bad.jsonl').write_text(json.dumps({'text': 'no turns'}) + '\n')
+    proc = run_script(tmp_path, PREPARE, '--dataset=bad.jsonl', f'--out_dir={tmp_path / "o"}', check=False)
+    assert proc.returncode == 2 and 'none of the 1 records' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+def test_finetune_without_data_names_the_prepare_command(workdir):
+    proc = run_script(workdir, 'finetune_native.py', 'config_finetune_native.py', '--device=cpu', check=False)
+    assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+    lines = message_lines(proc.stderr)
+    assert len(lines) == 1 and 'python data/smoltalk/prepare.py' in lines[0]
+
+
+FINETUNE = ['--device=cpu', '--dtype=float32', '--dataset=chat', '--batch_size=4', '--block_size=32',
+            '--gradient_accumulation_steps=2', '--learning_rate=3e-3', '--warmup_iters=2', '--log_interval=1',
+            '--eval_interval=10', '--lr_decay_iters=20', '--out_dir=ft']
+
+
+@pytest.fixture
+def chat_workdir(workdir):
+    """workdir with conversation files in data/chat and a small GPT-2-vocabulary checkpoint in base/."""
+    prepare_out, _ = prepare(workdir, '--val_fraction=0.2')
+    os.rename(prepare_out, workdir / 'data' / 'chat')
+    model_args = dict(n_layer=2, n_head=2, n_embd=32, block_size=64, vocab_size=50304, bias=False,
+                      use_bio_mlp=True, use_rmsnorm=True, use_rope=True)
+    torch.manual_seed(0)
+    (workdir / 'base').mkdir()
+    save_checkpoint({'model': GPT(GPTConfig(**model_args)).state_dict(), 'model_args': model_args, 'iter_num': 0,
+                     'best_val_loss': 9.0, 'config': {}, 'format_version': 1}, str(workdir / 'base' / 'ckpt.pt'))
+    return workdir
+
+
+def test_finetune_lowers_val_loss_and_freezes_what_it_is_told(chat_workdir):
+    proc = run_script(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=base/ckpt.pt', '--max_iters=20')
+    assert 'starting from the weights of base/ckpt.pt' in proc.stdout
+    evals = [json.loads(line) for line in (chat_workdir / 'ft' / 'log.jsonl').read_text().splitlines()]
+    evals = [e for e in evals if 'val_loss' in e]
+    assert [e['iter'] for e in evals] == [0, 10, 20] and evals[-1]['val_loss'] < evals[0]['val_loss'] - 0.5
+    _, ckpt = load_model(str(chat_workdir / 'ft' / 'ckpt.pt'), 'cpu')
+    assert ckpt['model_args']['block_size'] == 64  # the model keeps its context; block_size=32 is the window
+
+    run_script(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=base/ckpt.pt', '--max_iters=2',
+               '--freeze_layers=1', '--freeze_embeddings=True', '--out_dir=frozen')
+    before = load_model(str(chat_workdir / 'base' / 'ckpt.pt'), 'cpu')[0].state_dict()
+    after = load_model(str(chat_workdir / 'frozen' / 'ckpt.pt'), 'cpu')[0].state_dict()
+    for name in before:
+        frozen = name.startswith('transformer.h.0.') or name in ('transformer.wte.weight', 'lm_head.weight')
+        assert torch.equal(before[name], after[name]) == frozen, name
+
+
+def test_finetune_resume_is_exact(chat_workdir):
+    run_script(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=base/ckpt.pt', '--max_iters=8',
+               '--eval_interval=4', '--out_dir=straight')
+    run_script(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=base/ckpt.pt', '--max_iters=4',
+               '--eval_interval=4', '--out_dir=halves')
+    run_script(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=resume', '--max_iters=8',
+               '--eval_interval=4', '--out_dir=halves')
+    straight = torch.load(chat_workdir / 'straight' / 'ckpt.pt', weights_only=True)['model']
+    halves = torch.load(chat_workdir / 'halves' / 'ckpt.pt', weights_only=True)['model']
+    for name in straight:
+        assert torch.equal(straight[name], halves[name]), name
