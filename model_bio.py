@@ -506,7 +506,6 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     return int(torch.multinomial(probs, 1, generator=generator))
 
 
-@torch.no_grad()
 def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
                     repetition_penalty=1.0, penalty_window=64, penalty_exempt=(), generator=None, use_cache=True):
     """Yield up to max_new_tokens token ids that continue prompt_ids (a list of at least one id).
@@ -522,11 +521,14 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=No
     ids = list(prompt_ids)
     kv_cache = None
     for _ in range(max_new_tokens):
-        if kv_cache is not None and len(ids) <= block_size:
-            logits, _ = model(torch.tensor([ids[-1:]], device=device), kv_cache=kv_cache)
-        else:
-            kv_cache = model.new_kv_cache() if use_cache else None
-            logits, _ = model(torch.tensor([ids[-block_size:]], device=device), kv_cache=kv_cache)
+        # no_grad per step, not as a decorator: a caller may stop reading (a stop sequence) and leave
+        # this generator suspended, and a decorated generator complains when it is collected later
+        with torch.no_grad():
+            if kv_cache is not None and len(ids) <= block_size:
+                logits, _ = model(torch.tensor([ids[-1:]], device=device), kv_cache=kv_cache)
+            else:
+                kv_cache = model.new_kv_cache() if use_cache else None
+                logits, _ = model(torch.tensor([ids[-block_size:]], device=device), kv_cache=kv_cache)
         logits = logits[0, -1].float()
         apply_repetition_penalty(logits, ids[-penalty_window:], repetition_penalty, penalty_exempt)
         next_id = sample_next_token(logits, temperature, top_k, top_p, generator)

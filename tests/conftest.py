@@ -24,6 +24,7 @@ def workdir(tmp_path):
     for name in os.listdir(REPO):
         if name.endswith('.py'):
             shutil.copy(os.path.join(REPO, name), tmp_path / name)
+    shutil.copytree(os.path.join(REPO, 'analysis'), tmp_path / 'analysis', ignore=shutil.ignore_patterns('__pycache__'))
     data = tmp_path / 'data' / 'tiny'
     data.mkdir(parents=True)
     rng = np.random.default_rng(0)

@@ -2,6 +2,7 @@ import pytest
 import torch
 
 import model_bio
+from bench_bio import saved_bytes
 from model_bio import GPT, GPTConfig, OscillateFunction, OscillateFused, oscillate, oscillate_reference
 
 N = 8  # hidden neurons
@@ -65,19 +66,6 @@ def test_function_in_half_precision_is_as_accurate_as_plain_ops(dtype, gate):
     # gradients: no worse than plain ops (which also round tanh(x) to the half dtype)
     for g, ref, truth in zip(grads, ref_grads, true_grads):
         assert error(g, truth) <= 1.5 * error(ref, truth) + 1e-5 * truth.abs().max().item()
-
-
-def saved_bytes(fn):
-    """Bytes autograd keeps for backward while fn runs (each storage counted once)."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
 
 
 def test_function_saves_only_its_input():

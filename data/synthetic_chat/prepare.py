@@ -5,7 +5,9 @@ them two exchanges long, some with a system prompt), then turns it into fine-tun
 data/smoltalk/prepare.py, so the result is laid out like data/smoltalk:
     python data/synthetic_chat/prepare.py
     python finetune_native.py config_finetune_synthetic.py
-Numbers up to 49 appear in training; prompts with larger ones make held-out questions.
+Numbers up to 49 appear in training; heldout_prompts.txt asks 20 questions with larger numbers
+and unseen words, each in its own conversation, for chat.py:
+    python chat.py --out_dir=out-finetune-synthetic < data/synthetic_chat/heldout_prompts.txt
 """
 import argparse
 import json
@@ -40,6 +42,17 @@ def exchange():
     word = rng.choice(WORDS)
     return f'Say the word {word}.', f'{word.capitalize()}.'
 
+
+# held-out questions for chat.py (numbers above 49, unseen words), one conversation each
+heldout_rng = random.Random(7)
+heldout = [f'What is {heldout_rng.randrange(50, 100)} plus {heldout_rng.randrange(50, 100)}?' for _ in range(8)]
+for _ in range(4):
+    start = heldout_rng.randrange(50, 90)
+    heldout.append(f'Count from {start} to {start + heldout_rng.randrange(2, 5)}.')
+heldout += [f'Say the word {w}.' for w in ('banana', 'pencil', 'harbor', 'lantern')]
+heldout += [f'What colour is the {t}?' for t in ('sky', 'snow', 'coal', 'grass')]
+with open(os.path.join(here, 'heldout_prompts.txt'), 'w') as f:
+    f.write(''.join(f'{question}\nclear\n' for question in heldout) + 'quit\n')
 
 path = os.path.join(here, 'conversations.jsonl')
 with open(path + '.tmp', 'w') as f:

@@ -1,0 +1,108 @@
+"""
+The oscillating neurons' frequencies read as "brain waves": |omega| sorted into fixed bands.
+
+    python analysis/analyze_brainwaves.py out-wigglegpt-pure-124m/ckpt.pt
+
+Bands of |omega| (the original project's): delta [0, 0.4), theta [0.4, 0.8), alpha [0.8, 1.2),
+beta [1.2, 1.8), gamma [1.8, 3.0), other >= 3. "Band power" is the share of neurons in a band.
+Writes brainwaves.json (band shares overall and per layer, the layer-to-layer similarity of the
+omega distributions) and PNGs: band shares and per-layer heatmap, a smoothed |omega| spectrum,
+each layer's mean waveform sin(omega*t + phi), and the similarity matrix, to --out_dir.
+"""
+import argparse
+import json
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+from analyze_wiggle import neuron_params  # noqa: E402
+
+BANDS = {'delta': (0.0, 0.4), 'theta': (0.4, 0.8), 'alpha': (0.8, 1.2), 'beta': (1.2, 1.8), 'gamma': (1.8, 3.0),
+         'other': (3.0, np.inf)}
+
+
+def band_shares(omega):
+    magnitude = np.abs(omega)
+    return {band: float(np.mean((magnitude >= lo) & (magnitude < hi))) for band, (lo, hi) in BANDS.items()}
+
+
+def similarity(a, b, bins):
+    """Overlap of two omega histograms on shared bins: 1 for the same distribution, 0 for disjoint ones."""
+    ha, _ = np.histogram(a, bins=bins)
+    hb, _ = np.histogram(b, bins=bins)
+    return float(np.minimum(ha / len(a), hb / len(b)).sum())
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('ckpt', help='a checkpoint (ckpt.pt) of a WiggleGPT model')
+    parser.add_argument('--out_dir', default='analysis_out/brainwaves')
+    args = parser.parse_args()
+    params = neuron_params(args.ckpt)
+    layers_omega, layers_phi = params['omega'], params['phi']
+    omega = np.concatenate(layers_omega)
+    os.makedirs(args.out_dir, exist_ok=True)
+
+    report = {'checkpoint': args.ckpt, 'n_neurons': int(len(omega)), 'bands': band_shares(omega),
+              'per_layer': [band_shares(layer) for layer in layers_omega]}
+    print(f'{len(omega):,} neurons; band power (share of neurons):')
+    for band, share in report['bands'].items():
+        lo, hi = BANDS[band]
+        print(f'  {band:6s} [{lo}, {hi}): {share:.2%}')
+
+    fig, (ax_bar, ax_map) = plt.subplots(1, 2, figsize=(12, 4), gridspec_kw={'width_ratios': [1, 2]})
+    ax_bar.bar(list(BANDS), list(report['bands'].values()))
+    ax_bar.set_ylabel('share of neurons')
+    heat = np.array([[layer[band] for band in BANDS] for layer in report['per_layer']])
+    image = ax_map.imshow(heat.T, aspect='auto', cmap='viridis')
+    ax_map.set_yticks(range(len(BANDS)), list(BANDS))
+    ax_map.set_xlabel('layer')
+    fig.colorbar(image, ax=ax_map)
+    fig.tight_layout()
+    fig.savefig(os.path.join(args.out_dir, 'brainwaves_bands.png'), dpi=110)
+
+    # a Gaussian-smoothed histogram of |omega|, the "spectrum"
+    grid = np.linspace(0.0, max(3.5, np.abs(omega).max()), 400)
+    width = 0.05
+    density = np.exp(-0.5 * ((grid[:, None] - np.abs(omega)[None, :]) / width) ** 2).sum(1)
+    density /= density.sum() * (grid[1] - grid[0])
+    report['spectrum'] = {'omega_abs': grid.tolist(), 'density': density.tolist(), 'kernel_width': width}
+    fig, ax = plt.subplots(figsize=(8, 4))
+    ax.plot(grid, density)
+    for lo, _ in list(BANDS.values())[1:]:
+        ax.axvline(lo, color='grey', linewidth=0.5)
+    ax.set_xlabel('|omega|')
+    ax.set_ylabel('density')
+    fig.savefig(os.path.join(args.out_dir, 'brainwaves_spectrum.png'), dpi=110)
+
+    t = np.linspace(-2 * np.pi, 2 * np.pi, 400)
+    fig, ax = plt.subplots(figsize=(8, 4))
+    for i, (w, p) in enumerate(zip(layers_omega, layers_phi)):
+        ax.plot(t, np.sin(np.outer(t, w) + p).mean(1), label=f'layer {i}')
+    ax.set_xlabel('t')
+    ax.set_ylabel('mean sin(omega t + phi)')
+    ax.legend(fontsize=7, ncol=2)
+    fig.savefig(os.path.join(args.out_dir, 'brainwaves_waveforms.png'), dpi=110)
+
+    bins = np.linspace(omega.min(), omega.max() + 1e-6, 61)
+    report['layer_similarity'] = [[similarity(a, b, bins) for b in layers_omega] for a in layers_omega]
+    fig, ax = plt.subplots(figsize=(5, 4.5))
+    image = ax.imshow(report['layer_similarity'], vmin=0, vmax=1, cmap='magma')
+    ax.set_xlabel('layer')
+    ax.set_ylabel('layer')
+    fig.colorbar(image, ax=ax)
+    fig.savefig(os.path.join(args.out_dir, 'brainwaves_similarity.png'), dpi=110)
+
+    with open(os.path.join(args.out_dir, 'brainwaves.json'), 'w') as f:
+        json.dump(report, f, indent=2)
+    print(f'wrote {args.out_dir}/brainwaves.json and plots')
+
+
+if __name__ == '__main__':
+    main()

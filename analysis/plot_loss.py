@@ -1,0 +1,134 @@
+"""
+Loss curves of one or more train_bio.py runs (pretraining or fine-tuning), overlaid.
+
+    python analysis/plot_loss.py out-wigglegpt-pure-124m
+    python analysis/plot_loss.py runs/bio/log.jsonl runs/gelu/log.jsonl --labels bio gelu
+
+Each LOG is a log.jsonl or the run directory holding it. Training lines give the per-step train
+loss (thin line), eval lines the estimated train and val losses (markers); each run's lowest val
+loss is starred. Writes loss_by_iter.png, loss_by_tokens.png and loss_summary.json to --out_dir:
+per run the best val loss and its iter, the last eval's val loss, the last logged iter, the last
+training line's loss and the last logged token count (the val entries are null for a run without
+evals). Lines that are not JSON, like the torn last line of a crashed run, are skipped.
+"""
+import argparse
+import json
+import math
+import os
+import sys
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+
+TRAIN_KEYS = {'iter', 'loss', 'tokens'}
+EVAL_KEYS = {'iter', 'train_loss', 'val_loss', 'tokens'}
+
+
+def fail(message):
+    print(f'error: {message}', file=sys.stderr)
+    sys.exit(2)
+
+
+def log_path(arg):
+    if os.path.isdir(arg):
+        if not os.path.isfile(os.path.join(arg, 'log.jsonl')):
+            fail(f'{arg} holds no log.jsonl; pass a run directory of train_bio.py, or the log.jsonl itself')
+        return os.path.join(arg, 'log.jsonl')
+    if not os.path.isfile(arg):
+        fail(f'{arg}: no such file; pass a log.jsonl written by train_bio.py, or the run directory holding it')
+    return arg
+
+
+def read_log(path):
+    """(training records, eval records) of a log.jsonl, in file order."""
+    train, evals = [], []
+    with open(path, errors='replace') as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if not isinstance(record, dict):
+                continue
+            if EVAL_KEYS <= record.keys():
+                evals.append(record)
+            elif TRAIN_KEYS <= record.keys():
+                train.append(record)
+    if not train and not evals:
+        fail(f'{path} has no training or eval lines; is it a log.jsonl written by train_bio.py?')
+    return train, evals
+
+
+def summarize(train, evals):
+    # a diverged run can log a NaN val loss, which must not win (or break) the minimum
+    best = min((e for e in evals if math.isfinite(e['val_loss'])), key=lambda e: e['val_loss'], default=None)
+    last = max(train + evals, key=lambda r: r['iter'])
+    return {
+        'best_val_loss': best['val_loss'] if best else None,
+        'best_val_iter': best['iter'] if best else None,
+        'final_val_loss': evals[-1]['val_loss'] if evals else None,
+        'final_iter': last['iter'],
+        'final_train_loss': train[-1]['loss'] if train else None,
+        'tokens': last['tokens'],
+    }
+
+
+def plot(runs, summary, x_key, x_label, path):
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for i, (label, (train, evals)) in enumerate(runs.items()):
+        color = f'C{i % 10}'
+        if train:
+            ax.plot([r[x_key] for r in train], [r['loss'] for r in train], color=color, lw=0.7, alpha=0.5,
+                    label=f'{label} train (step)')
+        if evals:
+            x = [e[x_key] for e in evals]
+            ax.plot(x, [e['train_loss'] for e in evals], color=color, ls='--', marker='o', ms=3, mfc='none',
+                    label=f'{label} train (eval)')
+            ax.plot(x, [e['val_loss'] for e in evals], color=color, marker='o', ms=4, label=f'{label} val')
+        best_iter = summary[label]['best_val_iter']
+        if best_iter is not None:
+            best = next(e for e in evals if e['iter'] == best_iter)
+            ax.plot(best[x_key], best['val_loss'], marker='*', ms=14, color=color, mec='k', ls='none',
+                    label=f"{label} best val {best['val_loss']:.4f}")
+    ax.set_xlabel(x_label)
+    ax.set_ylabel('loss')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument('logs', nargs='+', metavar='LOG', help='a log.jsonl, or a run directory holding one')
+    parser.add_argument('--labels', nargs='+', help='one name per LOG (default: the run directory name)')
+    parser.add_argument('--out_dir', default='analysis_out/loss')
+    args = parser.parse_args()
+    paths = [log_path(arg) for arg in args.logs]
+    if args.labels and len(args.labels) != len(paths):
+        fail(f'{len(paths)} LOG arguments but {len(args.labels)} --labels; give one label per LOG, or none')
+    labels = args.labels or [os.path.basename(os.path.dirname(os.path.abspath(path))) for path in paths]
+    if len(set(labels)) < len(labels):
+        fail(f'two runs are both labelled {max(labels, key=labels.count)!r}; name them apart with --labels')
+
+    runs = {label: read_log(path) for label, path in zip(labels, paths)}
+    summary = {label: summarize(*run) for label, run in runs.items()}
+    os.makedirs(args.out_dir, exist_ok=True)
+    plot(runs, summary, 'iter', 'iteration', os.path.join(args.out_dir, 'loss_by_iter.png'))
+    plot(runs, summary, 'tokens', 'tokens seen', os.path.join(args.out_dir, 'loss_by_tokens.png'))
+    with open(os.path.join(args.out_dir, 'loss_summary.json'), 'w') as f:
+        json.dump(summary, f, indent=2)
+
+    for label, s in summary.items():
+        best = 'no evals' if s['best_val_iter'] is None else \
+            f"best val {s['best_val_loss']:.4f} at iter {s['best_val_iter']}"
+        train = 'no train lines' if s['final_train_loss'] is None else f"last train loss {s['final_train_loss']:.4f}"
+        print(f"{label}: {best}, {train}, iter {s['final_iter']}, {s['tokens']:,} tokens")
+    print(f'wrote loss_by_iter.png, loss_by_tokens.png and loss_summary.json to {args.out_dir}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,111 @@
+import json
+import math
+import os
+import statistics
+
+import matplotlib.image
+import numpy as np
+import torch
+
+from conftest import REPO, TINY, message_lines, run_script
+from model_bio import GPT, GPTConfig, save_checkpoint
+
+ANALYSIS = os.path.join(REPO, 'analysis')
+MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, use_bio_mlp=True)
+
+
+def assert_png(path):
+    assert open(path, 'rb').read(8) == b'\x89PNG\r\n\x1a\n', path
+    assert matplotlib.image.imread(path).shape[0] > 0
+
+
+def write_model(path, seed=0, omega_shift=0.0, **overrides):
+    torch.manual_seed(seed)
+    args = dict(MODEL, **overrides)
+    model = GPT(GPTConfig(**args))
+    with torch.no_grad():
+        for block in model.transformer.h:
+            if args['use_bio_mlp']:
+                omega = block.mlp.activation.omega  # spread over every band, negative values included
+                omega.copy_(torch.linspace(-0.5, 4.0, len(omega))[torch.randperm(len(omega))] + omega_shift)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    save_checkpoint({'model': model.state_dict(), 'model_args': args, 'iter_num': 0, 'best_val_loss': 1.0,
+                     'config': {}, 'format_version': 1}, str(path))
+    return model.state_dict()
+
+
+def test_analyze_wiggle_numbers_match_the_state_dict(tmp_path):
+    state = write_model(tmp_path / 'a' / 'ckpt.pt', use_sparse_gate=True)
+    shifted = write_model(tmp_path / 'b' / 'ckpt.pt', omega_shift=0.05, use_sparse_gate=True)
+    run_script(tmp_path, os.path.join(ANALYSIS, 'analyze_wiggle.py'), 'a/ckpt.pt', '--compare', 'b/ckpt.pt',
+               '--out_dir', 'out')
+    stats = json.loads((tmp_path / 'out' / 'wiggle_stats.json').read_text())
+    assert stats['n_neurons'] == 2 * 4 * 32
+    for name in ('omega', 'phi', 'baseline', 'gate_weight'):
+        key = 'activation' if name in ('omega', 'phi', 'baseline') else 'sparse_gate'
+        values = torch.cat([state[f'transformer.h.{i}.mlp.{key}.{name}'] for i in range(2)]).double().numpy()
+        for stat, expected in (('mean', values.mean()), ('std', values.std()), ('min', values.min()),
+                               ('max', values.max()), ('share_abs_below_0.1', np.mean(np.abs(values) < 0.1))):
+            assert math.isclose(stats[name][stat], expected, rel_tol=1e-6, abs_tol=1e-9), (name, stat)
+    layer0 = state['transformer.h.0.mlp.activation.omega'].double().numpy()
+    assert math.isclose(stats['omega']['per_layer'][0]['mean'], layer0.mean(), rel_tol=1e-6)
+    delta = (torch.cat([shifted[f'transformer.h.{i}.mlp.activation.omega'] for i in range(2)])
+             - torch.cat([state[f'transformer.h.{i}.mlp.activation.omega'] for i in range(2)])).abs()
+    assert math.isclose(stats['compare']['omega']['mean_abs_delta'], delta.mean().item(), rel_tol=1e-5)
+    assert stats['compare']['phi']['max_abs_delta'] == 0.0
+    for png in ('wiggle_hist.png', 'wiggle_scatter.png', 'wiggle_layers.png', 'wiggle_compare.png'):
+        assert_png(tmp_path / 'out' / png)
+
+
+def test_analysis_of_a_gelu_model_is_a_one_line_error(tmp_path):
+    write_model(tmp_path / 'g' / 'ckpt.pt', use_bio_mlp=False)
+    for script in ('analyze_wiggle.py', 'analyze_brainwaves.py'):
+        proc = run_script(tmp_path, os.path.join(ANALYSIS, script), 'g/ckpt.pt', check=False)
+        assert proc.returncode != 0 and 'Traceback' not in proc.stderr
+        assert message_lines(proc.stderr) == [f'error: g/ckpt.pt has no oscillating neurons (a GELU model, use_bio_mlp=False)']
+
+
+def test_brainwaves_band_shares_match_the_state_dict(tmp_path):
+    state = write_model(tmp_path / 'a' / 'ckpt.pt')
+    run_script(tmp_path, os.path.join(ANALYSIS, 'analyze_brainwaves.py'), 'a/ckpt.pt', '--out_dir', 'out')
+    report = json.loads((tmp_path / 'out' / 'brainwaves.json').read_text())
+    omega = torch.cat([state[f'transformer.h.{i}.mlp.activation.omega'] for i in range(2)]).abs().numpy()
+    edges = {'delta': (0, 0.4), 'theta': (0.4, 0.8), 'alpha': (0.8, 1.2), 'beta': (1.2, 1.8), 'gamma': (1.8, 3.0),
+             'other': (3.0, np.inf)}
+    for band, (lo, hi) in edges.items():
+        assert math.isclose(report['bands'][band], np.mean((omega >= lo) & (omega < hi)), abs_tol=1e-12), band
+    assert sum(report['bands'].values()) == 1.0 and all(s > 0 for s in report['bands'].values())
+    assert [round(report['layer_similarity'][i][i], 9) for i in range(2)] == [1.0, 1.0]
+    for png in ('brainwaves_bands.png', 'brainwaves_spectrum.png', 'brainwaves_waveforms.png',
+                'brainwaves_similarity.png'):
+        assert_png(tmp_path / 'out' / png)
+
+
+def test_compare_runs_trains_both_arms_and_reports_paired_differences(workdir):
+    (workdir / 'config_tiny.py').write_text('max_iters = 4\neval_interval = 2\n')
+    settings = [arg[2:] for arg in TINY]
+    proc = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '2',
+                      '--set', *settings, '--runs_dir', 'runs')
+    assert sorted(p.name for p in (workdir / 'runs').iterdir() if p.is_dir()) == [
+        'bio-seed1337', 'bio-seed1338', 'gelu-seed1337', 'gelu-seed1338']
+    report = json.loads((workdir / 'runs' / 'compare.json').read_text())
+    finals = {}
+    for name, row in report['runs'].items():
+        evals = [json.loads(line) for line in (workdir / 'runs' / name / 'log.jsonl').read_text().splitlines()]
+        vals = [e['val_loss'] for e in evals if 'val_loss' in e]
+        assert row['best_val_loss'] == min(vals) and row['final_val_loss'] == vals[-1] and row['final_iter'] == 4
+        finals[name] = vals[-1]
+    diffs = [finals[f'bio-seed{s}'] - finals[f'gelu-seed{s}'] for s in (1337, 1338)]
+    paired = report['paired']['final_val_loss']
+    assert paired['differences'] == diffs
+    half = 12.706 * statistics.stdev(diffs) / math.sqrt(2)
+    assert math.isclose(paired['ci95'][0], statistics.mean(diffs) - half, rel_tol=1e-9)
+    assert math.isclose(report['arms']['gelu']['final_val_loss']['mean'], statistics.mean(
+        [finals['gelu-seed1337'], finals['gelu-seed1338']]), rel_tol=1e-12)
+    assert_png(workdir / 'runs' / 'compare_curves.png')
+    # a second call trains nothing, and --tabulate reports the same runs
+    again = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '2',
+                       '--set', *settings, '--runs_dir', 'runs')
+    assert again.stdout.count('done already') == 4
+    run_script(workdir, 'analysis/compare_runs.py', '--tabulate', '--runs_dir', 'runs', '--out_dir', 't')
+    assert json.loads((workdir / 't' / 'compare.json').read_text())['runs'] == report['runs']
