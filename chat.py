@@ -142,6 +142,7 @@ while True:
             tokens = generate_tokens(model, encode(prompt), max_new_tokens, temperature=temperature,
                                      top_k=top_k or None, top_p=top_p, repetition_penalty=repetition_penalty,
                                      penalty_window=penalty_window, penalty_exempt=marker_ids, generator=generator)
+            # generated keeps the reply's token ids, to tell afterwards whether it ran out of room
             for piece in stream_text((generated.append(t) or t for t in tokens), decode, stops):
                 print(piece, end='', flush=True)
                 reply += piece

@@ -15,6 +15,7 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
+from dataclasses import asdict
 
 import numpy as np
 import torch
@@ -212,10 +213,6 @@ elif init_from == 'resume':
     model, checkpoint = load_model(ckpt_path, device)
     if 'optimizer' not in checkpoint:
         fail(f'{ckpt_path} has no optimizer state, so it cannot be resumed (start a new run from its weights instead)')
-    model_args = checkpoint['model_args']
-    for k in model_keys:  # the checkpoint's architecture wins over the config (block_size: the window may be shorter)
-        if k in model_args and k != 'block_size':
-            config[k] = globals()[k] = model_args[k]
     iter_num = checkpoint['iter_num']
     tokens_seen = checkpoint.get('tokens', 0)
     best_val_loss = float(checkpoint['best_val_loss'])
@@ -225,14 +222,15 @@ else:  # a path: a new run from that checkpoint's weights (either format), e.g. 
     if not os.path.isfile(init_from):
         fail(f"init_from={init_from!r} is not 'scratch', 'resume' or an existing checkpoint file")
     model, checkpoint = load_model(init_from, device, dropout=dropout, gradient_checkpointing=gradient_checkpointing)
-    model_args = checkpoint['model_args']
-    for k in model_keys:  # the checkpoint's architecture wins over the config (block_size: the window may be shorter)
-        if k != 'block_size':
-            config[k] = globals()[k] = model_args[k]
     checkpoint = None
     iter_num, tokens_seen, best_val_loss = 0, 0, float('inf')
     if master:
         print(f'starting from the weights of {init_from}')
+if init_from != 'scratch':
+    model_args = asdict(model.config)  # the checkpoint's architecture wins over the config...
+    for k in model_keys:
+        if k != 'block_size':  # ...but block_size is the training window, which may be shorter
+            config[k] = globals()[k] = model_args[k]
 if block_size > model.config.block_size:
     fail(f'block_size={block_size} is longer than the model context of {model.config.block_size} tokens')
 if meta_vocab_size and meta_vocab_size != model.config.vocab_size:
