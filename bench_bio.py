@@ -1,6 +1,7 @@
 """
-Speed and memory of WiggleGPT against GELU, measured side by side in one run: variants are
-interleaved (so drifts in machine load hit them alike) and medians are reported.
+Speed and memory of WiggleGPT against GELU, measured side by side in one run: each round runs
+every variant once, in a new random order (so drifts in machine load hit them alike), and
+medians over the rounds are reported.
 
     python bench_bio.py --config=config_shakespeare_char_cpu.py --out=bench.json
     python bench_bio.py --config=config_gpt2_bio_3070.py --dtype=bfloat16 --batch_size=8   (a GPU)
@@ -8,18 +9,24 @@ interleaved (so drifts in machine load hit them alike) and medians are reported.
 - act: the activation alone on a (batch_size * block_size, 4 * n_embd) input, forward + backward
   time and bytes kept for backward, for each implementation of model_bio.py and for GELU.
 - step: a whole training step (forward, backward, AdamW) of the config's model, bio vs GELU,
-  eager and compiled: tokens/s, and peak memory on CUDA (bytes kept for backward on CPU).
+  eager and compiled: tokens/s, and peak memory on CUDA (bytes kept for backward on CPU). A
+  second, identical GELU model (gelu_twin) is timed too: twin / GELU shows how far from 1 a
+  ratio strays by chance on this machine.
 - sample: generation tokens/s with and without the KV cache, for the model shape of
   config_shakespeare_char_bio.py (6 layers, 6 heads, 384 wide), 500 new tokens from a 1-token
   prompt, with a context that holds them all and with that config's block_size of 256, where
   every step past 256 tokens must recompute the whole window.
 The ratios in the JSON (bio / GELU; below 1 is faster or leaner) are act_saved_bytes_ratio,
-act_time_ratio_eager, step_time_ratio_eager and step_time_ratio_compiled.
+act_time_ratio_eager, step_time_ratio_eager and step_time_ratio_compiled, with
+step_twin_ratio_eager and step_twin_ratio_compiled beside them.
 """
 
 import argparse
 import json
+import os
+import random
 import statistics
+import sys
 import time
 
 import torch
@@ -36,15 +43,19 @@ def sync(device):
         torch.cuda.synchronize()
 
 
-def median_times(variants, device, repeats, calls):
-    """Median seconds per call of each variant, the variants taking turns in every repeat."""
+def median_times(variants, device, rounds, calls):
+    """Median seconds per call of each variant. Every round runs each variant once, in a new
+    random order, so neither a drift in machine load nor what ran just before favours one."""
     times = {name: [] for name in variants}
-    for _ in range(repeats):
-        for name, fn in variants.items():
+    order = list(variants)
+    shuffler = random.Random(0)
+    for _ in range(rounds):
+        shuffler.shuffle(order)
+        for name in order:
             sync(device)
             t0 = time.perf_counter()
             for _ in range(calls):
-                fn()
+                variants[name]()
             sync(device)
             times[name].append((time.perf_counter() - t0) / calls)
     return {name: statistics.median(t) for name, t in times.items()}
@@ -96,7 +107,7 @@ def bench_activation(cfg, args, device, autocast):
         variants['bio_compiled'] = forward_backward(torch.compile(act))
     for fn in variants.values():  # warm up (and compile) before timing
         fn()
-    times = median_times(variants, device, args.repeats, args.calls)
+    times = median_times(variants, device, args.rounds, args.act_calls)
     memory = {name: saved_bytes(fn) for name, fn in variants.items() if 'compiled' not in name}
     eager_impl = 'function' if model_bio.fused_kernels.get('forward') is False else 'fused'  # what 'auto' trains with
     print(f"\nactivation alone, input {tuple(x.shape)}: forward + backward")
@@ -119,14 +130,15 @@ def bench_step(cfg, args, device, autocast, dtype):
     x = torch.randint(0, vocab_size, (B, T), device=device)
     y = torch.randint(0, vocab_size, (B, T), device=device)
     scaler = torch.amp.GradScaler(device.split(':')[0], enabled=dtype == 'float16')
+    # gelu_twin is a second, identical GELU model: how far apart two equal models time says how
+    # far a ratio can stray from 1 by chance alone
     models, variants = {}, {}
-    for bio in (True, False):
+    for arm, bio in (('bio', True), ('gelu', False), ('gelu_twin', False)):
         model_args = {k: cfg[k] for k in MODEL_KEYS if k in cfg}
         model_args.update(vocab_size=vocab_size, use_bio_mlp=bio, use_sparse_gate=bio and cfg.get('use_sparse_gate', False))
+        torch.manual_seed(0)
         model = GPT(GPTConfig(**model_args)).to(device)
         optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0])
-        name = 'bio' if bio else 'gelu'
-        models[name] = model
         for compiled in ((False, True) if args.compile else (False,)):
             run_model = torch.compile(model) if compiled else model
 
@@ -137,9 +149,10 @@ def bench_step(cfg, args, device, autocast, dtype):
                 scaler.step(optimizer)
                 scaler.update()
                 optimizer.zero_grad(set_to_none=True)
-            variants[name + ('_compiled' if compiled else '')] = step
+            name = arm + ('_compiled' if compiled else '')
+            variants[name], models[name] = step, model
         if bio:  # the unfused autograd function, as where nothing compiles (e.g. CUDA on Windows)
-            variants['bio_unfused'] = with_impl('function', variants['bio'])
+            variants['bio_unfused'], models['bio_unfused'] = with_impl('function', variants['bio']), model
     for fn in variants.values():
         for _ in range(2):
             fn()
@@ -149,23 +162,24 @@ def bench_step(cfg, args, device, autocast, dtype):
             torch.cuda.reset_peak_memory_stats(device)
             fn()
             memory[name] = torch.cuda.max_memory_allocated(device)
-        elif name in models:
+        elif name in ('bio', 'gelu'):
             memory[name] = saved_bytes(lambda: models[name](x, y))
-    times = median_times(variants, device, args.repeats, args.calls)
+    times = median_times(variants, device, args.rounds, 1)
     peak = device_peak_flops(device)
     print(f"\ntraining step, {args.config}: batch {B} x {T} tokens, {dtype}")
     results = {'tokens_per_step': B * T, 'time_s': times, 'memory_bytes': memory,
                'memory_kind': 'peak allocated' if device.startswith('cuda') else 'kept for backward', 'mfu': {}}
     for name in variants:
         tokens_per_s = B * T / times[name]
-        mfu = models[name.split('_')[0]].estimate_mfu(tokens_per_s, peak)
+        mfu = models[name].estimate_mfu(tokens_per_s, peak)
         results['mfu'][name] = mfu
         mem = f"{memory[name] / 2**20:9.1f} MiB {results['memory_kind']}" if name in memory else ''
         mfu_text = f"mfu {mfu * 100:5.1f}%" if mfu is not None else ''
-        print(f"  {name:15s} {times[name] * 1e3:9.2f} ms  {tokens_per_s:10.0f} tok/s  {mem}  {mfu_text}")
-    results['step_time_ratio_eager'] = times['bio'] / times['gelu']
-    if args.compile:
-        results['step_time_ratio_compiled'] = times['bio_compiled'] / times['gelu_compiled']
+        print(f"  {name:18s} {times[name] * 1e3:9.2f} ms  {tokens_per_s:10.0f} tok/s  {mem}  {mfu_text}")
+    for mode in ('eager', 'compiled') if args.compile else ('eager',):
+        suffix = '_compiled' if mode == 'compiled' else ''
+        results[f'step_time_ratio_{mode}'] = times['bio' + suffix] / times['gelu' + suffix]
+        results[f'step_twin_ratio_{mode}'] = times['gelu_twin' + suffix] / times['gelu' + suffix]
     return results
 
 
@@ -196,20 +210,26 @@ def main():
     parser.add_argument('--dtype', default='auto', help="'auto', 'float32', 'bfloat16' or 'float16'")
     parser.add_argument('--batch_size', type=int, default=0, help="override the config's batch_size")
     parser.add_argument('--compile', type=int, default=1, help='also measure torch.compile (1) or not (0)')
-    parser.add_argument('--repeats', type=int, default=7, help='timed rounds per variant; the median is reported')
-    parser.add_argument('--calls', type=int, default=5, help='calls per timed round')
+    parser.add_argument('--rounds', type=int, default=40, help='timed rounds, each variant once per round; medians reported')
+    parser.add_argument('--act_calls', type=int, default=10,
+                        help='calls of the activation alone per variant and round (each takes well under a millisecond)')
     parser.add_argument('--sample_repeats', type=int, default=3)
     parser.add_argument('--new_tokens', type=int, default=500)
     parser.add_argument('--out', default=None, help='write the figures to this JSON file')
     args = parser.parse_args()
 
+    if not os.path.isfile(args.config):
+        sys.exit(f'error: no config file {args.config} (pass one of the config_*.py files with --config)')
     cfg = {}
     with open(args.config) as f:
         exec(f.read(), {}, cfg)  # a config file is plain Python assignments
     if args.batch_size:
         cfg['batch_size'] = args.batch_size
     device = pick_device(args.device)
-    dtype, autocast = autocast_for(device.split(':')[0], args.dtype)
+    try:
+        dtype, autocast = autocast_for(device.split(':')[0], args.dtype)
+    except ValueError as e:
+        sys.exit(f'error: {e}')
     if device.startswith('cuda'):
         torch.backends.cuda.matmul.allow_tf32 = True
     name = torch.cuda.get_device_name(device) if device.startswith('cuda') else f'cpu ({torch.get_num_threads()} threads)'
