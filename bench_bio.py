@@ -32,15 +32,11 @@ import time
 import torch
 import torch.nn.functional as F
 
+import devices
 import model_bio
-from model_bio import GPT, GPTConfig, autocast_for, device_peak_flops, generate_tokens, pick_device
+from model_bio import GPT, GPTConfig, generate_tokens
 
 MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'use_rmsnorm', 'use_rope', 'use_sparse_gate')
-
-
-def sync(device):
-    if device.startswith('cuda'):
-        torch.cuda.synchronize()
 
 
 def median_times(variants, device, rounds, calls):
@@ -52,11 +48,11 @@ def median_times(variants, device, rounds, calls):
     for _ in range(rounds):
         shuffler.shuffle(order)
         for name in order:
-            sync(device)
+            devices.synchronize(device)
             t0 = time.perf_counter()
             for _ in range(calls):
                 variants[name]()
-            sync(device)
+            devices.synchronize(device)
             times[name].append((time.perf_counter() - t0) / calls)
     return {name: statistics.median(t) for name, t in times.items()}
 
@@ -129,13 +125,13 @@ def bench_step(cfg, args, device, autocast, dtype):
     torch.manual_seed(0)
     x = torch.randint(0, vocab_size, (B, T), device=device)
     y = torch.randint(0, vocab_size, (B, T), device=device)
-    scaler = torch.amp.GradScaler(device.split(':')[0], enabled=dtype == 'float16')
+    scaler = devices.grad_scaler(device, dtype)
     models, variants = {}, {}
     for arm, bio in (('bio', True), ('gelu', False)):
         model_args = {k: cfg[k] for k in MODEL_KEYS if k in cfg}
         model_args.update(vocab_size=vocab_size, use_bio_mlp=bio, use_sparse_gate=bio and cfg.get('use_sparse_gate', False))
         model = GPT(GPTConfig(**model_args)).to(device)
-        optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.split(':')[0])
+        optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
         for compiled in ((False, True) if args.compile else (False,)):
             run_model = torch.compile(model) if compiled else model
 
@@ -160,17 +156,17 @@ def bench_step(cfg, args, device, autocast, dtype):
             fn()
     memory = {}
     for name, fn in variants.items():
-        if device.startswith('cuda'):
-            torch.cuda.reset_peak_memory_stats(device)
+        if device.type == 'cuda':
+            devices.reset_peak_memory(device)
             fn()
-            memory[name] = torch.cuda.max_memory_allocated(device)
+            memory[name] = devices.peak_memory(device)[0]
         elif name in ('bio', 'gelu'):
             memory[name] = saved_bytes(lambda: models[name](x, y))
     times = median_times(variants, device, args.rounds, 1)
-    peak = device_peak_flops(device)
+    peak, _ = devices.peak_flops(device)
     print(f"\ntraining step, {args.config}: batch {B} x {T} tokens, {dtype}")
     results = {'tokens_per_step': B * T, 'time_s': times, 'memory_bytes': memory,
-               'memory_kind': 'peak allocated' if device.startswith('cuda') else 'kept for backward', 'mfu': {}}
+               'memory_kind': 'peak allocated' if device.type == 'cuda' else 'kept for backward', 'mfu': {}}
     for name in variants:
         tokens_per_s = B * T / times[name]
         mfu = models[name].estimate_mfu(tokens_per_s, peak)
@@ -227,14 +223,13 @@ def main():
         exec(f.read(), {}, cfg)  # a config file is plain Python assignments
     if args.batch_size:
         cfg['batch_size'] = args.batch_size
-    device = pick_device(args.device)
     try:
-        dtype, autocast = autocast_for(device.split(':')[0], args.dtype)
+        device = devices.pick_device(args.device)
+        dtype = devices.pick_dtype(device, args.dtype)
     except ValueError as e:
         sys.exit(f'error: {e}')
-    if device.startswith('cuda'):
-        torch.backends.cuda.matmul.allow_tf32 = True
-    name = torch.cuda.get_device_name(device) if device.startswith('cuda') else f'cpu ({torch.get_num_threads()} threads)'
+    autocast = devices.autocast(device, dtype)
+    name = devices.describe(device)
     report = {'device': name, 'torch': torch.__version__, 'config': args.config, 'dtype': dtype}
     print(f"device: {name}, torch {torch.__version__}, {dtype}")
     if args.only in (None, 'act'):

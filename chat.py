@@ -10,8 +10,8 @@ import sys
 
 import torch
 
-from model_bio import (CHAT_STOPS, EOT_ID, autocast_for, chat_turn, generate_tokens, load_codec, load_model,
-                       pick_device, stream_text)
+import devices
+from model_bio import CHAT_STOPS, EOT_ID, chat_turn, generate_tokens, load_codec, load_model, stream_text
 
 out_dir = 'out-wigglegpt-finetune-native'
 ckpt = 'ckpt.pt'  # or 'ckpt_best.pt'
@@ -28,10 +28,9 @@ dtype = 'auto'
 compile = False
 show_prompt = False  # print the exact text sent to the model (to stderr) before each reply
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-from configurator import configure  # noqa: E402
+from configurator import configure, settings_in  # noqa: E402
 
-globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
+globals().update(configure(settings_in(globals()), sys.argv[1:]))
 # -----------------------------------------------------------------------------
 
 HELP = """commands:
@@ -42,11 +41,12 @@ HELP = """commands:
   /help        this list
 Ctrl-C during a reply stops that reply."""
 
-device = pick_device(device)
 try:
-    dtype, autocast = autocast_for(device.split(':')[0], dtype)
+    device = devices.pick_device(device)
+    dtype = devices.pick_dtype(device, dtype)
 except ValueError as e:
     sys.exit(f'error: {e}')
+autocast = devices.autocast(device, dtype)
 model, checkpoint = load_model(os.path.join(out_dir, ckpt), device)
 model.eval()
 if checkpoint['model_args']['vocab_size'] < 50257:

@@ -1,6 +1,7 @@
 # The original WiggleGPT 124M run: GPT-2 small with oscillating neurons on OpenWebText, sized for
 # one 8 GB RTX 3070 (2 x 16 x 1024 = 32,768 tokens per iteration).
 # python data/openwebtext/prepare.py && python train_bio.py config_gpt2_bio_3070.py
+# Rehearse first (a minute, writes nothing): ... config_gpt2_bio_3070.py --rehearsal_iters=20
 out_dir = 'out-wigglegpt-pure-124m'
 dataset = 'openwebtext'
 
@@ -30,5 +31,5 @@ eval_interval = 1000
 eval_iters = 100
 log_interval = 10
 
-dtype = 'float16'  # the 3070 has no fast bfloat16 path in the original setup; GradScaler handles fp16
+dtype = 'float16'  # as the original ran; Ampere cards (RTX 30xx) also do bfloat16 natively: --dtype=bfloat16
 compile = False  # Windows has no Triton

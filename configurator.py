@@ -24,6 +24,22 @@ _NOT_SETTINGS = (types.ModuleType, types.FunctionType, types.BuiltinFunctionType
 _BAD = object()  # marks a value that does not fit the setting's type
 
 
+def settings_in(namespace: dict) -> dict:
+    """The settings among a script's globals: its public names that hold an int, float, bool or str."""
+    return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+
+
+def script_defaults(path: str) -> dict:
+    """The default settings of a script such as train_bio.py, as it has them before it reads its arguments:
+    its code up to the line that imports this module, run here."""
+    with open(path, encoding='utf-8') as f:
+        source = f.read()
+    head = source[:source.index('\nfrom configurator import')]
+    namespace = {'__file__': path, '__name__': 'script_defaults'}
+    exec(compile(head, path, 'exec'), namespace)
+    return settings_in(namespace)
+
+
 def configure(defaults: dict, argv: list) -> dict:
     """Return a copy of defaults with the config files and overrides in argv applied."""
     config = dict(defaults)

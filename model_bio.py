@@ -12,8 +12,9 @@ Module and parameter names follow the original WiggleGPT release so its checkpoi
 import math
 import os
 import pickle
+import shutil
 import sys
-from contextlib import nullcontext
+import time
 from dataclasses import asdict, dataclass, fields
 
 import torch
@@ -220,7 +221,20 @@ def compiled_kernel(name):
     return fused_kernels[name]
 
 
+def compile_failed(error):
+    """Whether error says torch.compile cannot build a kernel here (no C++ compiler, no Triton, ...), as
+    opposed to an error in running one (out of memory, a device fault), which must surface as itself."""
+    import torch._dynamo.exc
+    import torch._inductor.exc
+    return isinstance(error, (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InvalidCxxCompiler,
+                              torch._inductor.exc.CppCompileError))
+
+
 def give_up_fusing(error):
+    """Fall back to the unfused function for the rest of the run, if the fused kernel failed to compile
+    and was not asked for by name; otherwise re-raise the error."""
+    if OSCILLATION_IMPL == 'fused' or not compile_failed(error):
+        raise error
     fused_kernels.update(forward=False, backward=False)
     print(f"note: the fused oscillation kernel does not compile here ({type(error).__name__}: "
           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); using the unfused one", file=sys.stderr)
@@ -241,7 +255,7 @@ class OscillateFused(torch.autograd.Function):
         if fused_kernels.get('backward') is not False:
             try:
                 return *compiled_kernel('backward')(saved[0], grad_out, *saved[1:], ctx.threshold), None
-            except Exception as e:  # no compiler (or Triton) here: say so once, then stay unfused
+            except Exception as e:
                 give_up_fusing(e)
         return OscillateFunction.gradients(saved, ctx.threshold, grad_out)
 
@@ -263,8 +277,6 @@ def oscillate(x, omega, phi, baseline, gate_weight=None, gate_bias=None, thresho
         try:
             return OscillateFused.apply(*args)
         except Exception as e:
-            if OSCILLATION_IMPL == 'fused':  # asked for explicitly: no quiet fallback
-                raise
             give_up_fusing(e)
             impl = 'function'
     if impl == 'function':
@@ -564,72 +576,51 @@ def stream_text(token_ids, decode, stop_sequences=()):
         yield text[shown:]
 
 
-# dense bf16/fp16 tensor-core peak FLOP/s (fp32 accumulate), matched against the CUDA device name
-GPU_PEAK_FLOPS = {
-    'H200': 989e12,
-    'H100 PCIe': 756e12,
-    'H100': 989e12,
-    'A100': 312e12,
-    'L4': 121e12,
-    'V100': 125e12,
-    'T4': 65e12,
-    'RTX 4090': 165.2e12,
-    'RTX 4080': 97.5e12,
-    'RTX 3090': 71e12,
-    'RTX 3080': 59.5e12,
-    'RTX 3070': 40.6e12,
-}
+# seconds to wait between tries of a rename: Windows refuses to replace a file that another program
+# holds open (sample_bio.py reading it, a virus scan, a sync client such as OneDrive)
+RENAME_WAITS = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
 
 
-def pick_device(device):
-    """'auto' becomes cuda, then mps, then cpu, whichever is available first; anything else is kept."""
-    if device != 'auto':
-        return device
-    if torch.cuda.is_available():
-        return 'cuda'
-    return 'mps' if torch.backends.mps.is_available() else 'cpu'
+def replace_file(src, dst):
+    """os.replace(src, dst), retried while dst is held open; False, with a one-line warning, if it stays held."""
+    for wait in RENAME_WAITS + (None,):
+        try:
+            os.replace(src, dst)
+            return True
+        except PermissionError:
+            if wait is None:
+                break
+            time.sleep(wait)
+    print(f'warning: could not replace {dst} (another program holds it open); the new file is complete '
+          f'at {src}, and the next save tries again', file=sys.stderr)
+    return False
 
 
-def autocast_for(device_type, dtype):
-    """(dtype, autocast context) for dtype 'auto', 'float32', 'bfloat16' or 'float16'; ValueError when unusable.
+def save_checkpoint(checkpoint, path, copy_to=None):
+    """torch.save through a temp file and a rename, so a crash mid-save leaves the old file whole.
 
-    'auto' is bfloat16 on GPUs that have it, float16 on older GPUs, float32 elsewhere.
+    copy_to, if given, is a second path that gets the same checkpoint (a hard link, where the
+    file system has them). Returns False when a rename stayed refused (see replace_file).
     """
-    if dtype == 'auto':
-        if device_type == 'cuda':
-            dtype = 'bfloat16' if torch.cuda.is_bf16_supported() else 'float16'
-        else:
-            dtype = 'float32'
-    if dtype not in ('float32', 'bfloat16', 'float16'):
-        raise ValueError(f"dtype={dtype!r} is not one of 'auto', 'float32', 'bfloat16', 'float16'")
-    if dtype == 'float16' and device_type != 'cuda':
-        raise ValueError('dtype=float16 needs CUDA; use --dtype=float32 or bfloat16')
-    if dtype == 'float32':
-        return dtype, nullcontext()
-    return dtype, torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
-
-
-def device_peak_flops(device, override=0.0):
-    """The device's peak FLOP/s for MFU: the override if given, else the table; None when unknown (CPU)."""
-    if override:
-        return override
-    if not str(device).startswith('cuda') or not torch.cuda.is_available():
-        return None
-    name = torch.cuda.get_device_name(torch.device(device))
-    for key, flops in GPU_PEAK_FLOPS.items():  # more specific keys come first
-        if key in name:
-            return flops
-    return None
-
-
-def save_checkpoint(checkpoint, path):
-    """torch.save through a temp file and a rename, so a crash mid-save leaves the old file whole."""
     tmp_path = path + '.tmp'
+    if os.path.exists(tmp_path):
+        # left by a refused rename, and maybe hard-linked to the best checkpoint: writing into it would change that too
+        os.remove(tmp_path)
     with open(tmp_path, 'wb') as f:
         torch.save(checkpoint, f)
         f.flush()
         os.fsync(f.fileno())
-    os.replace(tmp_path, path)
+    copied = True
+    if copy_to:
+        copy_tmp = copy_to + '.tmp'
+        if os.path.exists(copy_tmp):
+            os.remove(copy_tmp)
+        try:
+            os.link(tmp_path, copy_tmp)  # costs nothing; the next save renames a new file over path, not into it
+        except OSError:
+            shutil.copyfile(tmp_path, copy_tmp)
+        copied = replace_file(copy_tmp, copy_to)
+    return replace_file(tmp_path, path) and copied
 
 
 def load_model(ckpt_path, device, **overrides):
@@ -642,7 +633,8 @@ def load_model(ckpt_path, device, **overrides):
     if not os.path.isfile(ckpt_path):
         sys.exit(f'error: no checkpoint at {ckpt_path} (train one with train_bio.py, or pass its path)')
     try:
-        checkpoint = torch.load(ckpt_path, map_location=device, weights_only=True)
+        # to the CPU first: the model is moved once, and a GPU never holds two copies
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
     except Exception as e:
         sys.exit(f'error: {ckpt_path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})')
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:

@@ -9,7 +9,8 @@ import sys
 
 import torch
 
-from model_bio import autocast_for, generate_tokens, load_codec, load_model, pick_device, stream_text
+import devices
+from model_bio import generate_tokens, load_codec, load_model, stream_text
 
 out_dir = 'out'
 ckpt = 'ckpt.pt'  # or 'ckpt_best.pt'
@@ -25,17 +26,17 @@ device = 'auto'
 dtype = 'auto'
 compile = False
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-from configurator import configure  # noqa: E402
+from configurator import configure, settings_in  # noqa: E402
 
-globals().update(configure({k: globals()[k] for k in config_keys}, sys.argv[1:]))
+globals().update(configure(settings_in(globals()), sys.argv[1:]))
 # -----------------------------------------------------------------------------
 
-device = pick_device(device)
 try:
-    dtype, autocast = autocast_for(device.split(':')[0], dtype)
+    device = devices.pick_device(device)
+    dtype = devices.pick_dtype(device, dtype)
 except ValueError as e:
     sys.exit(f'error: {e}')
+autocast = devices.autocast(device, dtype)
 if start.startswith('FILE:'):
     if not os.path.isfile(start[5:]):
         sys.exit(f'error: prompt file {start[5:]} not found')

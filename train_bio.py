@@ -3,6 +3,8 @@ Pretrain WiggleGPT (and, with task='finetune', fine-tune it on conversations: fi
     python train_bio.py config_shakespeare_char_cpu.py
 Several GPUs (or CPU processes with --backend=gloo) through DDP:
     torchrun --standalone --nproc_per_node=4 train_bio.py config_gpt2_bio_3070.py
+Before a long run, a rehearsal times a few iterations and projects the whole run (writes nothing):
+    python train_bio.py config_gpt2_bio_3070.py --rehearsal_iters=20
 Any setting below can be overridden with --key=value after the config file.
 """
 
@@ -15,14 +17,16 @@ import signal
 import sys
 import time
 from contextlib import nullcontext
-from dataclasses import asdict
+from dataclasses import asdict, fields
 
 import numpy as np
 import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
-from model_bio import GPT, GPTConfig, autocast_for, device_peak_flops, load_model, pick_device, save_checkpoint
+import devices
+import prepared_data
+from model_bio import GPT, GPTConfig, load_model, save_checkpoint
 
 # -----------------------------------------------------------------------------
 # defaults: the 124M WiggleGPT on OpenWebText
@@ -33,6 +37,7 @@ eval_interval = 2000
 eval_iters = 200
 log_interval = 10
 eval_only = False
+rehearsal_iters = 0  # > 0: time this many iterations, project the whole run's time and memory, write nothing
 wandb_log = False
 wandb_project = 'wigglegpt'
 wandb_run_name = 'run'
@@ -64,6 +69,7 @@ weight_decay = 1e-1
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 disables
+max_skipped_steps = 20  # a step whose gradients are not finite is skipped; this many in a row end the run
 # learning rate schedule: linear warmup, then cosine down to min_lr at lr_decay_iters
 decay_lr = True
 warmup_iters = 2000
@@ -72,17 +78,21 @@ min_lr = 6e-5
 # system
 backend = 'nccl'  # DDP backend: 'nccl' for GPUs, 'gloo' for CPU
 device = 'auto'  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
-dtype = 'auto'  # 'auto' (bfloat16 where supported, else float16 on CUDA, float32 elsewhere), 'float32', 'bfloat16', 'float16'
-compile = False  # torch.compile needs Triton, which Windows lacks
+dtype = 'auto'  # 'auto' (bfloat16 on GPUs that have it natively, else float16; float32 off CUDA), 'float32', 'bfloat16', 'float16'
+compile = False  # torch.compile needs Triton on GPUs, which Windows lacks
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks it up by GPU name
 seed = 1337
 # -----------------------------------------------------------------------------
-config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-from configurator import configure  # noqa: E402
+from configurator import configure, settings_in  # noqa: E402
 
-config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+config = configure(settings_in(globals()), sys.argv[1:])
 globals().update(config)
 # -----------------------------------------------------------------------------
+# GPTConfig's fields are settings of the same names (vocab_size comes from the data)
+model_keys = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']
+TRAINING_ONLY = ('dropout', 'gradient_checkpointing')  # model settings that a resume may change: no weight depends on them
+# what a checkpoint decides: the model it holds (block_size is also the training window, which may be shorter)
+ARCHITECTURE = [k for k in model_keys if k not in TRAINING_ONLY and k != 'block_size']
 
 
 def fail(message):
@@ -91,6 +101,8 @@ def fail(message):
     sys.exit(1)
 
 
+if rehearsal_iters < 0 or max_skipped_steps < 1:
+    fail(f'rehearsal_iters={rehearsal_iters} must be >= 0 and max_skipped_steps={max_skipped_steps} >= 1')
 # the data first: a missing dataset is the likeliest mistake, and the cheapest to report
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 if task not in ('pretrain', 'finetune'):
@@ -100,6 +112,13 @@ for split in ('train', 'val'):
     for suffix in data_files:
         if not os.path.isfile(os.path.join(data_dir, split + suffix)):
             fail(f'{data_dir}/{split}{suffix} not found; prepare the data first: python data/{dataset}/prepare.py')
+try:
+    note = prepared_data.check(data_dir, [s + f for s in ('train', 'val') for f in data_files],
+                               f'python data/{dataset}/prepare.py')
+except ValueError as e:
+    fail(str(e))
+if note and int(os.environ.get('RANK', 0)) == 0:
+    print(note, file=sys.stderr)
 
 # DDP: torchrun sets RANK; each process gets one device and a share of the gradient accumulation
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -110,28 +129,39 @@ if ddp:
         fail(f'gradient_accumulation_steps={gradient_accumulation_steps} must divide among {world_size} processes')
     gradient_accumulation_steps //= world_size
 master = rank == 0
-
-device = pick_device(device)
-if ddp and device == 'cuda':
-    device = f'cuda:{local_rank}'
-device_type = device.split(':')[0]
-if device_type == 'cuda':
-    if not torch.cuda.is_available():
-        fail(f'device={device} but CUDA is not available (use --device=cpu)')
-    torch.cuda.set_device(device)
-if ddp:
-    if backend == 'nccl' and device_type != 'cuda':
-        fail(f"backend=nccl needs CUDA devices; with device={device} use --backend=gloo")
-    dist.init_process_group(backend=backend)
 try:
-    dtype, autocast = autocast_for(device_type, dtype)
+    device = devices.pick_device(device, local_rank if ddp else None)
+    dtype = devices.pick_dtype(device, dtype)
 except ValueError as e:
     fail(str(e))
-if device_type == 'cuda':
-    torch.backends.cuda.matmul.allow_tf32 = True
-    torch.backends.cudnn.allow_tf32 = True
-
+if ddp:
+    if backend == 'nccl' and device.type != 'cuda':
+        fail(f"backend=nccl needs CUDA devices; with device={device} use --backend=gloo")
+    dist.init_process_group(backend=backend)
+autocast = devices.autocast(device, dtype)
 if master:
+    print(f"device {devices.describe(device)}, {dtype}{' with a GradScaler' if dtype == 'float16' else ''}"
+          f"{f', {world_size} processes' if ddp else ''}")
+
+# a run's folder is never overwritten: a new run needs a folder without one, a run goes on with resume
+ckpt_path = os.path.join(out_dir, 'ckpt.pt')
+best_path = os.path.join(out_dir, 'ckpt_best.pt')
+log_path = os.path.join(out_dir, 'log.jsonl')
+writes = rehearsal_iters == 0
+if writes and init_from != 'resume':
+    if os.path.isfile(ckpt_path):
+        try:  # mmap: the iteration number without reading the whole file
+            held = f" at iter {torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['iter_num']}"
+        except Exception:
+            held = ''
+        fail(f'{out_dir} already holds a run ({ckpt_path}{held}); continue it with --init_from=resume, '
+             'or start a new one with another --out_dir')
+    if os.path.isfile(log_path):
+        fail(f'{out_dir} already holds the log of a run ({log_path}) but no checkpoint to resume; '
+             'start the new run with another --out_dir')
+if writes and init_from == 'resume' and not os.path.isfile(ckpt_path):
+    fail(f'init_from=resume but {ckpt_path} does not exist (train from scratch first, or fix out_dir)')
+if writes and master:
     os.makedirs(out_dir, exist_ok=True)
 
 # -----------------------------------------------------------------------------
@@ -147,23 +177,23 @@ else:
             fail(f'data/{dataset}/{split} holds no conversations; prepare more data')
 
 
-def to_device(x, y):
-    if device_type == 'cuda':
-        return x.pin_memory().to(device, non_blocking=True), y.pin_memory().to(device, non_blocking=True)
-    return x.to(device), y.to(device)
-
-
-def get_batch(split, generator):
-    """A random training batch: inputs x and next-token targets y, (batch_size, block_size) each."""
+def draw_batch(split, generator):
+    """Where a random batch of split lies: token windows' starts, or conversations' indices."""
     if task == 'finetune':
-        indices = torch.randint(len(conversation_starts[split]), (batch_size,), generator=generator).tolist()
-        return conversation_batch(split, indices)
-    # windows of the token stream; a fresh memmap per batch: numpy's otherwise keeps growing resident memory
+        return torch.randint(len(conversation_starts[split]), (batch_size,), generator=generator).tolist()
+    n_tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2
+    return torch.randint(n_tokens - block_size, (batch_size,), generator=generator).tolist()
+
+
+def read_batch(split, where):
+    """Inputs x and next-token targets y, (rows, block_size) each, for what draw_batch drew."""
+    if task == 'finetune':
+        return conversation_batch(split, where)
+    # a fresh memmap per batch: numpy's otherwise keeps growing resident memory
     data = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
-    ix = torch.randint(len(data) - block_size, (batch_size,), generator=generator).tolist()
-    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in ix]))
-    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in ix]))
-    return to_device(x, y)
+    x = torch.from_numpy(np.stack([data[i:i + block_size].astype(np.int64) for i in where]))
+    y = torch.from_numpy(np.stack([data[i + 1:i + 1 + block_size].astype(np.int64) for i in where]))
+    return x.to(device), y.to(device)
 
 
 def conversation_batch(split, indices):
@@ -181,7 +211,15 @@ def conversation_batch(split, indices):
         trained = torch.from_numpy(mask[starts[i] + 1:end].astype(np.bool_))
         x[row, :len(ids) - 1] = ids[:-1]
         y[row, :len(ids) - 1] = torch.where(trained, ids[1:], -1)
-    return to_device(x, y)
+    return x.to(device), y.to(device)
+
+
+def iteration_batches(generator):
+    """This process's micro-batches of one iteration. Every process draws the whole iteration's
+    batches from the same random stream and reads its share, so the data a run sees does not
+    depend on how many processes share the work."""
+    draws = [draw_batch('train', generator) for _ in range(gradient_accumulation_steps * world_size)]
+    return [read_batch('train', where) for where in draws[rank::world_size]]
 
 
 meta_vocab_size = None
@@ -194,43 +232,43 @@ if os.path.isfile(meta_path):
 
 # -----------------------------------------------------------------------------
 # model, optimizer and the state an exact resume needs
-ckpt_path = os.path.join(out_dir, 'ckpt.pt')
-best_path = os.path.join(out_dir, 'ckpt_best.pt')
-log_path = os.path.join(out_dir, 'log.jsonl')
-model_keys = ['n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'dropout', 'use_bio_mlp', 'use_rmsnorm',
-              'use_rope', 'use_positions', 'use_sparse_gate', 'bio_threshold', 'gradient_checkpointing']
 torch.manual_seed(seed)  # the initial weights depend on the seed alone, not on the process
+checkpoint = None
+iter_num, tokens_seen, best_val_loss, skipped_steps = 0, 0, float('inf'), 0
 if init_from == 'scratch':
-    model_args = {k: globals()[k] for k in model_keys}
+    model_args = {k: config[k] for k in model_keys}
     model_args['vocab_size'] = meta_vocab_size or 50304
     model = GPT(GPTConfig(**model_args))
     model.to(device)
-    checkpoint = None
-    iter_num, tokens_seen, best_val_loss = 0, 0, float('inf')
-elif init_from == 'resume':
-    if not os.path.isfile(ckpt_path):
-        fail(f'init_from=resume but {ckpt_path} does not exist (train from scratch first, or fix out_dir)')
-    model, checkpoint = load_model(ckpt_path, device)
-    if 'optimizer' not in checkpoint:
-        fail(f'{ckpt_path} has no optimizer state, so it cannot be resumed (start a new run from its weights instead)')
-    iter_num = checkpoint['iter_num']
-    tokens_seen = checkpoint.get('tokens', 0)
-    best_val_loss = float(checkpoint['best_val_loss'])
-    if master:
-        print(f'resuming from {ckpt_path} at iter {iter_num}')
-else:  # a path: a new run from that checkpoint's weights (either format), e.g. fine-tuning a pretrained model
-    if not os.path.isfile(init_from):
+else:
+    source = ckpt_path if init_from == 'resume' else init_from
+    if init_from != 'resume' and not os.path.isfile(init_from):
         fail(f"init_from={init_from!r} is not 'scratch', 'resume' or an existing checkpoint file")
-    model, checkpoint = load_model(init_from, device, dropout=dropout, gradient_checkpointing=gradient_checkpointing)
-    checkpoint = None
-    iter_num, tokens_seen, best_val_loss = 0, 0, float('inf')
-    if master:
-        print(f'starting from the weights of {init_from}')
-if init_from != 'scratch':
-    model_args = asdict(model.config)  # the checkpoint's architecture wins over the config...
-    for k in model_keys:
-        if k != 'block_size':  # ...but block_size is the training window, which may be shorter
-            config[k] = globals()[k] = model_args[k]
+    model, checkpoint = load_model(source, device, **{k: config[k] for k in TRAINING_ONLY})
+    model_args = asdict(model.config)
+    asked_otherwise = [f'{k} {model_args[k]} (asked {config[k]})' for k in ARCHITECTURE if config[k] != model_args[k]]
+    for k in ARCHITECTURE:
+        config[k] = globals()[k] = model_args[k]
+    if init_from == 'resume':
+        if 'optimizer' not in checkpoint:
+            fail(f'{ckpt_path} has no optimizer state, so it cannot be resumed (start a new run from its weights instead)')
+        iter_num = checkpoint['iter_num']
+        tokens_seen = checkpoint.get('tokens', 0)
+        best_val_loss = float(checkpoint['best_val_loss'])
+        skipped_steps = checkpoint.get('skipped_steps', 0)
+        saved = checkpoint.get('config', {})
+        changed = [f'{k} {saved[k]!r} -> {v!r}' for k, v in config.items()
+                   if k in saved and saved[k] != v and k != 'init_from' and k not in ARCHITECTURE]
+        if master:
+            print(f'resuming from {ckpt_path} at iter {iter_num}')
+            if changed:
+                print(f"resume: changed since the checkpoint: {', '.join(changed)}")
+            if asked_otherwise:
+                print(f"note: the checkpoint's architecture is kept: {', '.join(asked_otherwise)}", file=sys.stderr)
+    else:
+        checkpoint = None  # only its weights are wanted: free the rest
+        if master:
+            print(f'starting from the weights of {init_from}')
 if block_size > model.config.block_size:
     fail(f'block_size={block_size} is longer than the model context of {model.config.block_size} tokens')
 if meta_vocab_size and meta_vocab_size != model.config.vocab_size:
@@ -246,23 +284,26 @@ if master:
     print(f'number of parameters: {model.get_num_params() / 1e6:.2f}M')
     print(f'tokens per iteration: {tokens_per_iter:,}')
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device_type)
-scaler = torch.amp.GradScaler(device_type, enabled=(dtype == 'float16'))
-data_rng = torch.Generator().manual_seed(seed + rank)  # training batches; each process its own
-torch.manual_seed(seed + rank)  # dropout
+optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device.type)
+scaler = devices.grad_scaler(device, dtype)
+data_rng = torch.Generator().manual_seed(seed)  # training batches: one stream, the same on every process
+torch.manual_seed(seed + rank)  # dropout: each process its own
 if checkpoint is not None:
     optimizer.load_state_dict(checkpoint['optimizer'])
-    if scaler.is_enabled() and checkpoint.get('scaler'):  # empty when the saved run did not use fp16
+    if scaler.is_enabled() and checkpoint.get('scaler'):  # empty when the saved run did not use float16
         scaler.load_state_dict(checkpoint['scaler'])
-    rng = checkpoint.get('rng')
-    if rng and len(rng['data']) == world_size:  # the same number of processes as the run that saved it
-        # load_model moved every tensor to the device; RNG states must be CPU byte tensors
-        data_rng.set_state(rng['data'][rank].cpu())
-        torch.set_rng_state(rng['torch'][rank].cpu())
-        if device_type == 'cuda' and rng['cuda'][rank] is not None:
-            torch.cuda.set_rng_state(rng['cuda'][rank].cpu(), device)
-    elif master:
-        print('note: the checkpoint has no random state for this number of processes; batches will differ from an unbroken run')
+    rng = checkpoint.get('rng') or {}
+    data_state = rng.get('data')
+    if isinstance(data_state, list):  # one per process, as written before processes shared one data stream
+        data_state = data_state[0] if len(data_state) == 1 else None
+    if data_state is not None:
+        data_rng.set_state(data_state)
+    if len(rng.get('torch', [])) == world_size:  # dropout states, if the saved run had as many processes
+        torch.set_rng_state(rng['torch'][rank])
+        devices.set_rng_state(rng['cuda'][rank], device)
+    if master and (data_state is None or len(rng.get('torch', [])) != world_size):
+        print('note: the checkpoint has no random state for this number of processes; batches or dropout '
+              'will differ from an unbroken run')
     checkpoint = None  # free the memory
 
 raw_model = model
@@ -272,43 +313,44 @@ if compile:
     model = torch.compile(model)
 if ddp:
     # no buffer needs syncing at each forward: RoPE tables are fixed and gate counts are per process
-    # (newer PyTorch renamed broadcast_buffers to forward_sync_buffers)
+    # (newer PyTorch renamed broadcast_buffers to forward_sync_buffers); device_ids stays None, which
+    # suits a model on one device, GPU or CPU
     no_sync = 'forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters else 'broadcast_buffers'
-    train_model = DDP(model, device_ids=[local_rank] if device_type == 'cuda' else None, **{no_sync: False})
+    train_model = DDP(model, **{no_sync: False})
 else:
     train_model = model
 
 
-@torch.no_grad()
-def estimate_loss():
-    """Mean loss per split on the same batches every time, so evals compare: eval_iters random batches,
-    or when fine-tuning, per trained token over the first eval_conversations conversations (0: all of val)."""
-    losses = {}
-    model.eval()
+def eval_batches():
+    """The batches of one evaluation per split: the same every time, so successive evaluations compare."""
     if task == 'finetune':
         count = eval_conversations or len(conversation_starts['val'])
-        for split in ('train', 'val'):
-            total, tokens = torch.zeros((), device=device), 0
-            last = min(count, len(conversation_starts[split]))
-            for first in range(0, last, batch_size):
-                x, y = conversation_batch(split, range(first, min(first + batch_size, last)))
-                with autocast:
-                    _, loss = model(x, y)
-                n = int((y != -1).sum())
-                total += loss.float() * n
-                tokens += n
-            losses[split] = total.item() / max(tokens, 1)
-        model.train()
-        return losses
+        return {split: [range(first, min(first + batch_size, count, len(conversation_starts[split])))
+                        for first in range(0, min(count, len(conversation_starts[split])), batch_size)]
+                for split in ('train', 'val')}
+    batches = {}
     for split in ('train', 'val'):
-        eval_rng = torch.Generator().manual_seed(seed + 1)
-        total = torch.zeros((), device=device)
-        for _ in range(eval_iters):
-            x, y = get_batch(split, eval_rng)
+        eval_rng = torch.Generator().manual_seed(seed + 1)  # per split: each split's batches are the same in every run
+        batches[split] = [draw_batch(split, eval_rng) for _ in range(eval_iters)]
+    return batches
+
+
+@torch.no_grad()
+def estimate_loss():
+    """Mean loss per split over eval_batches: per trained token (fine-tuning, whole conversations
+    from the first eval_conversations, 0: all of val) or per batch (eval_iters random windows)."""
+    losses = {}
+    model.eval()
+    for split, batches in eval_batches().items():
+        total, weight = torch.zeros((), device=device), 0
+        for where in batches:
+            x, y = read_batch(split, where)
             with autocast:
                 _, loss = model(x, y)
-            total += loss.float()
-        losses[split] = total.item() / eval_iters
+            n = int((y != -1).sum()) if task == 'finetune' else 1
+            total += loss.float() * n
+            weight += n
+        losses[split] = total.item() / max(weight, 1)
     model.train()
     return losses
 
@@ -325,20 +367,24 @@ def get_lr(it):
 
 
 def random_states():
-    """Every process's RNG states, gathered on all (a collective: every process must call it)."""
-    mine = {'data': data_rng.get_state(), 'torch': torch.get_rng_state(),
-            'cuda': torch.cuda.get_rng_state(device) if device_type == 'cuda' else None}
-    if not ddp:
-        return {k: [v] for k, v in mine.items()}
-    gathered = [None] * world_size
-    dist.all_gather_object(gathered, {k: (v.cpu() if v is not None else None) for k, v in mine.items()})
-    return {k: [g[k] for g in gathered] for k in mine}
+    """The data stream's random state and every process's own (dropout), gathered on all
+    (a collective under DDP: every process must call it)."""
+    mine = {'torch': torch.get_rng_state(), 'cuda': devices.rng_state(device)}
+    gathered = [mine]
+    if ddp:
+        gathered = [None] * world_size
+        dist.all_gather_object(gathered, mine)
+    return {'data': data_rng.get_state(), 'torch': [g['torch'] for g in gathered], 'cuda': [g['cuda'] for g in gathered]}
+
+
+def weights_are_finite():
+    return all(torch.isfinite(p).all() for p in raw_model.parameters())
 
 
 def write_checkpoint(rng_states, also_best):
     """Save the run on the master process; weights that are not finite are never saved."""
     # every process holds the same weights, so all of them reach the same verdict
-    if not all(torch.isfinite(p).all() for p in raw_model.parameters()):
+    if not weights_are_finite():
         fail(f'weights are not finite at iter {iter_num}; not saving, {ckpt_path} keeps the last good state')
     if not master:
         return
@@ -351,30 +397,21 @@ def write_checkpoint(rng_states, also_best):
         'config': config,
         'format_version': 1,
         'tokens': tokens_seen,
+        'skipped_steps': skipped_steps,
         'scaler': scaler.state_dict(),
         'rng': rng_states,
     }
-    save_checkpoint(checkpoint, ckpt_path)
-    if also_best:
-        # a hard link costs nothing; the next save replaces ckpt.pt by rename and leaves this one alone
-        tmp = best_path + '.tmp'
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        try:
-            os.link(ckpt_path, tmp)
-            os.replace(tmp, best_path)
-        except OSError:
-            save_checkpoint(checkpoint, best_path)
-    print(f'saved checkpoint at iter {iter_num} to {out_dir}')
+    if save_checkpoint(checkpoint, ckpt_path, copy_to=best_path if also_best else None):
+        print(f'saved checkpoint at iter {iter_num} to {out_dir}')
 
 
 def log_json(record):
-    if master:
+    if master and writes:
         with open(log_path, 'a') as f:
             f.write(json.dumps(record) + '\n')
 
 
-if master and init_from == 'resume' and os.path.isfile(log_path):
+if master and writes and init_from == 'resume' and os.path.isfile(log_path):
     # drop what a crashed run logged after the checkpoint it is resumed from, so the log has no repeats
     kept = []
     with open(log_path) as f:
@@ -388,7 +425,7 @@ if master and init_from == 'resume' and os.path.isfile(log_path):
         f.writelines(kept)
     os.replace(log_path + '.tmp', log_path)
 
-if wandb_log and master:
+if wandb_log and master and writes:
     try:
         import wandb
     except ImportError:
@@ -413,88 +450,157 @@ def request_stop(signum, frame):
 signal.signal(signal.SIGINT, request_stop)
 signal.signal(signal.SIGTERM, request_stop)
 
-peak = device_peak_flops(device, peak_flops)
+
+def rehearsal_report(timed_iters, seconds):
+    """What a rehearsal prints: the speed and memory of the iterations timed, and the whole run projected."""
+    per_iter = seconds / timed_iters
+    mfu = raw_model.estimate_mfu(tokens_per_iter / world_size / per_iter, peak)
+    memory = devices.peak_memory(device)
+    print(f"rehearsal: {timed_iters} iterations timed (after {rehearsal_iters - timed_iters} to warm up): "
+          f"{per_iter * 1000:.1f} ms/iter, {tokens_per_iter / per_iter:,.0f} tokens/s, "
+          f"mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}, peak memory "
+          + (f'{memory[0] / 2**30:.2f} of {memory[1] / 2**30:.2f} GiB on {device}' if memory else 'n/a (measured on CUDA only)'))
+    # an evaluation's cost, from a few of its batches
+    batches = eval_batches()['val']
+    t0 = time.time()
+    with torch.no_grad():
+        for where in batches[:5]:
+            x, y = read_batch('val', where)
+            with autocast:
+                model(x, y)
+    devices.synchronize(device)
+    per_eval = (time.time() - t0) / max(len(batches[:5]), 1) * 2 * len(batches)
+    remaining = max(max_iters - start_iter, 0)
+    n_evals = remaining // eval_interval + 1
+    total = remaining * per_iter + n_evals * per_eval
+
+    def duration(s):
+        return f'{s / 86400:.1f} days' if s >= 2 * 86400 else f'{s / 3600:.1f} hours' if s >= 3600 else f'{s / 60:.1f} minutes'
+    print(f"rehearsal: the {'rest of the run' if start_iter else 'whole run'}, {remaining:,} iterations and "
+          f'{n_evals:,} evaluations of 2 x {len(batches)} batches, would take about {duration(total)} (training {duration(remaining * per_iter)}, '
+          f'evaluation {duration(n_evals * per_eval)})')
+
+
+peak, peak_note = devices.peak_flops(device, peak_flops)
+if master and peak_note:
+    print(peak_note, file=sys.stderr)
 start_iter = iter_num
+skipped_in_a_row = 0
 stop_requested = False
+warmup_iters_rehearsed = rehearsal_iters // 5  # the first iterations compile, allocate and tune
+devices.reset_peak_memory(device)
 interval_start, interval_iters = time.time(), 0
-while True:
-    # evaluate and save (not at the iteration a resumed run starts from: its checkpoint has that)
-    if (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (iter_num != start_iter or init_from != 'resume' or eval_only):
-        losses = estimate_loss()
-        if master:
-            print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-            log_json({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'tokens': tokens_seen})
-            if wandb_log:
-                wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'tokens': tokens_seen})
-        if eval_only:
+try:
+    while True:
+        # evaluate and save (not at the iteration a resumed run starts from: its checkpoint has that)
+        if writes and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (
+                iter_num != start_iter or init_from != 'resume' or eval_only):
+            losses = estimate_loss()
+            if master:
+                print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
+                log_json({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'tokens': tokens_seen})
+                if wandb_log:
+                    wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'tokens': tokens_seen})
+            if eval_only:
+                break
+            if not math.isfinite(losses['val']):
+                fail(f'val loss is {losses["val"]} at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
+            improved = losses['val'] < best_val_loss
+            best_val_loss = min(best_val_loss, losses['val'])
+            write_checkpoint(random_states(), also_best=improved)
+            interval_start, interval_iters = time.time(), 0  # the step time excludes evaluation
+        # a rehearsal times all its iterations, past max_iters if need be (it writes nothing)
+        if (writes and iter_num >= max_iters) or (not writes and iter_num - start_iter == rehearsal_iters):
             break
-        if not math.isfinite(losses['val']):
-            fail(f'val loss is {losses["val"]} at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
-        improved = losses['val'] < best_val_loss
-        best_val_loss = min(best_val_loss, losses['val'])
-        rng_states = random_states()
-        write_checkpoint(rng_states, also_best=improved)
-        interval_start, interval_iters = time.time(), 0  # the step time excludes evaluation
-    if iter_num >= max_iters:
-        break
-    if stop_requested:
-        write_checkpoint(random_states(), also_best=False)
-        break
+        if stop_requested:
+            if not writes:  # an interrupted rehearsal has nothing to save or report
+                sys.exit(130)
+            write_checkpoint(random_states(), also_best=False)
+            break
+        if not writes and iter_num - start_iter == warmup_iters_rehearsed:
+            devices.synchronize(device)
+            rehearsal_start = time.time()
 
-    lr = get_lr(iter_num)
-    for group in optimizer.param_groups:
-        group['lr'] = lr
-    loss_sum = torch.zeros((), device=device)
-    batches = [get_batch('train', data_rng) for _ in range(gradient_accumulation_steps)]
-    # each micro-batch's mean loss weighs by its share of trained tokens, so the step's loss is the mean over
-    # all of them (micro-batches of conversations hold different numbers of assistant tokens)
-    counts = [(y != -1).sum() for _, y in batches]
-    trained_tokens = sum(counts).clamp(min=1)
-    for micro_step, (x, y) in enumerate(batches):
-        # in DDP, gradients are averaged across processes only on the last micro-step
-        sync = train_model.no_sync() if ddp and micro_step < gradient_accumulation_steps - 1 else nullcontext()
-        with sync, autocast:
-            _, loss = train_model(x, y)
-        loss = loss * (counts[micro_step] / trained_tokens)
-        loss_sum += loss.detach().float()
-        scaler.scale(loss).backward()
-    if grad_clip != 0.0:
+        lr = get_lr(iter_num)
+        for group in optimizer.param_groups:
+            group['lr'] = lr
+        batches = iteration_batches(data_rng)
+        # the iteration's loss is the mean over the trained tokens of all its micro-batches, on all
+        # processes (conversations hold different numbers); the same collective has the processes
+        # agree every iteration on stopping, as torchrun kills them 30 s after passing on a signal
+        counts = [(y != -1).sum() for _, y in batches]
+        shared = torch.stack([sum(counts), torch.tensor(int(signal_seen is not None), device=device)])
+        if ddp:
+            dist.all_reduce(shared)
+        trained_tokens = shared[0].clamp(min=1)
+        loss_sum = torch.zeros((), device=device)
+        for micro_step, (x, y) in enumerate(batches):
+            # in DDP, gradients are averaged across processes only on the last micro-step
+            sync = train_model.no_sync() if ddp and micro_step < gradient_accumulation_steps - 1 else nullcontext()
+            with sync, autocast:
+                _, loss = train_model(x, y)
+            # DDP averages the processes' gradients, so each process's share is scaled up by their number
+            loss = loss * (counts[micro_step] * world_size / trained_tokens)
+            loss_sum += loss.detach().float()
+            scaler.scale(loss).backward()
+        # a step whose gradients are not finite is skipped (with float16 the GradScaler also lowers its scale)
         scaler.unscale_(optimizer)
-        torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip)
-    scaler.step(optimizer)
-    scaler.update()
-    optimizer.zero_grad(set_to_none=True)
-    iter_num += 1
-    tokens_seen += tokens_per_iter
-    interval_iters += 1
+        grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
+        step_is_finite = bool(torch.isfinite(grad_norm))  # waits for the device: once per iteration
+        if step_is_finite:
+            scaler.step(optimizer)
+        scaler.update()
+        optimizer.zero_grad(set_to_none=True)
+        skipped_in_a_row = 0 if step_is_finite else skipped_in_a_row + 1
+        skipped_steps += not step_is_finite
+        iter_num += 1
+        tokens_seen += tokens_per_iter
+        interval_iters += 1
+        stop_requested = bool(shared[1] > 0) if ddp else signal_seen is not None
+        if skipped_in_a_row >= max_skipped_steps:
+            if not weights_are_finite():
+                fail(f'weights are not finite at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
+            fail(f'the last {skipped_in_a_row} steps all had gradients that are not finite (loss '
+                 f'{loss_sum.item() / world_size:.4g}); stopping at iter {iter_num}, {ckpt_path} keeps the last good '
+                 'state (a lower learning_rate, or dtype=bfloat16, may help)')
 
-    if ddp:
-        if iter_num % log_interval == 0:  # processes agree on a stop or a bad loss, so they stop together
-            flags = torch.tensor([float(signal_seen is not None), float(not torch.isfinite(loss_sum))], device=device)
-            dist.all_reduce(flags, op=dist.ReduceOp.MAX)
-            stop_requested, loss_is_bad = bool(flags[0]), bool(flags[1])
-            if loss_is_bad:
-                fail(f'the loss stopped being finite by iter {iter_num}; {ckpt_path} keeps the last good state')
-    else:
-        stop_requested = signal_seen is not None
-    if iter_num % log_interval == 0 and master:
-        lossf = loss_sum.item()  # waits for the device: once per log line
-        if not math.isfinite(lossf):
-            fail(f'loss is {lossf} at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
-        dt = (time.time() - interval_start) / interval_iters
-        interval_start, interval_iters = time.time(), 0
-        mfu = raw_model.estimate_mfu(tokens_per_iter / world_size / dt, peak)  # per device, against one device's peak
-        sparsity = raw_model.read_sparsity()
-        line = f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu {mfu * 100:.2f}%' if mfu is not None \
-            else f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, mfu n/a'
-        if sparsity is not None:
-            line += f', sparsity {sparsity * 100:.2f}%'
-        print(line)
-        log_json({'iter': iter_num, 'loss': lossf, 'lr': lr, 'time_ms': dt * 1000, 'mfu': mfu,
-                  'sparsity': sparsity, 'tokens': tokens_seen})
-        if wandb_log:
-            wandb.log({'iter': iter_num, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu, 'sparsity': sparsity})
+        if iter_num % log_interval == 0:
+            if ddp:
+                dist.all_reduce(loss_sum)
+            lossf = loss_sum.item() / world_size
+            dt = (time.time() - interval_start) / interval_iters
+            interval_start, interval_iters = time.time(), 0
+            if master:
+                mfu = raw_model.estimate_mfu(tokens_per_iter / world_size / dt, peak)  # per device, against one device's peak
+                sparsity = raw_model.read_sparsity()
+                line = (f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, '
+                        f"mfu {'n/a' if mfu is None else f'{mfu * 100:.2f}%'}")
+                if sparsity is not None:
+                    line += f', sparsity {sparsity * 100:.2f}%'
+                if skipped_steps:
+                    line += f', {skipped_steps} skipped'
+                print(line)
+                log_json({'iter': iter_num, 'loss': lossf, 'lr': lr, 'time_ms': dt * 1000, 'mfu': mfu,
+                          'sparsity': sparsity, 'skipped_steps': skipped_steps, 'tokens': tokens_seen})
+                if wandb_log and writes:
+                    wandb.log({'iter': iter_num, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu, 'sparsity': sparsity})
+except torch.cuda.OutOfMemoryError:  # said by each process that ran out, which need not be the first
+    print(f"error: {f'process {rank}: ' if ddp else ''}out of memory on {devices.describe(device)} with "
+          f'batch_size={batch_size}, block_size={block_size}: lower batch_size (raising gradient_accumulation_steps '
+          f'keeps the tokens per iteration), or use --gradient_checkpointing=True; {ckpt_path} keeps the last saved '
+          'state', file=sys.stderr)
+    sys.exit(1)
+except RuntimeError as e:
+    # a process that failed (or was killed) breaks the others' collectives: they stop at once, not wait
+    if not ddp or not (isinstance(e, dist.DistError) or 'by peer' in str(e)):
+        raise
+    print(f'error: process {rank}: another process of this run stopped ({str(e).strip().splitlines()[0]}); '
+          f'stopping too, {ckpt_path} keeps the last saved state', file=sys.stderr)
+    sys.exit(1)
 
+if not writes and master:
+    devices.synchronize(device)
+    rehearsal_report(rehearsal_iters - warmup_iters_rehearsed, time.time() - rehearsal_start)
 if ddp:
     dist.barrier()  # rank 0 may still be writing; leaving together avoids a gloo teardown race
     dist.destroy_process_group()

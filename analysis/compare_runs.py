@@ -5,11 +5,15 @@ A matched bio-vs-GELU comparison: the same config, data and seeds, only the MLP 
     python analysis/compare_runs.py --tabulate --runs_dir runs-compare       (existing runs only)
 
 Each run is train_bio.py in its own folder, <runs_dir>/<arm>-seed<seed> (arm bio or gelu, seeds
-1337, 1338, ...); finished runs are not trained again. Then it reports best and final val loss
-per run, mean and standard deviation per arm, the paired difference bio - gelu per seed with a
-95% t interval, and the val curves overlaid (compare_curves.png, compare.json in --out_dir).
+1337, 1338, ...). Finished runs are not trained again and unfinished ones are resumed from their
+checkpoint; a folder whose run was trained with other settings than asked stops the comparison
+with a one-line error, untouched. Then it reports best and final val loss per run, mean and
+standard deviation per arm, the paired difference bio - gelu per seed with a 95% t interval, and
+the val curves overlaid (compare_curves.png, compare.json in --out_dir).
 """
 import argparse
+import contextlib
+import io
 import json
 import math
 import os
@@ -22,8 +26,11 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, REPO)
+from configurator import configure, script_defaults  # noqa: E402
 ARMS = {'bio': 'True', 'gelu': 'False'}  # arm name -> --use_bio_mlp
 # two-sided 95% critical values of Student's t for 1..30 degrees of freedom (30's beyond: slightly wide)
 T_95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -49,20 +56,45 @@ def read_evals(run_dir):
     return evals
 
 
+def settings_differ(saved, settings):
+    """The settings of a saved run (its checkpoint's config) that differ from what the train_bio.py arguments
+    ask for. Settings the saved run did not know yet, init_from and the folder's name are not compared."""
+    captured = io.StringIO()
+    try:
+        with contextlib.redirect_stderr(captured):  # the configurator echoes every setting it applies
+            asked = configure(script_defaults(os.path.join(REPO, 'train_bio.py')), settings)
+    except SystemExit:  # a bad --set or config file: its one-line error
+        sys.stderr.write(''.join(line for line in captured.getvalue().splitlines(True) if line.startswith('error: ')))
+        raise
+    return [f'{k} {saved[k]!r} -> {v!r}' for k, v in asked.items()
+            if k in saved and v != saved[k] and k not in ('init_from', 'out_dir')]
+
+
 def train(args, arm, seed, run_dir):
-    """Run train_bio.py for one arm and seed unless its log already reaches max_iters."""
-    command = [sys.executable, os.path.join(REPO, 'train_bio.py'), args.config, *[f'--{kv}' for kv in args.set],
-               f'--seed={seed}', f'--use_bio_mlp={ARMS[arm]}', f'--out_dir={run_dir}']
-    if os.path.isfile(os.path.join(run_dir, 'finished')):
-        print(f'{run_dir}: done already')
-        return
+    """Run train_bio.py for one arm and seed: from scratch, or on from the checkpoint an unfinished run left.
+    A run folder whose checkpoint was trained with other settings is never touched."""
+    settings = [args.config, *[f'--{kv}' for kv in args.set], f'--seed={seed}', f'--use_bio_mlp={ARMS[arm]}',
+                f'--out_dir={run_dir}']
+    resume = []
+    ckpt_path = os.path.join(run_dir, 'ckpt.pt')
+    if os.path.isfile(ckpt_path):
+        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
+        differing = settings_differ(checkpoint['config'], settings)
+        if differing:
+            fail(f"{run_dir} holds a run with other settings ({', '.join(differing)}); pass another --runs_dir, "
+                 'or move that folder away')
+        if checkpoint['iter_num'] >= checkpoint['config']['max_iters']:
+            print(f'{run_dir}: done already')
+            return
+        print(f"{run_dir}: resuming at iter {checkpoint['iter_num']}")
+        resume = ['--init_from=resume']
+    command = [sys.executable, os.path.join(REPO, 'train_bio.py'), *settings, *resume]
     print(f"{run_dir}: {' '.join(command[1:])}", flush=True)
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, 'train.out'), 'w') as out:
+    with open(os.path.join(run_dir, 'train.out'), 'a') as out:  # a resumed run's output follows its first part
         code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT)
     if code != 0:
         fail(f'{run_dir} failed (exit {code}); see {run_dir}/train.out')
-    open(os.path.join(run_dir, 'finished'), 'w').close()
 
 
 def main():

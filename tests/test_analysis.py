@@ -7,7 +7,7 @@ import matplotlib.image
 import numpy as np
 import torch
 
-from conftest import REPO, TINY, message_lines, run_script
+from conftest import REPO, TINY, message_lines, run_script, simulated_env
 from model_bio import GPT, GPTConfig, save_checkpoint
 
 ANALYSIS = os.path.join(REPO, 'analysis')
@@ -19,7 +19,9 @@ def assert_png(path):
     assert matplotlib.image.imread(path).shape[0] > 0
 
 
-def write_model(path, seed=0, omega_shift=0.0, **overrides):
+def write_model(path, seed=0, omega_shift=0.0, layer1_moved=0, **overrides):
+    """A checkpoint of a random model whose omegas spread over every band; layer1_moved > 0 makes layer 1 a copy
+    of layer 0 with that many omegas moved far out of layer 0's range."""
     torch.manual_seed(seed)
     args = dict(MODEL, **overrides)
     model = GPT(GPTConfig(**args))
@@ -28,6 +30,10 @@ def write_model(path, seed=0, omega_shift=0.0, **overrides):
             if args['use_bio_mlp']:
                 omega = block.mlp.activation.omega  # spread over every band, negative values included
                 omega.copy_(torch.linspace(-0.5, 4.0, len(omega))[torch.randperm(len(omega))] + omega_shift)
+        if layer1_moved:
+            layer0, layer1 = (block.mlp.activation.omega for block in model.transformer.h[:2])
+            layer1.copy_(layer0)
+            layer1[:layer1_moved] += 10.0
     os.makedirs(os.path.dirname(path), exist_ok=True)
     save_checkpoint({'model': model.state_dict(), 'model_args': args, 'iter_num': 0, 'best_val_loss': 1.0,
                      'config': {}, 'format_version': 1}, str(path))
@@ -62,11 +68,11 @@ def test_analysis_of_a_gelu_model_is_a_one_line_error(tmp_path):
     for script in ('analyze_wiggle.py', 'analyze_brainwaves.py'):
         proc = run_script(tmp_path, os.path.join(ANALYSIS, script), 'g/ckpt.pt', check=False)
         assert proc.returncode != 0 and 'Traceback' not in proc.stderr
-        assert message_lines(proc.stderr) == [f'error: g/ckpt.pt has no oscillating neurons (a GELU model, use_bio_mlp=False)']
+        assert message_lines(proc.stderr) == ['error: g/ckpt.pt has no oscillating neurons (a GELU model, use_bio_mlp=False)']
 
 
 def test_brainwaves_band_shares_match_the_state_dict(tmp_path):
-    state = write_model(tmp_path / 'a' / 'ckpt.pt')
+    state = write_model(tmp_path / 'a' / 'ckpt.pt', layer1_moved=32)  # a quarter of layer 1's 128 neurons
     run_script(tmp_path, os.path.join(ANALYSIS, 'analyze_brainwaves.py'), 'a/ckpt.pt', '--out_dir', 'out')
     report = json.loads((tmp_path / 'out' / 'brainwaves.json').read_text())
     omega = torch.cat([state[f'transformer.h.{i}.mlp.activation.omega'] for i in range(2)]).abs().numpy()
@@ -75,7 +81,8 @@ def test_brainwaves_band_shares_match_the_state_dict(tmp_path):
     for band, (lo, hi) in edges.items():
         assert math.isclose(report['bands'][band], np.mean((omega >= lo) & (omega < hi)), abs_tol=1e-12), band
     assert sum(report['bands'].values()) == 1.0 and all(s > 0 for s in report['bands'].values())
-    assert [round(report['layer_similarity'][i][i], 9) for i in range(2)] == [1.0, 1.0]
+    # the layers share 3/4 of their omegas exactly; the moved quarter lies where layer 0 has none
+    assert np.allclose(report['layer_similarity'], [[1.0, 0.75], [0.75, 1.0]], atol=1e-12)
     for png in ('brainwaves_bands.png', 'brainwaves_spectrum.png', 'brainwaves_waveforms.png',
                 'brainwaves_similarity.png'):
         assert_png(tmp_path / 'out' / png)
@@ -84,8 +91,8 @@ def test_brainwaves_band_shares_match_the_state_dict(tmp_path):
 def test_compare_runs_trains_both_arms_and_reports_paired_differences(workdir):
     (workdir / 'config_tiny.py').write_text('max_iters = 4\neval_interval = 2\n')
     settings = [arg[2:] for arg in TINY]
-    proc = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '2',
-                      '--set', *settings, '--runs_dir', 'runs')
+    run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '2',
+               '--set', *settings, '--runs_dir', 'runs')
     assert sorted(p.name for p in (workdir / 'runs').iterdir() if p.is_dir()) == [
         'bio-seed1337', 'bio-seed1338', 'gelu-seed1337', 'gelu-seed1338']
     report = json.loads((workdir / 'runs' / 'compare.json').read_text())
@@ -109,3 +116,30 @@ def test_compare_runs_trains_both_arms_and_reports_paired_differences(workdir):
     assert again.stdout.count('done already') == 4
     run_script(workdir, 'analysis/compare_runs.py', '--tabulate', '--runs_dir', 'runs', '--out_dir', 't')
     assert json.loads((workdir / 't' / 'compare.json').read_text())['runs'] == report['runs']
+    # asked with other settings, a finished run is refused and left as it was
+    before = (workdir / 'runs' / 'bio-seed1337' / 'ckpt.pt').read_bytes()
+    refused = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1',
+                         '--set', *settings, 'learning_rate=0.02', '--runs_dir', 'runs', check=False)
+    assert refused.returncode == 2 and message_lines(refused.stderr) == [
+        'error: runs/bio-seed1337 holds a run with other settings (learning_rate 0.01 -> 0.02); pass another '
+        '--runs_dir, or move that folder away']
+    # leaving out a setting the run was trained with asks for train_bio.py's default: also other settings
+    without = [kv for kv in settings if not kv.startswith('warmup_iters=')]
+    refused = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1',
+                         '--set', *without, '--runs_dir', 'runs', check=False)
+    assert refused.returncode == 2 and '(warmup_iters 2 -> 2000)' in refused.stderr
+    assert (workdir / 'runs' / 'bio-seed1337' / 'ckpt.pt').read_bytes() == before
+    # the same folder named another way is the same run
+    same = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1',
+                      '--set', *settings, '--runs_dir', os.path.join('.', 'runs', ''))
+    assert same.stdout.count('done already') == 2
+    # a run that stopped half way (out of memory at iteration 3, after its checkpoint of iter 2) goes on
+    # from there, to the same result as the unbroken run
+    broken = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1',
+                        '--set', *settings, '--runs_dir', 'broken', check=False, env=simulated_env(SIMULATED_OOM_AFTER=12))
+    assert broken.returncode == 2 and 'broken/bio-seed1337 failed' in broken.stderr
+    resumed = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1',
+                         '--set', *settings, '--runs_dir', 'broken')
+    assert 'broken/bio-seed1337: resuming at iter 2' in resumed.stdout
+    rows = json.loads((workdir / 'broken' / 'compare.json').read_text())['runs']
+    assert rows == {name: row for name, row in report['runs'].items() if name.endswith('seed1337')}

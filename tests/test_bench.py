@@ -33,7 +33,7 @@ def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
 
 def test_bench_user_mistakes_are_one_line_errors(workdir):
     for args, message in [(['--config=nope.py'], 'no config file nope.py'),
-                          (['--device=cpu', '--dtype=float16'], 'float16 needs CUDA')]:
+                          (['--device=cpu', '--dtype=half'], "dtype='half' is not one of")]:
         proc = run_script(workdir, 'bench_bio.py', *args, check=False)
         assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
         assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr

@@ -142,9 +142,13 @@ def test_single_dash_argument(capsys):
 
 
 def test_quiet_off_rank_zero(monkeypatch, capsys):
+    # The report goes to stderr; rank 0 prints it, every other rank stays silent.
+    monkeypatch.setenv('RANK', '0')
+    configure(DEFAULTS, ['--max_iters=5'])
+    assert 'config: max_iters = 5' in capsys.readouterr().err
     monkeypatch.setenv('RANK', '1')
     assert configure(DEFAULTS, ['--max_iters=5'])['max_iters'] == 5
-    assert capsys.readouterr().out == ''
+    assert capsys.readouterr() == ('', '')
 
 
 def test_command_line(tmp_path):
@@ -155,9 +159,8 @@ def test_command_line(tmp_path):
         max_iters = 600000
         learning_rate = 6e-4
         compile = False
-        config_keys = [k for k, v in globals().items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))]
-        from configurator import configure
-        config = configure({k: globals()[k] for k in config_keys}, sys.argv[1:])
+        from configurator import configure, settings_in
+        config = configure(settings_in(globals()), sys.argv[1:])
         globals().update(config)
         print('max_iters is', max_iters)
     """)

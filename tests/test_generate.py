@@ -2,7 +2,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from model_bio import (GPT, GPTConfig, apply_repetition_penalty, chat_turn, generate_tokens, load_model,
+import model_bio
+from model_bio import (GPT, GPTConfig, apply_repetition_penalty, generate_tokens, load_model,
                        sample_next_token, save_checkpoint, stream_text)
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
@@ -73,27 +74,18 @@ def test_repetition_penalty_lowers_negative_and_positive_logits():
     assert penalised[2] == logits[2] and penalised[3] == logits[3]
 
 
-def test_repetition_penalty_spares_exempt_tokens_and_respects_the_window():
+def test_repetition_penalty_spares_exempt_tokens_and_respects_the_window(monkeypatch):
     logits = torch.tensor([1.0, 1.0, 1.0, 1.0])
     penalised = apply_repetition_penalty(logits.clone(), [0, 1, 2], 2.0, exempt_ids={1})
     assert penalised.tolist() == [0.5, 1.0, 0.5, 1.0]
-    # through generation: with a window of 1 only the last token is penalised
-    model = sharp_model()
-    plain = list(generate_tokens(model, [1, 2, 3], 6, temperature=0))
-    spared = list(generate_tokens(model, [1, 2, 3], 6, temperature=0, repetition_penalty=50.0,
-                                  penalty_exempt=set(range(50))))
-    assert spared == plain
-
-
-def test_chat_markers_are_exempt_in_chat():
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
-    markers = set()
-    for role in ('system', 'user', 'assistant'):
-        markers.update(enc.encode(chat_turn(role, '')))
-    # every token of a closing marker is among them, so the stop marker is never made less likely
-    assert set(enc.encode('\n<|/assistant|>\n')) <= markers
-    assert chat_turn('user', 'Hi') == '<|user|>\nHi\n<|/user|>\n'
+    # through generation: each step penalises exactly the last penalty_window ids (prompt included)
+    seen = []
+    monkeypatch.setattr(model_bio, 'apply_repetition_penalty',
+                        lambda logits, recent, *args: seen.append(list(recent)) or logits)
+    prompt = [1, 2, 3, 4, 5]
+    tokens = list(generate_tokens(sharp_model(), prompt, 4, temperature=0, repetition_penalty=1.5, penalty_window=3))
+    ids = prompt + tokens
+    assert seen == [ids[:len(prompt) + i][-3:] for i in range(4)]
 
 
 def test_top_p_keeps_the_nucleus_only():

@@ -7,11 +7,14 @@ import subprocess
 import sys
 
 import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 import tiktoken
 
-REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-SHARED = os.path.join(os.path.dirname(REPO), "shared")
+import prepared_data
+from conftest import REPO, SHARED, TINY, message_lines, run_script, simulated_env
+
 SHAKESPEARE_TEXT = os.path.join(SHARED, "data", "tinyshakespeare", "input.txt")
 OWT_SCRIPT = os.path.join(REPO, "data", "openwebtext", "prepare.py")
 EOT_TEXT = "<|endoftext|>"
@@ -22,8 +25,8 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def run(args, cwd):
-    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True)
+def run(args, cwd, env=None):
+    return subprocess.run([sys.executable, *args], cwd=cwd, capture_output=True, text=True, env=env)
 
 
 def read_tokens(path):
@@ -39,7 +42,7 @@ def test_shakespeare_char(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
 
-    result = run([str(script_dir / "prepare.py")], cwd=elsewhere)
+    result = run([str(script_dir / "prepare.py")], cwd=elsewhere, env={**os.environ, "PYTHONPATH": REPO})
     assert result.returncode == 0, result.stderr
 
     assert os.listdir(elsewhere) == []  # outputs land beside the script, not in the cwd
@@ -53,7 +56,9 @@ def test_shakespeare_char(tmp_path):
     text = open(SHAKESPEARE_TEXT, encoding="utf-8").read()
     assert "".join(meta["itos"][i] for i in train[:100]) == text[:100]
     assert "".join(meta["itos"][i] for i in val[-100:]) == text[-100:]
-    assert not list(script_dir.glob("*.tmp"))
+    assert sorted(os.listdir(script_dir)) == ["input.txt", "manifest.json", "meta.pkl", "prepare.py", "train.bin", "val.bin"]
+    files = json.loads((script_dir / "manifest.json").read_text())["files"]
+    assert files == {name: os.path.getsize(script_dir / name) for name in ("meta.pkl", "train.bin", "val.bin")}
 
 
 def owt_docs(count):
@@ -71,7 +76,7 @@ def prepare_owt(tmp_path, dataset, out_name, *extra):
     out_dir = tmp_path / out_name
     result = run([OWT_SCRIPT, "--dataset", str(dataset), "--out_dir", str(out_dir), *extra], cwd=tmp_path)
     assert result.returncode == 0, result.stderr
-    assert sorted(os.listdir(out_dir)) == ["train.bin", "val.bin"]  # no .tmp files left behind
+    assert sorted(os.listdir(out_dir)) == ["manifest.json", "train.bin", "val.bin"]  # nothing left behind
     return read_tokens(out_dir / "train.bin"), read_tokens(out_dir / "val.bin")
 
 
@@ -123,3 +128,132 @@ def test_openwebtext_missing_dataset_file(tmp_path):
     assert len(result.stderr.strip().splitlines()) == 1
     assert "absent.jsonl" in result.stderr
     assert not (tmp_path / "out").exists()
+
+
+def write_parquet(path, docs):
+    pq.write_table(pa.table({"text": docs}), path)
+
+
+def hub(tmp_path, repos, interrupt_after=0):
+    """The environment of a script run against a simulated hub (tests/simulated/simulated_hub.py); its calls log."""
+    spec = {"calls": str(tmp_path / "hub_calls.jsonl"), "repos": repos, "interrupt_after": interrupt_after}
+    (tmp_path / "hub.json").write_text(json.dumps(spec))
+    return simulated_env(SIMULATED_HUB=tmp_path / "hub.json", HF_HUB_OFFLINE="1")
+
+
+def hub_calls(tmp_path):
+    return [json.loads(line) for line in (tmp_path / "hub_calls.jsonl").read_text().splitlines()]
+
+
+def openwebtext_repo(tmp_path, docs):
+    """Skylion007/openwebtext as the hub has it: a loading script, and a partial Parquet conversion."""
+    write_parquet(tmp_path / "part0.parquet", docs[: len(docs) // 2])
+    write_parquet(tmp_path / "part1.parquet", docs[len(docs) // 2:])
+    return {"Skylion007/openwebtext": {"loading_script": "openwebtext.py", "parquet_conversion": {
+        "plain_text/partial-train/0000.parquet": str(tmp_path / "part0.parquet"),
+        "plain_text/partial-train/0001.parquet": str(tmp_path / "part1.parquet")}}}
+
+
+def test_openwebtext_from_the_hub_with_a_datasets_that_refuses_loading_scripts(tmp_path):
+    docs = owt_docs(40)
+    env = hub(tmp_path, openwebtext_repo(tmp_path, docs))
+    result = run([OWT_SCRIPT, "--out_dir", str(tmp_path / "out"), "--val_fraction", "0.2"], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    first, second = hub_calls(tmp_path)
+    assert first["path"] == "Skylion007/openwebtext" and first["split"] == "train" and first["streaming"]
+    assert second["path"] == "parquet" and second["streaming"]
+    assert second["data_files"] == "hf://datasets/Skylion007/openwebtext@refs%2Fconvert%2Fparquet/*/*train/*.parquet"
+    assert "loading script" in result.stderr and "Parquet conversion" in result.stderr
+    assert "40 documents: train has" in result.stdout
+    assert "of OpenWebText's 8,013,769 documents" in result.stdout  # a conversion may be partial: the count tells
+    train, val = read_tokens(tmp_path / "out" / "train.bin"), read_tokens(tmp_path / "out" / "val.bin")
+    assert sorted(split_docs(train) + split_docs(val)) == sorted(docs)
+    # the same documents from a local file give the same files
+    write_jsonl(tmp_path / "docs.jsonl", docs)
+    assert prepare_owt(tmp_path, tmp_path / "docs.jsonl", "local", "--val_fraction", "0.2") == (train, val)
+
+
+def test_other_hub_datasets_by_name_and_hub_errors_in_one_line(tmp_path):
+    write_parquet(tmp_path / "corpus.parquet", ["one document", "another document"])
+    env = hub(tmp_path, {"someone/corpus": {"configs": {"default": {"train": str(tmp_path / "corpus.parquet")}}}})
+    result = run([OWT_SCRIPT, "--dataset", "someone/corpus", "--out_dir", str(tmp_path / "out")], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert split_docs(read_tokens(tmp_path / "out" / "train.bin")) == ["one document"]
+    assert "OpenWebText" not in result.stdout
+    # the real library, offline: a hub name it cannot reach is one line, and nothing is written
+    env = {**os.environ, "HF_HUB_OFFLINE": "1"}
+    result = run([OWT_SCRIPT, "--dataset", "nobody/nothing", "--out_dir", str(tmp_path / "none")], cwd=tmp_path, env=env)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.strip().splitlines() == [result.stderr.strip()]
+    assert "could not open the hub dataset nobody/nothing" in result.stderr
+    assert not (tmp_path / "none").exists()
+
+
+def test_smoltalk_from_the_hub_by_config_and_split(tmp_path):
+    conversation = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
+    (tmp_path / "smol.jsonl").write_text((json.dumps(conversation) + "\n") * 5)
+    split = "smoltalk_smollm3_smol_magpie_ultra_no_think"
+    env = hub(tmp_path, {"HuggingFaceTB/smoltalk2": {"configs": {"SFT": {split: str(tmp_path / "smol.jsonl")}}}})
+    script = os.path.join(REPO, "data", "smoltalk", "prepare.py")
+    result = run([script, "--out_dir", str(tmp_path / "out")], cwd=tmp_path, env=env)
+    assert result.returncode == 0, result.stderr
+    assert [(c["path"], c["name"], c["split"], c["streaming"]) for c in hub_calls(tmp_path)] == [
+        ("HuggingFaceTB/smoltalk2", "SFT", split, True)]
+    meta = json.loads((tmp_path / "out" / "meta.json").read_text())
+    assert meta["train"]["conversations"] + meta["val"]["conversations"] == 5
+
+
+def test_an_interrupted_prepare_leaves_the_previous_set(tmp_path):
+    out = tmp_path / "out"
+    write_jsonl(tmp_path / "first.jsonl", owt_docs(20))
+    prepare_owt(tmp_path, tmp_path / "first.jsonl", "out")
+    before = {name: (out / name).read_bytes() for name in os.listdir(out)}
+    # Ctrl-C while the documents stream in from the hub
+    env = hub(tmp_path, openwebtext_repo(tmp_path, owt_docs(40)), interrupt_after=25)
+    result = run([OWT_SCRIPT, "--out_dir", str(out)], cwd=tmp_path, env=env)
+    assert result.returncode == 130 and "keeps the files it had" in result.stderr
+    assert {name: (out / name).read_bytes() for name in os.listdir(out)} == before
+    assert prepared_data.check(str(out), ["train.bin", "val.bin"], "prepare") is None
+
+
+def test_a_set_cut_off_while_moving_into_place_is_refused(tmp_path, monkeypatch):
+    for attempt, size in (("old", 10), ("new", 20)):
+        staging = prepared_data.staging_dir(str(tmp_path))
+        for name in ("train.bin", "val.bin"):
+            (tmp_path / prepared_data.STAGING / name).write_bytes(b"x" * size)
+        if attempt == "new":  # interrupted after the first file moved
+            real_replace, moved = os.replace, []
+
+            def replace(src, dst):
+                if any(name.endswith(".bin") for name in moved):
+                    raise KeyboardInterrupt
+                moved.append(dst)
+                real_replace(src, dst)
+
+            monkeypatch.setattr(os, "replace", replace)
+            with pytest.raises(KeyboardInterrupt):
+                prepared_data.commit(str(tmp_path), "test")
+            monkeypatch.undo()
+        else:
+            prepared_data.commit(str(tmp_path), "test")
+            assert prepared_data.check(str(tmp_path), ["train.bin", "val.bin"], "prepare") is None
+    assert (tmp_path / "train.bin").stat().st_size == 20 and (tmp_path / "val.bin").stat().st_size == 10  # a mix
+    with pytest.raises(ValueError, match="unfinished preparation .*run prepare again"):
+        prepared_data.check(str(tmp_path), ["train.bin", "val.bin"], "prepare")
+    # a later preparation stopped before its commit clears its staging folder: the mix is still refused
+    prepared_data.staging_dir(str(tmp_path))
+    prepared_data.abandon(str(tmp_path), ValueError("no documents"))
+    assert not os.path.exists(staging)
+    with pytest.raises(ValueError, match="unfinished preparation"):
+        prepared_data.check(str(tmp_path), ["train.bin", "val.bin"], "prepare")
+
+
+def test_training_refuses_files_that_do_not_belong_together(workdir):
+    data = workdir / "data" / "tiny"
+    (data / "val.bin").write_bytes((data / "val.bin").read_bytes()[:-2])  # e.g. another preparation's val.bin
+    proc = run_script(workdir, "train_bio.py", *TINY, "--out_dir=out", check=False)
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert message_lines(proc.stderr) == [
+        f"error: {data}/val.bin does not belong to the prepared set (manifest.json says 2,000 bytes, it has 1,998); "
+        "run python data/tiny/prepare.py again"]
+    assert not (workdir / "out").exists()

@@ -18,8 +18,8 @@ def test_sample_script_streams_from_a_trained_checkpoint(workdir):
         assert text.startswith('hello') and len(text) == len('hello') + 5  # character-level: 5 new characters
     (workdir / 'prompt.txt').write_text('abc')
     proc = run_script(workdir, 'sample_bio.py', '--out_dir=out', '--device=cpu', '--start=FILE:prompt.txt',
-                      '--num_samples=1', '--max_new_tokens=3', '--temperature=0')
-    assert proc.stdout.startswith('abc')
+                      '--num_samples=1', '--max_new_tokens=3', '--temperature=0', '--dtype=float16')
+    assert proc.stdout.startswith('abc') and len(proc.stdout.split('---------------')[0].strip()) == 6
 
 
 def test_sample_script_user_mistakes_are_one_line_errors(workdir):
@@ -29,7 +29,7 @@ def test_sample_script_user_mistakes_are_one_line_errors(workdir):
                           (['--out_dir=.', '--ckpt=junk.pt'], 'not a readable checkpoint'),
                           (['--out_dir=out', '--start=hello!'], 'outside the tiny vocabulary'),
                           (['--out_dir=out', '--start=FILE:missing.txt'], 'prompt file missing.txt not found'),
-                          (['--out_dir=out', '--dtype=float16'], 'float16 needs CUDA')]:
+                          (['--out_dir=out', '--dtype=half'], "dtype='half' is not one of")]:
         proc = run_script(workdir, 'sample_bio.py', '--device=cpu', *args, check=False)
         assert proc.returncode != 0, args
         assert message in proc.stderr and len(message_lines(proc.stderr)) == 1, (args, proc.stderr)
@@ -66,6 +66,29 @@ def test_chat_through_a_pipe_sends_the_template_and_clears(workdir):
                           f'<|assistant|>\n{replies[0].strip()}\n<|/assistant|>\n'
                           '<|user|>\nHow are you?\n<|/user|>\n<|assistant|>\n')
     assert prompts[2] == system + '<|user|>\nThird turn\n<|/user|>\n<|assistant|>\n'  # clear forgot the rest
+
+
+def test_chat_never_penalises_the_template_markers(workdir):
+    # A reply ends with the closing marker: penalising its tokens for repetition would keep the model talking.
+    # chat.py is run as a user runs it, with generate_tokens wrapped to record what it was told to spare.
+    import tiktoken
+    enc = tiktoken.get_encoding('gpt2')
+    write_bpe_checkpoint(workdir / 'chat', block_size=256)
+    (workdir / 'spy.py').write_text(
+        "import runpy, sys, model_bio\n"
+        "real = model_bio.generate_tokens\n"
+        "def spy(*args, **kwargs):\n"
+        "    print('exempt', sorted(kwargs['penalty_exempt']), file=sys.stderr)\n"
+        "    return real(*args, **kwargs)\n"
+        "model_bio.generate_tokens = spy\n"
+        "sys.argv = ['chat.py'] + sys.argv[1:]\n"
+        "runpy.run_path('chat.py', run_name='__main__')\n")
+    proc = run_script(workdir, 'spy.py', '--out_dir=chat', '--device=cpu', '--max_new_tokens=2',
+                      '--repetition_penalty=1.3', input='Hi\n')
+    exempt = set(eval(re.search(r'^exempt (.*)$', proc.stderr, re.M).group(1)))
+    for marker in ('\n<|/assistant|>\n', '<|user|>\n', '<|/user|>\n', '<|assistant|>\n', '<|endoftext|>'):
+        assert set(enc.encode(marker, allowed_special='all')) <= exempt, marker
+    assert not set(enc.encode(' apples pears')) & exempt  # ordinary words are still penalised
 
 
 def test_chat_drops_the_oldest_turns_to_fit_block_size(workdir):

@@ -1,8 +1,12 @@
-"""GPT-2 BPE token files for OpenWebText (or a local text corpus): train.bin and val.bin.
+"""GPT-2 BPE token files for OpenWebText (or another corpus): train.bin and val.bin.
 
 By default streams the HuggingFace dataset Skylion007/openwebtext, so the corpus is never held
-in memory or cached in full. --dataset takes a local file instead:
+in memory or cached in full. That repository is a loading script, which datasets 4 and later do
+not run: it is then read from the hub's Parquet conversion of it, which may hold only part of the
+corpus, so the script prints how many of OpenWebText's 8,013,769 documents it read. --dataset
+takes another hub dataset (owner/name, with its "text" field) or a local file instead:
   .json / .jsonl  one document per record, read from its "text" field
+  .parquet        one document per row, its "text" column
   .txt            one document per line
 Documents whose text is empty (blank lines in a .txt) are skipped and do not count toward
 --max_docs.
@@ -12,6 +16,9 @@ stored as np.uint16. A seeded RNG sends each document to val with probability --
 so the same input and seed always give the same split. If no document lands in val (tiny
 inputs), the last train document is moved there so training still has something to evaluate;
 a one-document input therefore gives an empty train.bin.
+
+The files appear together or not at all (prepared_data.commit): an interrupted run leaves the
+previous set as it was.
 """
 import argparse
 import os
@@ -19,16 +26,18 @@ import sys
 
 import numpy as np
 import tiktoken
-from datasets import load_dataset
 from tqdm import tqdm
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import prepared_data  # noqa: E402
+
 HUB_DATASET = "Skylion007/openwebtext"
+OPENWEBTEXT_DOCS = 8_013_769  # documents in the whole corpus
 BATCH_DOCS = 1024  # documents tokenized together; encode_ordinary_batch spreads them over threads
 FLUSH_TOKENS = 1 << 22  # buffered tokens per split before appending to disk (8 MiB as uint16)
-LOCAL_BUILDERS = {".json": "json", ".jsonl": "json", ".txt": "text"}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument("--dataset", help="local .json/.jsonl/.txt file to use instead of the hub dataset")
+parser.add_argument("--dataset", default=HUB_DATASET, help="a hub dataset (owner/name) or a local .json/.jsonl/.parquet/.txt file")
 parser.add_argument("--max_docs", type=int, default=0, help="stop after this many documents (0 = all)")
 parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
 parser.add_argument("--val_fraction", type=float, default=0.0005)
@@ -41,29 +50,23 @@ def fail(message):
     sys.exit(2)
 
 
-if args.dataset is None:
-    documents = load_dataset(HUB_DATASET, split="train", streaming=True)
-else:
-    if not os.path.isfile(args.dataset):
-        fail(f"dataset file not found: {args.dataset}")
-    extension = os.path.splitext(args.dataset)[1].lower()
-    if extension not in LOCAL_BUILDERS:
-        fail(f"dataset file must end in .json, .jsonl or .txt: {args.dataset}")
-    documents = load_dataset(LOCAL_BUILDERS[extension], data_files=args.dataset, split="train", streaming=True)
+try:
+    documents = prepared_data.open_records(args.dataset, (".json", ".jsonl", ".parquet", ".txt"))
+except ValueError as e:
+    fail(str(e))
 
 encoding = tiktoken.get_encoding("gpt2")
 eot = encoding.eot_token
 rng = np.random.default_rng(args.seed)
 os.makedirs(args.out_dir, exist_ok=True)
+staging = prepared_data.staging_dir(args.out_dir)
 
 
 class TokenFile:
-    """Appends token lists to <name>.bin.tmp through a bounded in-memory buffer."""
+    """Appends token lists to <staging>/<name>.bin through a bounded in-memory buffer."""
 
-    def __init__(self, out_dir, name):
-        self.tmp_path = os.path.join(out_dir, name + ".bin.tmp")
-        self.final_path = os.path.join(out_dir, name + ".bin")
-        self.file = open(self.tmp_path, "w+b")  # readable too, for pop_last_doc
+    def __init__(self, name):
+        self.file = open(os.path.join(staging, name + ".bin"), "w+b")  # readable too, for pop_last_doc
         self.buffer = []
         self.buffered = 0
         self.total = 0
@@ -94,18 +97,13 @@ class TokenFile:
         self.total -= self.last_doc_length
         return tokens
 
-    def finish(self):
+    def close(self):
         self.flush()
         self.file.close()
-        os.replace(self.tmp_path, self.final_path)
-
-    def discard(self):
-        self.file.close()
-        os.remove(self.tmp_path)
 
 
-train = TokenFile(args.out_dir, "train")
-val = TokenFile(args.out_dir, "val")
+train = TokenFile("train")
+val = TokenFile("val")
 
 
 def tokenize_and_split(texts):
@@ -115,31 +113,43 @@ def tokenize_and_split(texts):
         (val if rng.random() < args.val_fraction else train).add(tokens)
 
 
-batch = []
-doc_count = 0
-progress = tqdm(total=args.max_docs or None, unit="docs")
-for document in documents:
-    if not document["text"]:
-        continue
-    batch.append(document["text"])
-    doc_count += 1
-    if len(batch) == BATCH_DOCS:
-        tokenize_and_split(batch)
-        progress.update(len(batch))
-        batch = []
-    if doc_count == args.max_docs:
-        break
-tokenize_and_split(batch)
-progress.update(len(batch))
-progress.close()
+def read_documents():
+    """Tokenize the documents into the two splits; returns how many were read."""
+    batch = []
+    doc_count = 0
+    progress = tqdm(total=args.max_docs or None, unit="docs")
+    for document in documents:
+        if "text" not in document:
+            fail(f'the records of {args.dataset} have no "text" field (they have {", ".join(document)})')
+        if not document["text"]:
+            continue
+        batch.append(document["text"])
+        doc_count += 1
+        if len(batch) == BATCH_DOCS:
+            tokenize_and_split(batch)
+            progress.update(len(batch))
+            batch = []
+        if doc_count == args.max_docs:
+            break
+    tokenize_and_split(batch)
+    progress.update(len(batch))
+    progress.close()
+    return doc_count
 
+
+try:
+    doc_count = read_documents()
+except BaseException as error:  # Ctrl-C included: the folder keeps the set it had
+    prepared_data.abandon(args.out_dir, error)
+    raise
 if doc_count == 0:
-    train.discard()
-    val.discard()
+    prepared_data.discard(args.out_dir)
     fail("no non-empty documents found")
 if val.total == 0:
     val.add(train.pop_last_doc())
-
-train.finish()
-val.finish()
+train.close()
+val.close()
+prepared_data.commit(args.out_dir, "data/openwebtext/prepare.py")
 print(f"{doc_count:,} documents: train has {train.total:,} tokens, val has {val.total:,} tokens")
+if args.dataset == HUB_DATASET and not args.max_docs:
+    print(f"that is {100 * doc_count / OPENWEBTEXT_DOCS:.3g}% of OpenWebText's {OPENWEBTEXT_DOCS:,} documents")

@@ -3,12 +3,17 @@
 Uses input.txt beside this file, downloading it first if it is missing:
     python data/shakespeare/prepare.py
 A small corpus for pretraining a GPT-2-vocabulary model on a CPU, e.g. before trying fine-tuning.
+Both files appear together or not at all (prepared_data.commit, with their manifest.json).
 """
 import os
+import sys
 import urllib.request
 
 import numpy as np
 import tiktoken
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import prepared_data  # noqa: E402
 
 here = os.path.dirname(os.path.abspath(__file__))
 input_path = os.path.join(here, 'input.txt')
@@ -20,8 +25,9 @@ with open(input_path, encoding='utf-8') as f:
     text = f.read()
 split_at = int(len(text) * 0.9)
 encoding = tiktoken.get_encoding('gpt2')
+staging = prepared_data.staging_dir(here)
 for name, part in (('train', text[:split_at]), ('val', text[split_at:])):
     tokens = np.array(encoding.encode_ordinary(part), dtype=np.uint16)
-    tokens.tofile(os.path.join(here, f'{name}.bin.tmp'))
-    os.replace(os.path.join(here, f'{name}.bin.tmp'), os.path.join(here, f'{name}.bin'))
+    tokens.tofile(os.path.join(staging, f'{name}.bin'))
     print(f'{name}: {len(tokens):,} tokens')
+prepared_data.commit(here, 'data/shakespeare/prepare.py')

@@ -1,26 +1,22 @@
-"""Character-level tiny Shakespeare: writes train.bin, val.bin and meta.pkl beside this script.
+"""Character-level tiny Shakespeare: writes train.bin, val.bin and meta.pkl beside this script,
+all three together or none (prepared_data.commit, with their manifest.json).
 
 Uses input.txt from this folder when present, otherwise downloads it first.
 The first 90% of the text is train, the last 10% val; tokens are np.uint16 character ids.
 """
 import os
 import pickle
+import sys
 import urllib.request
 
 import numpy as np
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import prepared_data  # noqa: E402
+
 SOURCE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # Outputs go beside the script, not into whatever directory it was started from.
 HERE = os.path.dirname(os.path.abspath(__file__))
-
-
-def write_replacing(path, write):
-    # Write to a temp name then rename, so an interrupted run never leaves a half-written file
-    # that a later training run would happily read.
-    tmp_path = path + ".tmp"
-    with open(tmp_path, "wb") as f:
-        write(f)
-    os.replace(tmp_path, path)
 
 
 input_path = os.path.join(HERE, "input.txt")
@@ -28,7 +24,9 @@ if not os.path.exists(input_path):
     print(f"downloading {SOURCE_URL}")
     with urllib.request.urlopen(SOURCE_URL) as response:
         downloaded = response.read()
-    write_replacing(input_path, lambda f: f.write(downloaded))
+    with open(input_path + ".tmp", "wb") as f:  # a cut-off download never passes for the corpus
+        f.write(downloaded)
+    os.replace(input_path + ".tmp", input_path)
 
 with open(input_path, encoding="utf-8") as f:
     text = f.read()
@@ -43,7 +41,9 @@ train_ids = np.array([stoi[ch] for ch in text[:split_at]], dtype=np.uint16)
 val_ids = np.array([stoi[ch] for ch in text[split_at:]], dtype=np.uint16)
 print(f"train has {len(train_ids):,} tokens, val has {len(val_ids):,} tokens")
 
-write_replacing(os.path.join(HERE, "train.bin"), train_ids.tofile)
-write_replacing(os.path.join(HERE, "val.bin"), val_ids.tofile)
-meta = {"vocab_size": len(chars), "stoi": stoi, "itos": itos}
-write_replacing(os.path.join(HERE, "meta.pkl"), lambda f: pickle.dump(meta, f))
+staging = prepared_data.staging_dir(HERE)
+train_ids.tofile(os.path.join(staging, "train.bin"))
+val_ids.tofile(os.path.join(staging, "val.bin"))
+with open(os.path.join(staging, "meta.pkl"), "wb") as f:
+    pickle.dump({"vocab_size": len(chars), "stoi": stoi, "itos": itos}, f)
+prepared_data.commit(HERE, "data/shakespeare_char/prepare.py")

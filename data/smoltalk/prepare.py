@@ -1,7 +1,8 @@
 """Conversations for instruction fine-tuning (finetune_native.py), with a loss mask.
 
 By default streams HuggingFaceTB/smoltalk2 (config SFT, split
-smoltalk_smollm3_smol_magpie_ultra_no_think); --dataset takes a local .json/.jsonl file instead.
+smoltalk_smollm3_smol_magpie_ultra_no_think); --dataset takes another hub dataset (owner/name,
+with --config and --split) or a local .json/.jsonl/.parquet file instead.
 A record holds `messages` (a list of {role, content}) or `conversations` (a list of {from, value},
 from being human/gpt/system).
 
@@ -13,11 +14,12 @@ keeps its first whole turns that fit, ending after an assistant reply (cut mid-t
 even the first exchange fits). Records without a user turn and a non-empty assistant reply are
 skipped and counted.
 
-Writes beside itself (or to --out_dir), each through a temp file renamed at the end:
+Writes beside itself (or to --out_dir), all files together or none (prepared_data.commit):
   {train,val}.bin           uint16 tokens, conversations back to back
   {train,val}_mask.bin      uint8 loss mask, one per token
   {train,val}_offsets.npy   int64 start of each conversation
   meta.json                 counts and the masked fraction
+  manifest.json             every file's size, written last
 A seeded draw per conversation sends --val_fraction of them to val.
 """
 import argparse
@@ -30,6 +32,7 @@ import tiktoken
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+import prepared_data  # noqa: E402
 from model_bio import EOT_ID, chat_turn  # noqa: E402  (the template lives in one place)
 
 HUB_DATASET, HUB_CONFIG = 'HuggingFaceTB/smoltalk2', 'SFT'
@@ -37,7 +40,9 @@ HUB_SPLIT = 'smoltalk_smollm3_smol_magpie_ultra_no_think'
 ROLE_NAMES = {'system': 'system', 'user': 'user', 'assistant': 'assistant', 'human': 'user', 'gpt': 'assistant'}
 
 parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument('--dataset', help='local .json/.jsonl file to use instead of the hub dataset')
+parser.add_argument('--dataset', default=HUB_DATASET, help='a hub dataset (owner/name) or a local .json/.jsonl/.parquet file')
+parser.add_argument('--config', help=f'the hub dataset\'s config (default: {HUB_CONFIG} for {HUB_DATASET})')
+parser.add_argument('--split', help=f'the hub dataset\'s split (default: {HUB_SPLIT} for {HUB_DATASET}, else train)')
 parser.add_argument('--max_docs', type=int, default=0, help='stop after this many conversations (0 = all)')
 parser.add_argument('--max_tokens', type=int, default=1024, help='longest conversation kept, in tokens')
 parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)))
@@ -99,12 +104,11 @@ def encode_conversation(turns):
 
 
 class SplitWriter:
-    """tokens, mask and offsets of one split, appended to temp files and renamed at the end."""
+    """tokens, mask and offsets of one split, written into the staging folder."""
 
     def __init__(self, name):
-        self.paths = {kind: os.path.join(args.out_dir, f'{name}{kind}') for kind in ('.bin', '_mask.bin')}
-        self.files = {kind: open(path + '.tmp', 'wb') for kind, path in self.paths.items()}
-        self.offsets_path = os.path.join(args.out_dir, f'{name}_offsets.npy')
+        self.name = name
+        self.files = {kind: open(os.path.join(staging, f'{name}{kind}'), 'wb') for kind in ('.bin', '_mask.bin')}
         self.offsets, self.tokens, self.masked = [], 0, 0
 
     def add(self, tokens, mask):
@@ -114,61 +118,53 @@ class SplitWriter:
         self.tokens += len(tokens)
         self.masked += sum(mask)
 
-    def finish(self):
-        for kind, f in self.files.items():
+    def close(self):
+        for f in self.files.values():
             f.close()
-            os.replace(self.paths[kind] + '.tmp', self.paths[kind])
-        with open(self.offsets_path + '.tmp', 'wb') as f:
-            np.save(f, np.array(self.offsets, dtype=np.int64))
-        os.replace(self.offsets_path + '.tmp', self.offsets_path)
-
-    def discard(self):
-        for kind, f in self.files.items():
-            f.close()
-            os.remove(self.paths[kind] + '.tmp')
+        np.save(os.path.join(staging, f'{self.name}_offsets.npy'), np.array(self.offsets, dtype=np.int64))
 
 
-if args.dataset is None:
-    from datasets import load_dataset
-    records = load_dataset(HUB_DATASET, HUB_CONFIG, split=HUB_SPLIT, streaming=True)
-else:
-    if not os.path.isfile(args.dataset):
-        fail(f'dataset file not found: {args.dataset}')
-    if os.path.splitext(args.dataset)[1].lower() not in ('.json', '.jsonl'):
-        fail(f'dataset file must end in .json or .jsonl: {args.dataset}')
-    from datasets import load_dataset
-    records = load_dataset('json', data_files=args.dataset, split='train', streaming=True)
+if args.dataset == HUB_DATASET:
+    args.config, args.split = args.config or HUB_CONFIG, args.split or HUB_SPLIT
+try:
+    records = prepared_data.open_records(args.dataset, ('.json', '.jsonl', '.parquet'), args.config, args.split or 'train')
+except ValueError as e:
+    fail(str(e))
 
 os.makedirs(args.out_dir, exist_ok=True)
+staging = prepared_data.staging_dir(args.out_dir)
 rng = np.random.default_rng(args.seed)
 splits = {'train': SplitWriter('train'), 'val': SplitWriter('val')}
 seen, skipped, cut = 0, 0, 0
-for record in tqdm(records, total=args.max_docs or None, unit='conv'):
-    if args.max_docs and seen == args.max_docs:
-        break
-    seen += 1
-    to_val = rng.random() < args.val_fraction  # one draw per record, so skipping never shifts the split
-    turns = turns_of(record)
-    encoded = encode_conversation(turns) if turns else None
-    if encoded is None:
-        skipped += 1
-        continue
-    tokens, mask, was_cut = encoded
-    cut += was_cut
-    splits['val' if to_val else 'train'].add(tokens, mask)
+try:
+    for record in tqdm(records, total=args.max_docs or None, unit='conv'):
+        if args.max_docs and seen == args.max_docs:
+            break
+        seen += 1
+        to_val = rng.random() < args.val_fraction  # one draw per record, so skipping never shifts the split
+        turns = turns_of(record)
+        encoded = encode_conversation(turns) if turns else None
+        if encoded is None:
+            skipped += 1
+            continue
+        tokens, mask, was_cut = encoded
+        cut += was_cut
+        splits['val' if to_val else 'train'].add(tokens, mask)
+except BaseException as error:  # Ctrl-C included: the folder keeps the set it had
+    prepared_data.abandon(args.out_dir, error)
+    raise
 
 if not splits['train'].offsets and not splits['val'].offsets:
-    for split in splits.values():
-        split.discard()
+    prepared_data.discard(args.out_dir)
     fail(f'none of the {seen} records has a user turn and an assistant reply (fields messages or conversations)')
 meta = {'records': seen, 'skipped': skipped, 'cut': cut, 'max_tokens': args.max_tokens}
 for name, split in splits.items():
-    split.finish()
+    split.close()
     meta[name] = {'conversations': len(split.offsets), 'tokens': split.tokens,
                   'masked_fraction': split.masked / max(split.tokens, 1)}
-with open(os.path.join(args.out_dir, 'meta.json.tmp'), 'w') as f:
+with open(os.path.join(staging, 'meta.json'), 'w') as f:
     json.dump(meta, f, indent=2)
-os.replace(os.path.join(args.out_dir, 'meta.json.tmp'), os.path.join(args.out_dir, 'meta.json'))
+prepared_data.commit(args.out_dir, 'data/smoltalk/prepare.py')
 print(f"{seen:,} records: train {meta['train']['conversations']:,} conversations ({meta['train']['tokens']:,} tokens), "
       f"val {meta['val']['conversations']:,} ({meta['val']['tokens']:,} tokens); "
       f"{skipped:,} skipped without a user turn and an assistant reply, {cut:,} cut to {args.max_tokens} tokens")

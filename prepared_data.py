@@ -1,0 +1,130 @@
+"""
+Data preparation shared by the data/<name>/prepare.py scripts and train_bio.py: where the source
+records come from (a local file or a HuggingFace hub dataset), how a script's output files are
+put in place as one set, and the check that training reads a set that belongs together.
+
+A prepare script writes its outputs into <out_dir>/.preparing/ and then `commit`s them: a
+manifest.json that marks the set incomplete goes first, the files move into place, and the new
+manifest (every file with its size) comes last. So an interrupted prepare leaves the previous
+complete set, or a set marked incomplete, which `check` refuses; never a mix that training would
+read unawares.
+
+Errors are ValueError with a one-line message for the scripts to print.
+"""
+
+import json
+import os
+import re
+import shutil
+import sys
+import time
+
+MANIFEST = 'manifest.json'
+STAGING = '.preparing'
+LOCAL_FORMATS = {'.json': 'json', '.jsonl': 'json', '.txt': 'text', '.parquet': 'parquet'}
+HUB_NAME = re.compile(r'[\w.-]+/[\w.-]+')
+SCRIPT_REFUSED = 'Dataset scripts are no longer supported'  # what datasets >= 4 says of a loading script
+
+
+def open_records(source, formats, config=None, split='train'):
+    """A stream of records (dicts) from a local file with one of the suffixes in formats, or from the
+    hub dataset named owner/name (its config and split), read as it downloads.
+
+    A hub repository that holds only a loading script, which datasets 4 and later refuse to run,
+    is read from the Parquet conversion the hub keeps of it (revision refs/convert/parquet); such
+    a conversion may cover only part of the data, so callers should count what they read.
+    """
+    from datasets import load_dataset
+
+    suffix = os.path.splitext(source)[1].lower()
+    if os.path.isfile(source) or suffix in LOCAL_FORMATS:
+        if not os.path.isfile(source):
+            raise ValueError(f'dataset file not found: {source}')
+        if suffix not in formats:
+            raise ValueError(f"dataset file must end in {', '.join(formats)}: {source}")
+        return load_dataset(LOCAL_FORMATS[suffix], data_files=source, split='train', streaming=True)
+    if not HUB_NAME.fullmatch(source):
+        raise ValueError(f'--dataset {source} is neither a file ({", ".join(formats)}) nor a hub name like owner/name')
+    try:
+        try:
+            return load_dataset(source, config, split=split, streaming=True)
+        except RuntimeError as e:
+            if SCRIPT_REFUSED not in str(e):
+                raise
+        files = f'hf://datasets/{source}@refs%2Fconvert%2Fparquet/{config or "*"}/*{split}/*.parquet'
+        print(f'note: {source} is a loading script, which datasets 4 and later do not run; reading the '
+              f"hub's Parquet conversion of it instead: {files}", file=sys.stderr)
+        return load_dataset('parquet', data_files=files, split='train', streaming=True)
+    except Exception as e:  # offline, a typo in the name, no access: one line, not a traceback
+        message = str(e).strip().splitlines()[0] if str(e).strip() else ''
+        raise ValueError(f'could not open the hub dataset {source} ({type(e).__name__}: {message}); check the '
+                         'name and the connection, or pass a local file with --dataset') from None
+
+
+def staging_dir(out_dir):
+    """An empty folder for a prepare script's outputs (a leftover from an interrupted run is cleared)."""
+    staging = os.path.join(out_dir, STAGING)
+    shutil.rmtree(staging, ignore_errors=True)
+    os.makedirs(staging)
+    return staging
+
+
+def commit(out_dir, written_by):
+    """Move every file of the staging folder into out_dir, then write the manifest that vouches for them."""
+    staging = os.path.join(out_dir, STAGING)
+    names = sorted(os.listdir(staging))
+    files = {name: os.path.getsize(os.path.join(staging, name)) for name in names}
+    # until the new manifest lands, the folder's manifest says its set is incomplete and check() refuses it,
+    # however many later preparations are stopped before they get here
+    _put_manifest(out_dir, {'written_by': written_by, 'incomplete': True})
+    for name in names:
+        os.replace(os.path.join(staging, name), os.path.join(out_dir, name))
+    _put_manifest(out_dir, {'written_by': written_by, 'time': time.strftime('%Y-%m-%d %H:%M:%S'), 'files': files})
+    os.rmdir(staging)
+
+
+def _put_manifest(out_dir, manifest):
+    """Write manifest.json whole or not at all (written in the staging folder, then renamed into place)."""
+    staged = os.path.join(out_dir, STAGING, MANIFEST)
+    with open(staged, 'w') as f:
+        json.dump(manifest, f, indent=2)
+    os.replace(staged, os.path.join(out_dir, MANIFEST))
+
+
+def discard(out_dir):
+    shutil.rmtree(os.path.join(out_dir, STAGING), ignore_errors=True)
+
+
+def abandon(out_dir, error):
+    """Clear the staging folder of a prepare stopped by error; Ctrl-C then ends the script (status 130),
+    anything else is for the caller to re-raise."""
+    discard(out_dir)
+    if isinstance(error, KeyboardInterrupt):
+        print(f'\ninterrupted: {out_dir} keeps the files it had', file=sys.stderr)
+        sys.exit(130)
+
+
+def check(data_dir, names, prepare_command):
+    """Raise ValueError unless data_dir's manifest lists each of names and every file it lists has its
+    recorded size. Returns a note for a folder prepared before manifests existed (nothing to check)."""
+    manifest_path = os.path.join(data_dir, MANIFEST)
+    if not os.path.isfile(manifest_path):
+        return (f'note: {data_dir} has no {MANIFEST} (prepared by an older prepare.py), so nothing '
+                'checks that its files belong together')
+    with open(manifest_path) as f:
+        manifest = json.load(f)
+    if manifest.get('incomplete'):
+        raise ValueError(f'{data_dir} holds files of an unfinished preparation ({MANIFEST} says so); '
+                         f'run {prepare_command} again')
+    files = manifest['files']
+    for name in names:
+        if name not in files:
+            raise ValueError(f'{data_dir}/{MANIFEST} does not list {name}; run {prepare_command} again')
+    for name, size in files.items():
+        path = os.path.join(data_dir, name)
+        actual = os.path.getsize(path) if os.path.isfile(path) else None
+        if actual != size:
+            found = 'it is missing' if actual is None else f'it has {actual:,}'
+            raise ValueError(f'{path} does not belong to the prepared set ({MANIFEST} says {size:,} bytes, '
+                             f'{found}); run {prepare_command} again')
+    return None

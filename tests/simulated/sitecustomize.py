@@ -1,0 +1,25 @@
+"""
+Simulated hardware, services and faults for the tests, imported by Python at startup when this
+folder is on PYTHONPATH (tests/conftest.py: simulated_env). Each part is switched on by a variable:
+  SIMULATED_GPUS       a CUDA machine with these GPUs, comma-separated names (simulated_gpu.py)
+  SIMULATED_HUB        the HuggingFace hub that this JSON file describes (simulated_hub.py)
+  SIMULATED_OOM_AFTER  out of memory after this many losses (simulated_faults.py)
+  SIMULATED_NAN_LOSSES these losses, comma-separated call numbers, are NaN (simulated_faults.py)
+  SIMULATED_FAULT_RANK the faults happen only in the torchrun process of this RANK
+"""
+import os
+
+faulty = os.environ.get('SIMULATED_FAULT_RANK', os.environ.get('RANK', '0')) == os.environ.get('RANK', '0')
+
+if os.environ.get('SIMULATED_GPUS'):
+    import simulated_gpu
+    simulated_gpu.simulate(os.environ['SIMULATED_GPUS'].split(','))
+if os.environ.get('SIMULATED_HUB'):
+    import simulated_hub
+    simulated_hub.simulate(os.environ['SIMULATED_HUB'])
+if faulty and os.environ.get('SIMULATED_OOM_AFTER'):
+    import simulated_faults
+    simulated_faults.out_of_memory_after(int(os.environ['SIMULATED_OOM_AFTER']))
+if faulty and os.environ.get('SIMULATED_NAN_LOSSES'):
+    import simulated_faults
+    simulated_faults.nan_losses({int(n) for n in os.environ['SIMULATED_NAN_LOSSES'].split(',')})
