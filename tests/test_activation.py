@@ -102,26 +102,29 @@ def test_model_is_the_same_whichever_implementation(impl, monkeypatch):
 
 def test_auto_falls_back_when_the_fused_kernel_cannot_compile(monkeypatch, capsys):
     # a real compile failure: inductor is pointed at a C++ compiler that does not exist, as on a
-    # Windows machine without one; nothing may come from the kernel caches instead
+    # Windows machine without one; nothing may come from the kernel caches instead. (inductor's own
+    # config.patch, not monkeypatch: its settings are not plain module attributes and pytest's undo
+    # would delete them for the rest of the session)
     import torch._dynamo
     import torch._inductor.config
-    monkeypatch.setattr(torch._inductor.config.cpp, 'cxx', ('/nonexistent/c++',))
-    monkeypatch.setattr(torch._inductor.config, 'fx_graph_cache', False)
+    settings = (torch._inductor.config.fx_graph_cache, torch._inductor.config.cpp.cxx)
     monkeypatch.setattr(model_bio, 'fused_kernels', {})
     torch._dynamo.reset()
     x = torch.randn(4, N, requires_grad=True)
     ps = params(torch.float32)
-    out = oscillate(x, *ps)
-    out.sum().backward()
-    assert 'does not compile here' in capsys.readouterr().err
-    assert model_bio.fused_kernels['forward'] is False  # and it does not try again
-    torch.testing.assert_close(out, oscillate_reference(x, *ps))
-    monkeypatch.setattr(model_bio, 'OSCILLATION_IMPL', 'fused')
-    monkeypatch.setattr(model_bio, 'fused_kernels', {})
+    with torch._inductor.config.patch({'cpp.cxx': ('/nonexistent/c++',), 'fx_graph_cache': False}):
+        out = oscillate(x, *ps)
+        out.sum().backward()
+        assert 'does not compile here' in capsys.readouterr().err
+        assert model_bio.fused_kernels['forward'] is False  # and it does not try again
+        torch.testing.assert_close(out, oscillate_reference(x, *ps))
+        monkeypatch.setattr(model_bio, 'OSCILLATION_IMPL', 'fused')
+        monkeypatch.setattr(model_bio, 'fused_kernels', {})
+        torch._dynamo.reset()
+        with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match='C.. compiler'):  # asked for by name: no quiet fallback
+            oscillate(x, *ps)
     torch._dynamo.reset()
-    with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match='C.. compiler'):  # asked for by name: no quiet fallback
-        oscillate(x, *ps)
-    torch._dynamo.reset()
+    assert (torch._inductor.config.fx_graph_cache, torch._inductor.config.cpp.cxx) == settings
 
 
 @pytest.mark.parametrize('failing', ['forward', 'backward'])
