@@ -1,11 +1,13 @@
 """
-Speed and memory of WiggleGPT against GELU, measured side by side in one run: each round runs
-every variant once, in a new random order (so drifts in machine load hit them alike), and
-medians over the rounds are reported.
+Speed and memory of WiggleGPT against GELU, measured side by side in one run. Settings as for
+train_bio.py: a config file (the model, batch and run to measure) and --key=value overrides.
 
-    python bench_bio.py --config=config_shakespeare_char_cpu.py --out=bench.json
-    python bench_bio.py --config=config_gpt2_bio_3070.py --dtype=bfloat16 --batch_size=8   (a GPU)
+    python bench_bio.py config_shakespeare_char_cpu.py --bench_out=bench.json
+    python bench_bio.py config_shakespeare_char_cpu.py --part=whole        (whole training runs)
+    python bench_bio.py config_gpt2_bio_3070.py --dtype=bfloat16 --batch_size=8   (a GPU)
 
+part 'steps' (the default) measures, each round running every variant once in a new random order
+(so drifts in machine load hit them alike), medians over the rounds:
 - act: the activation alone on a (batch_size * block_size, 4 * n_embd) input, forward + backward
   time and bytes kept for backward, for each implementation of model_bio.py and for GELU.
 - step: a whole training step (forward, backward, AdamW) of the config's model, bio vs GELU,
@@ -16,27 +18,47 @@ medians over the rounds are reported.
   config_shakespeare_char_bio.py (6 layers, 6 heads, 384 wide), 500 new tokens from a 1-token
   prompt, with a context that holds them all and with that config's block_size of 256, where
   every step past 256 tokens must recompute the whole window.
+part 'whole' times what a user waits for: whole_pairs pairs of train_bio.py runs of the config
+(bio, then GELU; whole_iters iterations each, evaluations included), each a new process timed by
+the wall clock from start to exit (startup, data, compiling, training), and reports the median
+bio / GELU ratio of the pairs with their range.
 The ratios in the JSON (bio / GELU; below 1 is faster or leaner) are act_saved_bytes_ratio,
 act_time_ratio_eager, step_time_ratio_eager and step_time_ratio_compiled, with
-step_twin_ratio_eager and step_twin_ratio_compiled beside them.
+step_twin_ratio_eager and step_twin_ratio_compiled beside them; whole_run_time_ratio.
 """
 
-import argparse
 import json
 import os
 import random
 import statistics
+import subprocess
 import sys
+import tempfile
 import time
+from dataclasses import fields
 
 import torch
 import torch.nn.functional as F
 
 import devices
 import model_bio
-from model_bio import GPT, GPTConfig, generate_tokens
+from configurator import configure, fail, script_defaults
+from generation import generate_tokens
+from model_bio import GPT, GPTConfig
 
-MODEL_KEYS = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'use_rmsnorm', 'use_rope', 'use_sparse_gate')
+REPO = os.path.dirname(os.path.abspath(__file__))
+# the bench's own settings, beside train_bio.py's (which say what model, batch and run to measure)
+BENCH_SETTINGS = dict(
+    part='steps',  # 'steps' (activation, training step, sampling), 'act', 'step', 'sample', or 'whole' (whole runs)
+    rounds=40,  # timed rounds, each variant once per round; medians reported
+    act_calls=10,  # calls of the activation alone per variant and round (each takes well under a millisecond)
+    sample_repeats=3,
+    new_tokens=500,
+    whole_pairs=5,  # whole runs: this many bio, GELU pairs
+    whole_iters=400,  # iterations of each whole run
+    bench_compiled=True,  # also time torch.compile'd variants (False where it cannot compile, e.g. GPUs on Windows)
+    bench_out='',  # write the figures to this JSON file
+)
 
 
 def median_times(variants, device, rounds, calls):
@@ -81,7 +103,7 @@ def with_impl(impl, fn):
     return run
 
 
-def bench_activation(cfg, args, device, autocast):
+def bench_activation(cfg, device, autocast):
     n = 4 * cfg['n_embd']
     torch.manual_seed(0)
     x = torch.randn(cfg['batch_size'] * cfg['block_size'], n, device=device, requires_grad=True)
@@ -98,12 +120,12 @@ def bench_activation(cfg, args, device, autocast):
     variants = {'gelu': forward_backward(F.gelu)}
     for impl in ('plain', 'function', 'fused'):
         variants[impl] = with_impl(impl, forward_backward(act))
-    if args.compile:
+    if cfg['bench_compiled']:
         variants['gelu_compiled'] = forward_backward(torch.compile(F.gelu))
         variants['bio_compiled'] = forward_backward(torch.compile(act))
     for fn in variants.values():  # warm up (and compile) before timing
         fn()
-    times = median_times(variants, device, args.rounds, args.act_calls)
+    times = median_times(variants, device, cfg['rounds'], cfg['act_calls'])
     memory = {name: saved_bytes(fn) for name, fn in variants.items() if 'compiled' not in name}
     eager_impl = 'function' if model_bio.fused_kernels.get('forward') is False else 'fused'  # what 'auto' trains with
     print(f"\nactivation alone, input {tuple(x.shape)}: forward + backward")
@@ -114,13 +136,13 @@ def bench_activation(cfg, args, device, autocast):
                'act_saved_bytes_ratio': memory[eager_impl] / memory['gelu'],
                'act_time_ratio_eager': times[eager_impl] / times['gelu'],
                'act_time_ratio_unfused': times['function'] / times['gelu']}
-    if args.compile:
+    if cfg['bench_compiled']:
         results['act_time_ratio_compiled'] = times['bio_compiled'] / times['gelu_compiled']
     return results
 
 
-def bench_step(cfg, args, device, autocast, dtype):
-    vocab_size = 65 if 'shakespeare_char' in cfg.get('dataset', '') else 50304
+def bench_step(cfg, device, autocast, dtype):
+    vocab_size = 65 if 'shakespeare_char' in cfg['dataset'] else 50304
     B, T = cfg['batch_size'], cfg['block_size']
     torch.manual_seed(0)
     x = torch.randint(0, vocab_size, (B, T), device=device)
@@ -128,11 +150,12 @@ def bench_step(cfg, args, device, autocast, dtype):
     scaler = devices.grad_scaler(device, dtype)
     models, variants = {}, {}
     for arm, bio in (('bio', True), ('gelu', False)):
-        model_args = {k: cfg[k] for k in MODEL_KEYS if k in cfg}
-        model_args.update(vocab_size=vocab_size, use_bio_mlp=bio, use_sparse_gate=bio and cfg.get('use_sparse_gate', False))
+        model_args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}
+        model_args.update(vocab_size=vocab_size, use_bio_mlp=bio, use_sparse_gate=bio and cfg['use_sparse_gate'],
+                      dropout=0.0)
         model = GPT(GPTConfig(**model_args)).to(device)
         optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
-        for compiled in ((False, True) if args.compile else (False,)):
+        for compiled in ((False, True) if cfg['bench_compiled'] else (False,)):
             run_model = torch.compile(model) if compiled else model
 
             def step(run_model=run_model, optimizer=optimizer):
@@ -162,9 +185,9 @@ def bench_step(cfg, args, device, autocast, dtype):
             memory[name] = devices.peak_memory(device)[0]
         elif name in ('bio', 'gelu'):
             memory[name] = saved_bytes(lambda: models[name](x, y))
-    times = median_times(variants, device, args.rounds, 1)
+    times = median_times(variants, device, cfg['rounds'], 1)
     peak, _ = devices.peak_flops(device)
-    print(f"\ntraining step, {args.config}: batch {B} x {T} tokens, {dtype}")
+    print(f"\ntraining step: batch {B} x {T} tokens, {dtype}")
     results = {'tokens_per_step': B * T, 'time_s': times, 'memory_bytes': memory,
                'memory_kind': 'peak allocated' if device.type == 'cuda' else 'kept for backward', 'mfu': {}}
     for name in variants:
@@ -174,25 +197,25 @@ def bench_step(cfg, args, device, autocast, dtype):
         mem = f"{memory[name] / 2**20:9.1f} MiB {results['memory_kind']}" if name in memory else ''
         mfu_text = f"mfu {mfu * 100:5.1f}%" if mfu is not None else ''
         print(f"  {name:18s} {times[name] * 1e3:9.2f} ms  {tokens_per_s:10.0f} tok/s  {mem}  {mfu_text}")
-    for mode in ('eager', 'compiled') if args.compile else ('eager',):
+    for mode in ('eager', 'compiled') if cfg['bench_compiled'] else ('eager',):
         suffix = '_compiled' if mode == 'compiled' else ''
         results[f'step_time_ratio_{mode}'] = times['bio' + suffix] / times['gelu' + suffix]
         results[f'step_twin_ratio_{mode}'] = times['gelu_twin' + suffix] / times['gelu' + suffix]
     return results
 
 
-def bench_sample(args, device):
-    """tokens/s generating args.new_tokens greedy tokens, with and without the KV cache."""
+def bench_sample(cfg, device):
+    """tokens/s generating cfg['new_tokens'] greedy tokens, with and without the KV cache."""
     results = {}
-    print(f'\nsampling {args.new_tokens} tokens, 6 layers x 384 (config_shakespeare_char_bio.py)')
+    print(f"\nsampling {cfg['new_tokens']} tokens, 6 layers x 384 (config_shakespeare_char_bio.py)")
     for block_size in (1024, 256):
         torch.manual_seed(0)
         model = GPT(GPTConfig(n_layer=6, n_head=6, n_embd=384, block_size=block_size, vocab_size=65,
                               use_bio_mlp=True, bias=False)).to(device).eval()
         variants = {use_cache: (lambda use_cache=use_cache: list(generate_tokens(
-            model, [0], args.new_tokens, temperature=0, use_cache=use_cache))) for use_cache in (True, False)}
-        times = median_times(variants, device, args.sample_repeats, 1)
-        cached, uncached = args.new_tokens / times[True], args.new_tokens / times[False]
+            model, [0], cfg['new_tokens'], temperature=0, use_cache=use_cache))) for use_cache in (True, False)}
+        times = median_times(variants, device, cfg['sample_repeats'], 1)
+        cached, uncached = cfg['new_tokens'] / times[True], cfg['new_tokens'] / times[False]
         results[f'block_size_{block_size}'] = {'tokens_per_s_cache': cached, 'tokens_per_s_no_cache': uncached,
                                                'cache_speedup': cached / uncached}
         print(f'  block_size {block_size:5d}: {cached:8.1f} tok/s with cache, {uncached:8.1f} without, '
@@ -200,54 +223,67 @@ def bench_sample(args, device):
     return results
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', default='config_shakespeare_char_cpu.py', help='model and batch shape')
-    parser.add_argument('--only', choices=['act', 'step', 'sample'], default=None, help='one part (default: all)')
-    parser.add_argument('--device', default='auto')
-    parser.add_argument('--dtype', default='auto', help="'auto', 'float32', 'bfloat16' or 'float16'")
-    parser.add_argument('--batch_size', type=int, default=0, help="override the config's batch_size")
-    parser.add_argument('--compile', type=int, default=1, help='also measure torch.compile (1) or not (0)')
-    parser.add_argument('--rounds', type=int, default=40, help='timed rounds, each variant once per round; medians reported')
-    parser.add_argument('--act_calls', type=int, default=10,
-                        help='calls of the activation alone per variant and round (each takes well under a millisecond)')
-    parser.add_argument('--sample_repeats', type=int, default=3)
-    parser.add_argument('--new_tokens', type=int, default=500)
-    parser.add_argument('--out', default=None, help='write the figures to this JSON file')
-    args = parser.parse_args()
+def bench_whole_runs(cfg, argv):
+    """Wall-clock seconds of whole train_bio.py runs, bio and GELU alternating, each a new process."""
+    bench_only = [a for a in argv if a.startswith('--') and a[2:].partition('=')[0] in BENCH_SETTINGS]
+    train_args = [a for a in argv if a not in bench_only]
+    times = {'bio': [], 'gelu': []}
+    print(f"\nwhole runs of train_bio.py {' '.join(train_args)}: {cfg['whole_iters']} iterations, "
+          f"{cfg['whole_pairs']} pairs (bio, GELU)")
+    with tempfile.TemporaryDirectory() as scratch:
+        for pair in range(cfg['whole_pairs']):
+            for arm, bio in (('bio', True), ('gelu', False)):
+                command = [sys.executable, os.path.join(REPO, 'train_bio.py'), *train_args,
+                           f"--max_iters={cfg['whole_iters']}", f'--use_bio_mlp={bio}',
+                           f'--out_dir={os.path.join(scratch, f"{arm}{pair}")}']
+                start = time.perf_counter()
+                run = subprocess.run(command, capture_output=True, text=True)
+                times[arm].append(time.perf_counter() - start)
+                if run.returncode != 0:
+                    tail = (run.stderr.strip().splitlines() or ['(no output)'])[-1]
+                    fail(f'the {arm} run failed (exit {run.returncode}): {tail}')
+            print(f"  pair {pair + 1}: bio {times['bio'][-1]:7.2f} s, GELU {times['gelu'][-1]:7.2f} s, "
+                  f"{times['bio'][-1] / times['gelu'][-1]:.3f}")
+    ratios = [b / g for b, g in zip(times['bio'], times['gelu'])]
+    print(f'  bio / GELU: median {statistics.median(ratios):.3f}, range {min(ratios):.3f} to {max(ratios):.3f}')
+    return {'time_s': times, 'ratios': ratios, 'whole_run_time_ratio': statistics.median(ratios),
+            'whole_run_ratio_range': [min(ratios), max(ratios)]}
 
-    if not os.path.isfile(args.config):
-        sys.exit(f'error: no config file {args.config} (pass one of the config_*.py files with --config)')
-    cfg = {}
-    with open(args.config) as f:
-        exec(f.read(), {}, cfg)  # a config file is plain Python assignments
-    if args.batch_size:
-        cfg['batch_size'] = args.batch_size
-    try:
-        device = devices.pick_device(args.device)
-        dtype = devices.pick_dtype(device, args.dtype)
-    except ValueError as e:
-        sys.exit(f'error: {e}')
-    autocast = devices.autocast(device, dtype)
-    name = devices.describe(device)
-    report = {'device': name, 'torch': torch.__version__, 'config': args.config, 'dtype': dtype}
-    print(f"device: {name}, torch {torch.__version__}, {dtype}")
-    if args.only in (None, 'act'):
-        report['act'] = bench_activation(cfg, args, device, autocast)
-    if args.only in (None, 'step'):
-        report['step'] = bench_step(cfg, args, device, autocast, dtype)
-    if args.only in (None, 'sample'):
-        with torch.no_grad():
-            report['sample'] = bench_sample(args, device)
-    for part in ('act', 'step'):
+
+def main():
+    argv = sys.argv[1:]
+    cfg = configure({**script_defaults(os.path.join(REPO, 'train_bio.py')), **BENCH_SETTINGS}, argv)
+    parts = {'steps': ('act', 'step', 'sample')}.get(cfg['part'], (cfg['part'],))
+    if not set(parts) <= {'act', 'step', 'sample', 'whole'}:
+        fail(f"part={cfg['part']!r} is not one of 'steps', 'act', 'step', 'sample', 'whole'")
+    report = {'torch': torch.__version__, 'argv': argv}
+    if 'whole' in parts:
+        report['whole'] = bench_whole_runs(cfg, argv)
+    else:
+        try:
+            device = devices.pick_device(cfg['device'])
+            dtype = devices.pick_dtype(device, cfg['dtype'])
+        except ValueError as e:
+            fail(str(e))
+        autocast = devices.autocast(device, dtype)
+        report.update(device=devices.describe(device), dtype=dtype)
+        print(f"device: {report['device']}, torch {torch.__version__}, {dtype}")
+        if 'act' in parts:
+            report['act'] = bench_activation(cfg, device, autocast)
+        if 'step' in parts:
+            report['step'] = bench_step(cfg, device, autocast, dtype)
+        if 'sample' in parts:
+            with torch.no_grad():
+                report['sample'] = bench_sample(cfg, device)
+    for part in ('act', 'step', 'whole'):
         for key, value in report.get(part, {}).items():
             if key.endswith('_ratio') or '_ratio_' in key:
                 report[key] = value
-    print('\n' + '\n'.join(f'{k} = {v:.3f}' for k, v in report.items() if '_ratio' in k))
-    if args.out:
-        with open(args.out, 'w') as f:
+    print('\n' + '\n'.join(f'{k} = {v:.3f}' for k, v in report.items() if '_ratio' in k and not isinstance(v, list)))
+    if cfg['bench_out']:
+        with open(cfg['bench_out'], 'w') as f:
             json.dump(report, f, indent=2)
-        print(f'wrote {args.out}')
+        print(f"wrote {cfg['bench_out']}")
 
 
 if __name__ == '__main__':

@@ -11,7 +11,10 @@ import sys
 import torch
 
 import devices
-from model_bio import CHAT_STOPS, EOT_ID, chat_turn, generate_tokens, load_codec, load_model, stream_text
+from chat_template import CHAT_STOPS, chat_turn
+from checkpoints import load_model
+from codec import EOT_ID, load_codec
+from generation import generate_tokens, stream_text
 
 out_dir = 'out-wigglegpt-finetune-native'
 ckpt = 'ckpt.pt'  # or 'ckpt_best.pt'
@@ -28,7 +31,7 @@ dtype = 'auto'
 compile = False
 show_prompt = False  # print the exact text sent to the model (to stderr) before each reply
 # -----------------------------------------------------------------------------
-from configurator import configure, settings_in  # noqa: E402
+from configurator import configure, fail, settings_in  # noqa: E402
 
 globals().update(configure(settings_in(globals()), sys.argv[1:]))
 # -----------------------------------------------------------------------------
@@ -45,13 +48,16 @@ try:
     device = devices.pick_device(device)
     dtype = devices.pick_dtype(device, dtype)
 except ValueError as e:
-    sys.exit(f'error: {e}')
+    fail(str(e))
 autocast = devices.autocast(device, dtype)
-model, checkpoint = load_model(os.path.join(out_dir, ckpt), device)
+try:
+    model, checkpoint = load_model(os.path.join(out_dir, ckpt), device)
+except ValueError as e:
+    fail(str(e))
 model.eval()
 if checkpoint['model_args']['vocab_size'] < 50257:
-    sys.exit(f'error: chat.py needs a GPT-2 BPE model; {out_dir}/{ckpt} has a '
-             f'{checkpoint["model_args"]["vocab_size"]}-token vocabulary (use sample_bio.py for it)')
+    fail(f'chat.py needs a GPT-2 BPE model; {out_dir}/{ckpt} has a '
+         f'{checkpoint["model_args"]["vocab_size"]}-token vocabulary (use sample_bio.py for it)')
 if compile:
     model = torch.compile(model)
 encode, decode = load_codec(checkpoint)

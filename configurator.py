@@ -9,7 +9,8 @@ Each argument is applied in the order given, so a later one wins:
 - --key=value is read as a Python literal; for string settings a bare word is
   taken as it is, so --device=cpu needs no quotes.
 A value must match the type of the setting's default. Any mistake prints one
-line starting with 'error: ' on stderr and exits with status 2.
+line starting with 'error: ' on stderr and exits with status 2 (fail(), which every script
+uses for its users' mistakes).
 """
 
 import ast
@@ -47,7 +48,7 @@ def configure(defaults: dict, argv: list) -> dict:
         if item.startswith('--'):
             _apply_override(config, item)
         elif item.startswith('-'):
-            _fail(f"unrecognised argument '{item}' (settings are written --key=value)")
+            fail(f"unrecognised argument '{item}' (settings are written --key=value)")
         else:
             _apply_file(config, item)
     return config
@@ -57,7 +58,7 @@ def _apply_override(config, item):
     key, has_value, text = item[2:].partition('=')
     _require_known(config, key, 'unknown config key')
     if not has_value:
-        _fail(f'--{key} needs a value: --{key}=VALUE')
+        fail(f'--{key} needs a value: --{key}=VALUE')
     default = config[key]
     try:
         value = ast.literal_eval(text)
@@ -67,7 +68,7 @@ def _apply_override(config, item):
         value = text  # --out_dir=123 means the directory '123'
     checked = _coerce(value, default)
     if checked is _BAD:
-        _fail(f"--{key} expects {type(default).__name__}, got '{text}' ({type(value).__name__})")
+        fail(f"--{key} expects {type(default).__name__}, got '{text}' ({type(value).__name__})")
     config[key] = checked
     _report(f'{key} = {checked!r}')
 
@@ -78,13 +79,13 @@ def _apply_file(config, path):
         with open(path, encoding='utf-8') as f:
             source = f.read()
     except FileNotFoundError:
-        _fail(f"config file '{path}' not found")
+        fail(f"config file '{path}' not found")
     except (OSError, UnicodeDecodeError) as e:
-        _fail(f"config file '{path}' could not be read: {e}")
+        fail(f"config file '{path}' could not be read: {e}")
     try:
         exec(compile(source, path, 'exec'), namespace)
     except Exception as e:  # whatever the file does wrong, report it in one line
-        _fail(f"config file '{path}' failed: {type(e).__name__}: {e}")
+        fail(f"config file '{path}' failed: {type(e).__name__}: {e}")
     for name, value in namespace.items():
         if name.startswith('_') or isinstance(value, _NOT_SETTINGS):
             continue
@@ -94,7 +95,7 @@ def _apply_file(config, path):
             continue  # untouched, or set to what it already was
         checked = _coerce(value, old)
         if checked is _BAD:
-            _fail(f'{path} sets {name} = {value!r}, expected {type(old).__name__}')
+            fail(f'{path} sets {name} = {value!r}, expected {type(old).__name__}')
         config[name] = checked
         _report(f'{name} = {checked!r} (from {path})')
 
@@ -118,7 +119,7 @@ def _require_known(config, key, message):
         return
     close = difflib.get_close_matches(key, list(config), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ''
-    _fail(f"{message} '{key}'{hint}")
+    fail(f"{message} '{key}'{hint}")
 
 
 def _report(line):
@@ -127,7 +128,10 @@ def _report(line):
         print(f'config: {line}', file=sys.stderr)  # stderr, so sampled text on stdout stays clean
 
 
-def _fail(message):
-    # Newlines (e.g. from an exception's text) are folded so the error is one line.
-    print('error: ' + ' '.join(message.splitlines()), file=sys.stderr)
+def fail(message):
+    """End a script over a user's mistake: one line 'error: ...' on stderr (from the first process only,
+    under DDP every process stops alike) and exit status 2. Every script ends this way."""
+    if os.environ.get('RANK', '0') == '0':
+        # newlines (e.g. from an exception's text) are folded so the error is one line
+        print('error: ' + ' '.join(message.splitlines()), file=sys.stderr)
     sys.exit(2)

@@ -10,12 +10,8 @@ Module and parameter names follow the original WiggleGPT release so its checkpoi
 """
 
 import math
-import os
-import pickle
-import shutil
 import sys
-import time
-from dataclasses import asdict, dataclass, fields
+from dataclasses import dataclass
 
 import torch
 import torch.nn as nn
@@ -103,13 +99,19 @@ class CausalSelfAttention(nn.Module):
 
 # -----------------------------------------------------------------------------
 # the oscillating activation, sin(omega*x + phi) * tanh(x) + baseline, optionally sparse-gated.
-# Written as plain ops it runs as ~6 kernels each way and keeps several intermediates for
-# backward. So there are three implementations, all computing the same numbers:
-#   'plain'    the formula itself: the reference, and what torch.compile fuses inside a compiled model
-#   'function' a custom autograd function that keeps only x and recomputes the rest in backward
-#   'fused'    the same, its forward and backward each compiled into one kernel (Triton on CUDA,
-#              C++ on CPU); needs a working torch.compile, and falls back to 'function' without one
-# 'auto' takes 'plain' inside torch.compile, 'fused' for training where it works, else 'function'.
+# Written as plain ops it keeps several full-size intermediates for backward. Its maths is written
+# once, forward (oscillate_forward_math) and backward (oscillate_backward_math, the derivative by
+# hand), and run three ways that compute the same numbers:
+#   'plain'    the formula as differentiable ops: the reference, and what torch.compile fuses
+#              inside a compiled model
+#   'function' a custom autograd function that keeps only x and recomputes the rest in backward,
+#              running that maths eagerly
+#   'fused'    the same function with the maths compiled into one kernel each way (Triton on CUDA,
+#              C++ on a CPU); needs a working torch.compile, and falls back to 'function' without one
+# 'auto' takes 'plain' inside torch.compile, 'fused' for training where it compiles, else 'function'.
+# Measured on a 2-core CPU (dev/LOG.md, 2026-11-27): fused trains the quick-start model 3.5 ms per
+# iteration faster than 'function' at the same memory, paying back its ~4 s compile after about
+# 1,100 iterations; 'plain' is as fast as 'function' but keeps five times the memory.
 OSCILLATION_IMPL = 'auto'
 
 
@@ -130,95 +132,60 @@ def oscillate_reference(x, omega, phi, baseline, gate_weight=None, gate_bias=Non
     return out * (fires + (surrogate - surrogate.detach()))  # value: fires; gradient: the sigmoid's
 
 
-class OscillateFunction(torch.autograd.Function):
-    """oscillate_reference's values and gradients, saving only x (and the per-neuron vectors).
-
-    Computes in float32 (float64 for float64 input) and returns x's dtype; under autocast that is
-    the dtype the next Linear casts to anyway. Parameter gradients are reduced in float32.
-    In-place ops keep the number of full-size temporaries (and passes over memory) low.
-    """
-
-    @staticmethod
-    def forward(ctx, x, omega, phi, baseline, gate_weight, gate_bias, threshold):
-        ctx.save_for_backward(x, omega, phi, baseline, gate_weight, gate_bias)
-        ctx.threshold = threshold
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        out = (xf * omega).add_(phi).sin_().mul_(tanh(xf)).add_(baseline)
-        if gate_weight is not None:
-            out.mul_((xf * gate_weight).add_(gate_bias - threshold) > 0)
-        return out.to(x.dtype)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        return OscillateFunction.gradients(ctx.saved_tensors, ctx.threshold, grad_out)
-
-    @staticmethod
-    def gradients(saved, threshold, grad_out):
-        x, omega, phi, baseline, gate_weight, gate_bias = saved
-        xf = x.to(torch.promote_types(x.dtype, torch.float32))
-        g = grad_out.to(xf.dtype)
-        n = x.size(-1)
-        u = (xf * omega).add_(phi)
-        sin_u, tanh_x = torch.sin(u), tanh(xf)
-        grad_gate_weight = grad_gate_bias = grad_from_gate = None
-        if gate_weight is not None:
-            voltage = (xf * gate_weight).add_(gate_bias - threshold)
-            fires = voltage > 0
-            surrogate = voltage.mul_(5.0).sigmoid_()
-            # d out / d voltage = activation * 5 s (1 - s), s the surrogate sigmoid
-            grad_voltage = (sin_u * tanh_x).add_(baseline).mul_(g).mul_(surrogate.mul(1.0 - surrogate).mul_(5.0))
-            grad_gate_weight = (grad_voltage * xf).view(-1, n).sum(0)
-            grad_gate_bias = grad_voltage.view(-1, n).sum(0)
-            grad_from_gate = grad_voltage.mul_(gate_weight)
-            g = g * fires  # the gradient reaching the activation: the step's value
-        g_cos_tanh = u.cos_().mul_(tanh_x).mul_(g)
-        grad_omega = (g_cos_tanh * xf).view(-1, n).sum(0)
-        grad_phi = g_cos_tanh.view(-1, n).sum(0)
-        grad_baseline = g.reshape(-1, n).sum(0)
-        # d out / dx = omega cos(u) tanh(x) + sin(u) (1 - tanh(x)^2)
-        grad_x = g_cos_tanh.mul_(omega).add_(tanh_x.mul_(tanh_x).neg_().add_(1.0).mul_(sin_u).mul_(g))
-        if grad_from_gate is not None:
-            grad_x += grad_from_gate
-        return grad_x.to(x.dtype), grad_omega, grad_phi, grad_baseline, grad_gate_weight, grad_gate_bias, None
-
-
-def oscillate_backward_math(x, grad_out, omega, phi, baseline, gate_weight, gate_bias, threshold):
-    """OscillateFunction's gradients as out-of-place ops, for torch.compile to fuse into one kernel."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    g = grad_out.to(xf.dtype)
-    n = x.size(-1)
-    u = xf * omega + phi
-    sin_u, tanh_x = torch.sin(u), tanh(xf)
-    grad_gate_weight = grad_gate_bias = None
-    if gate_weight is not None:
-        voltage = xf * gate_weight + (gate_bias - threshold)
-        surrogate = torch.sigmoid(5.0 * voltage)
-        grad_voltage = g * (sin_u * tanh_x + baseline) * (5.0 * surrogate * (1.0 - surrogate))
-        grad_gate_weight = (grad_voltage * xf).reshape(-1, n).sum(0)
-        grad_gate_bias = grad_voltage.reshape(-1, n).sum(0)
-        g = g * (voltage > 0)
-    g_cos_tanh = g * torch.cos(u) * tanh_x
-    grad_x = g_cos_tanh * omega + g * sin_u * (1.0 - tanh_x * tanh_x)
-    if gate_weight is not None:
-        grad_x = grad_x + grad_voltage * gate_weight
-    return (grad_x.to(x.dtype), (g_cos_tanh * xf).reshape(-1, n).sum(0), g_cos_tanh.reshape(-1, n).sum(0),
-            g.reshape(-1, n).sum(0), grad_gate_weight, grad_gate_bias)
-
-
 def oscillate_forward_math(x, omega, phi, baseline, gate_weight, gate_bias, threshold):
-    """The forward values in x's dtype (the reference's straight-through terms are 0 in value)."""
+    """The forward values, computed in float32 (float64 for float64 input) and returned in x's dtype;
+    under autocast that is the dtype the next Linear casts to anyway. (The reference's
+    straight-through term is 0 in value.)"""
     return oscillate_reference(x.to(torch.promote_types(x.dtype, torch.float32)), omega, phi, baseline,
                                gate_weight, gate_bias, threshold).to(x.dtype)
 
 
+def oscillate_backward_math(x, grad_out, omega, phi, baseline, gate_weight, gate_bias, threshold):
+    """The gradients of oscillate_reference from x alone: (x, omega, phi, baseline, gate_weight,
+    gate_bias); the per-neuron ones are reduced in float32. Intermediates are updated in place
+    (never x or grad_out): run eagerly that saves allocations and passes over memory, and
+    torch.compile fuses it all the same. Products keep the grouping of the plain formula, so eager
+    and compiled runs round alike."""
+    xf = x.to(torch.promote_types(x.dtype, torch.float32))
+    g = grad_out.to(xf.dtype)
+    n = x.size(-1)
+    u = (xf * omega).add_(phi)
+    sin_u, tanh_x = torch.sin(u), tanh(xf)
+    grad_gate_weight = grad_gate_bias = grad_voltage = None
+    if gate_weight is not None:
+        voltage = (xf * gate_weight).add_(gate_bias - threshold)
+        fires = voltage > 0
+        surrogate = voltage.mul_(5.0).sigmoid_()
+        # d out / d voltage = activation * 5 s (1 - s), s the surrogate sigmoid
+        slope = (surrogate * 5.0).mul_(surrogate.neg_().add_(1.0))
+        grad_voltage = (sin_u * tanh_x).add_(baseline).mul_(g).mul_(slope)
+        grad_gate_weight = (grad_voltage * xf).reshape(-1, n).sum(0)
+        grad_gate_bias = grad_voltage.reshape(-1, n).sum(0)
+        g = g * fires  # the gradient reaching the activation: the step's value
+    g_cos_tanh = u.cos_().mul_(g).mul_(tanh_x)
+    grad_omega = (g_cos_tanh * xf).reshape(-1, n).sum(0)
+    grad_phi = g_cos_tanh.reshape(-1, n).sum(0)
+    # d out / dx = omega cos(u) tanh(x) + sin(u) (1 - tanh(x)^2)
+    grad_x = g_cos_tanh.mul_(omega).add_(sin_u.mul_(g).mul_(tanh_x.mul_(tanh_x).neg_().add_(1.0)))
+    if grad_voltage is not None:
+        grad_x = grad_x.add_(grad_voltage.mul_(gate_weight))
+    return (grad_x.to(x.dtype), grad_omega, grad_phi, g.reshape(-1, n).sum(0), grad_gate_weight, grad_gate_bias)
+
+
+OSCILLATE_MATH = {'forward': oscillate_forward_math, 'backward': oscillate_backward_math}
 fused_kernels = {}  # 'forward'/'backward' -> compiled function, made on first use; False once compiling failed
 
 
-def compiled_kernel(name):
-    if name not in fused_kernels:
-        math = oscillate_forward_math if name == 'forward' else oscillate_backward_math
-        fused_kernels[name] = torch.compile(math, dynamic=True)
-    return fused_kernels[name]
+def run_math(name, fuse, *args):
+    """OSCILLATE_MATH[name](*args), through its compiled kernel if fuse and compiling works here."""
+    if fuse and fused_kernels.get(name) is not False:
+        if name not in fused_kernels:
+            fused_kernels[name] = torch.compile(OSCILLATE_MATH[name], dynamic=True)
+        try:
+            return fused_kernels[name](*args)
+        except Exception as e:
+            give_up_fusing(e)
+    return OSCILLATE_MATH[name](*args)
 
 
 def compile_failed(error):
@@ -240,24 +207,20 @@ def give_up_fusing(error):
           f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); using the unfused one", file=sys.stderr)
 
 
-class OscillateFused(torch.autograd.Function):
-    """OscillateFunction with its forward and its backward each compiled into a single kernel."""
+class Oscillate(torch.autograd.Function):
+    """oscillate_reference's values and gradients, saving only x (and the per-neuron vectors);
+    fuse: run the maths through its compiled kernels."""
 
     @staticmethod
-    def forward(ctx, x, omega, phi, baseline, gate_weight, gate_bias, threshold):
+    def forward(ctx, x, omega, phi, baseline, gate_weight, gate_bias, threshold, fuse):
         ctx.save_for_backward(x, omega, phi, baseline, gate_weight, gate_bias)
-        ctx.threshold = threshold
-        return compiled_kernel('forward')(x, omega, phi, baseline, gate_weight, gate_bias, threshold)
+        ctx.threshold, ctx.fuse = threshold, fuse
+        return run_math('forward', fuse, x, omega, phi, baseline, gate_weight, gate_bias, threshold)
 
     @staticmethod
     def backward(ctx, grad_out):
-        saved = ctx.saved_tensors  # read once: gradient checkpointing allows no second unpacking
-        if fused_kernels.get('backward') is not False:
-            try:
-                return *compiled_kernel('backward')(saved[0], grad_out, *saved[1:], ctx.threshold), None
-            except Exception as e:
-                give_up_fusing(e)
-        return OscillateFunction.gradients(saved, ctx.threshold, grad_out)
+        x, *vectors = ctx.saved_tensors  # read once: gradient checkpointing allows no second unpacking
+        return *run_math('backward', ctx.fuse, x, grad_out, *vectors, ctx.threshold), None, None
 
 
 def oscillate(x, omega, phi, baseline, gate_weight=None, gate_bias=None, threshold=0.0):
@@ -270,18 +233,11 @@ def oscillate(x, omega, phi, baseline, gate_weight=None, gate_bias=None, thresho
             impl = 'fused'
         else:  # inference: the forward alone gains little from fusing
             impl = 'function'
-    args = (x, omega, phi, baseline, gate_weight, gate_bias, threshold)
+    if impl not in ('plain', 'function', 'fused'):
+        raise ValueError(f'OSCILLATION_IMPL={impl!r} is not one of auto, plain, function, fused')
     if impl == 'plain':
-        return oscillate_reference(*args)
-    if impl == 'fused':
-        try:
-            return OscillateFused.apply(*args)
-        except Exception as e:
-            give_up_fusing(e)
-            impl = 'function'
-    if impl == 'function':
-        return OscillateFunction.apply(*args)
-    raise ValueError(f'OSCILLATION_IMPL={impl!r} is not one of auto, plain, function, fused')
+        return oscillate_reference(x, omega, phi, baseline, gate_weight, gate_bias, threshold)
+    return Oscillate.apply(x, omega, phi, baseline, gate_weight, gate_bias, threshold, impl == 'fused')
 
 
 class OscillatingActivation(nn.Module):
@@ -480,220 +436,3 @@ class GPT(nn.Module):
         if not peak_flops:
             return None
         return self.flops_per_token() * tokens_per_second / peak_flops
-
-
-# -----------------------------------------------------------------------------
-# generation
-
-
-def apply_repetition_penalty(logits, recent_ids, penalty, exempt_ids=()):
-    """Make each token seen in recent_ids less likely: positive logits divided by penalty, negative multiplied.
-
-    exempt_ids (e.g. chat template markers) are never penalised. logits: (vocab,), changed in place.
-    """
-    penalised = sorted(set(recent_ids) - set(exempt_ids))
-    if penalty == 1.0 or not penalised:
-        return logits
-    index = torch.tensor(penalised, device=logits.device)
-    values = logits[index]
-    logits[index] = torch.where(values > 0, values / penalty, values * penalty)
-    return logits
-
-
-def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
-    """One token id from logits (vocab,): greedy at temperature 0, else softmax sampling after top-k and top-p."""
-    if temperature == 0:
-        return int(logits.argmax())
-    logits = logits / temperature
-    if top_k:
-        kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
-        logits = logits.masked_fill(logits < kth, float('-inf'))
-    if top_p is not None and top_p < 1.0:
-        # keep the most likely tokens until their probabilities sum to top_p (at least one)
-        sorted_logits, order = torch.sort(logits, descending=True)
-        sorted_probs = F.softmax(sorted_logits, dim=-1)
-        outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
-        logits = logits.masked_fill(outside.scatter(0, order, outside), float('-inf'))
-    probs = F.softmax(logits, dim=-1)
-    return int(torch.multinomial(probs, 1, generator=generator))
-
-
-def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=None, top_p=None,
-                    repetition_penalty=1.0, penalty_window=64, penalty_exempt=(), generator=None, use_cache=True):
-    """Yield up to max_new_tokens token ids that continue prompt_ids (a list of at least one id).
-
-    The model sees the last block_size tokens. With use_cache each step feeds only the newest
-    token; once the text outgrows block_size the window slides, every position changes and the
-    cache is rebuilt from the window at each step, so the tokens always equal a full recompute.
-    repetition_penalty applies to the ids among the last penalty_window tokens, except penalty_exempt.
-    """
-    assert len(prompt_ids) > 0, 'the prompt needs at least one token'
-    block_size = model.config.block_size
-    device = next(model.parameters()).device
-    ids = list(prompt_ids)
-    kv_cache = None
-    for _ in range(max_new_tokens):
-        # no_grad per step, not as a decorator: a caller may stop reading (a stop sequence) and leave
-        # this generator suspended, and a decorated generator complains when it is collected later
-        with torch.no_grad():
-            if kv_cache is not None and len(ids) <= block_size:
-                logits, _ = model(torch.tensor([ids[-1:]], device=device), kv_cache=kv_cache)
-            else:
-                kv_cache = model.new_kv_cache() if use_cache else None
-                logits, _ = model(torch.tensor([ids[-block_size:]], device=device), kv_cache=kv_cache)
-        logits = logits[0, -1].float()
-        apply_repetition_penalty(logits, ids[-penalty_window:], repetition_penalty, penalty_exempt)
-        next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
-        ids.append(next_id)
-        yield next_id
-
-
-def stream_text(token_ids, decode, stop_sequences=()):
-    """Turn a stream of token ids into text pieces as they become final; end before the first stop sequence.
-
-    Text that may be the start of a stop sequence (or of a character still being spelled out in
-    UTF-8 bytes) is held back until the next tokens settle it.
-    """
-    ids, shown, text = [], 0, ''
-    for token in token_ids:
-        ids.append(token)
-        text = decode(ids)
-        hits = [text.find(s, max(shown - len(s), 0)) for s in stop_sequences]
-        hits = [h for h in hits if h >= 0]
-        if hits:
-            if min(hits) > shown:
-                yield text[shown:min(hits)]
-            return
-        ready = len(text)
-        while ready > shown and text[ready - 1] == '\ufffd':
-            ready -= 1
-        held = max([n for s in stop_sequences for n in range(1, len(s)) if text[:ready].endswith(s[:n])], default=0)
-        ready -= held
-        if ready > shown:
-            yield text[shown:ready]
-            shown = ready
-    if len(text) > shown:
-        yield text[shown:]
-
-
-# seconds to wait between tries of a rename: Windows refuses to replace a file that another program
-# holds open (sample_bio.py reading it, a virus scan, a sync client such as OneDrive)
-RENAME_WAITS = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
-
-
-def replace_file(src, dst):
-    """os.replace(src, dst), retried while dst is held open; False, with a one-line warning, if it stays held."""
-    for wait in RENAME_WAITS + (None,):
-        try:
-            os.replace(src, dst)
-            return True
-        except PermissionError:
-            if wait is None:
-                break
-            time.sleep(wait)
-    print(f'warning: could not replace {dst} (another program holds it open); the new file is complete '
-          f'at {src}, and the next save tries again', file=sys.stderr)
-    return False
-
-
-def save_checkpoint(checkpoint, path, copy_to=None):
-    """torch.save through a temp file and a rename, so a crash mid-save leaves the old file whole.
-
-    copy_to, if given, is a second path that gets the same checkpoint (a hard link, where the
-    file system has them). Returns False when a rename stayed refused (see replace_file).
-    """
-    tmp_path = path + '.tmp'
-    if os.path.exists(tmp_path):
-        # left by a refused rename, and maybe hard-linked to the best checkpoint: writing into it would change that too
-        os.remove(tmp_path)
-    with open(tmp_path, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
-    copied = True
-    if copy_to:
-        copy_tmp = copy_to + '.tmp'
-        if os.path.exists(copy_tmp):
-            os.remove(copy_tmp)
-        try:
-            os.link(tmp_path, copy_tmp)  # costs nothing; the next save renames a new file over path, not into it
-        except OSError:
-            shutil.copyfile(tmp_path, copy_tmp)
-        copied = replace_file(copy_tmp, copy_to)
-    return replace_file(tmp_path, path) and copied
-
-
-def load_model(ckpt_path, device, **overrides):
-    """Build the model a checkpoint describes and load its weights; returns (model, checkpoint dict).
-
-    overrides replace settings that do not change the weights (dropout, gradient_checkpointing).
-
-    User mistakes (missing or foreign file) exit with a one-line message.
-    """
-    if not os.path.isfile(ckpt_path):
-        sys.exit(f'error: no checkpoint at {ckpt_path} (train one with train_bio.py, or pass its path)')
-    try:
-        # to the CPU first: the model is moved once, and a GPU never holds two copies
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
-    except Exception as e:
-        sys.exit(f'error: {ckpt_path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})')
-    if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
-        sys.exit(f'error: {ckpt_path} is not a WiggleGPT checkpoint (it has no model / model_args)')
-    model_args = dict(checkpoint['model_args'])
-    if 'format_version' not in checkpoint:  # written by the original WiggleGPT code
-        checkpoint['best_val_loss'] = float(checkpoint.get('best_val_loss', float('inf')))
-        if model_args.get('use_rope') and model_args.get('use_positions', True):
-            # its RoPE rotated nothing, so these weights were trained without any positional encoding
-            model_args['use_positions'] = False
-            print(f'note: {ckpt_path} comes from the original WiggleGPT, whose RoPE was a no-op; '
-                  'running it with positional encoding off (use_positions=False), as it was trained', file=sys.stderr)
-    model_args.update(overrides)
-    known = {f.name for f in fields(GPTConfig)}
-    config = GPTConfig(**{k: v for k, v in model_args.items() if k in known})
-    checkpoint['model_args'] = asdict(config)  # what the model really is, for whoever saves it again
-    model = GPT(config)
-    prefix = '_orig_mod.'  # torch.compile's wrapper adds it to every key
-    state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in checkpoint['model'].items()}
-    # a causal-mask buffer some attention modules saved; attention here needs none
-    state_dict = {k: v for k, v in state_dict.items() if not k.endswith('.attn.bias')}
-    try:
-        model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        sys.exit(f'error: {ckpt_path} does not match the model its model_args describe: {str(e).splitlines()[1].strip()}')
-    model.to(device)
-    return model, checkpoint
-
-
-def load_codec(checkpoint):
-    """(encode, decode) for a checkpoint: its dataset's meta.pkl for character-level runs, else GPT-2 BPE."""
-    dataset = checkpoint.get('config', {}).get('dataset')
-    meta_path = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', str(dataset), 'meta.pkl')
-    if dataset and os.path.isfile(meta_path):
-        with open(meta_path, 'rb') as f:
-            meta = pickle.load(f)
-        stoi, itos = meta['stoi'], meta['itos']
-
-        def encode(text):
-            unknown = sorted(set(c for c in text if c not in stoi))
-            if unknown:
-                raise ValueError(f'characters outside the {dataset} vocabulary: {unknown!r}')
-            return [stoi[c] for c in text]
-
-        return encode, lambda ids: ''.join(itos[i] for i in ids)
-    if checkpoint['model_args']['vocab_size'] < 50257:
-        sys.exit(f'error: the checkpoint has a {checkpoint["model_args"]["vocab_size"]}-token vocabulary but '
-                 f'{meta_path} is missing (run data/{dataset}/prepare.py again)')
-    import tiktoken
-    enc = tiktoken.get_encoding('gpt2')
-    return (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'})), enc.decode
-
-
-# -----------------------------------------------------------------------------
-# the chat template of the original release, as plain text (GPT-2 BPE, no added tokens)
-EOT_ID = 50256  # <|endoftext|>, which ends every conversation
-CHAT_STOPS = ('<|/assistant|>', '<|endoftext|>', '<|user|>')  # where a reply ends
-
-
-def chat_turn(role, content):
-    """One turn of a conversation: role is 'system', 'user' or 'assistant'."""
-    return f'<|{role}|>\n{content}\n<|/{role}|>\n'

@@ -10,7 +10,9 @@ import sys
 import torch
 
 import devices
-from model_bio import generate_tokens, load_codec, load_model, stream_text
+from checkpoints import load_model
+from codec import load_codec
+from generation import generate_tokens, stream_text
 
 out_dir = 'out'
 ckpt = 'ckpt.pt'  # or 'ckpt_best.pt'
@@ -26,7 +28,7 @@ device = 'auto'
 dtype = 'auto'
 compile = False
 # -----------------------------------------------------------------------------
-from configurator import configure, settings_in  # noqa: E402
+from configurator import configure, fail, settings_in  # noqa: E402
 
 globals().update(configure(settings_in(globals()), sys.argv[1:]))
 # -----------------------------------------------------------------------------
@@ -35,25 +37,28 @@ try:
     device = devices.pick_device(device)
     dtype = devices.pick_dtype(device, dtype)
 except ValueError as e:
-    sys.exit(f'error: {e}')
+    fail(str(e))
 autocast = devices.autocast(device, dtype)
 if start.startswith('FILE:'):
     if not os.path.isfile(start[5:]):
-        sys.exit(f'error: prompt file {start[5:]} not found')
+        fail(f'prompt file {start[5:]} not found')
     with open(start[5:], encoding='utf-8') as f:
         start = f.read()
 if not start:
-    sys.exit('error: the prompt is empty; give at least one character with --start')
+    fail('the prompt is empty; give at least one character with --start')
 
-model, checkpoint = load_model(os.path.join(out_dir, ckpt), device)
+try:
+    model, checkpoint = load_model(os.path.join(out_dir, ckpt), device)
+    encode, decode = load_codec(checkpoint)
+except ValueError as e:
+    fail(str(e))
 model.eval()
 if compile:
     model = torch.compile(model)
-encode, decode = load_codec(checkpoint)
 try:
     prompt_ids = encode(start)
 except ValueError as e:
-    sys.exit(f'error: the prompt has {e}')
+    fail(f'the prompt has {e}')
 
 generator = torch.Generator(device=device).manual_seed(seed)
 for _ in range(num_samples):

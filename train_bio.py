@@ -26,7 +26,8 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import devices
 import prepared_data
-from model_bio import GPT, GPTConfig, load_model, save_checkpoint
+from checkpoints import load_model, save_checkpoint
+from model_bio import GPT, GPTConfig
 
 # -----------------------------------------------------------------------------
 # defaults: the 124M WiggleGPT on OpenWebText
@@ -83,7 +84,7 @@ compile = False  # torch.compile needs Triton on GPUs, which Windows lacks
 peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks it up by GPU name
 seed = 1337
 # -----------------------------------------------------------------------------
-from configurator import configure, settings_in  # noqa: E402
+from configurator import configure, fail, settings_in  # noqa: E402
 
 config = configure(settings_in(globals()), sys.argv[1:])
 globals().update(config)
@@ -93,12 +94,6 @@ model_keys = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']
 TRAINING_ONLY = ('dropout', 'gradient_checkpointing')  # model settings that a resume may change: no weight depends on them
 # what a checkpoint decides: the model it holds (block_size is also the training window, which may be shorter)
 ARCHITECTURE = [k for k in model_keys if k not in TRAINING_ONLY and k != 'block_size']
-
-
-def fail(message):
-    if int(os.environ.get('RANK', 0)) == 0:  # under DDP every process stops, one says why
-        print(f'error: {message}', file=sys.stderr)
-    sys.exit(1)
 
 
 if rehearsal_iters < 0 or max_skipped_steps < 1:
@@ -244,7 +239,10 @@ else:
     source = ckpt_path if init_from == 'resume' else init_from
     if init_from != 'resume' and not os.path.isfile(init_from):
         fail(f"init_from={init_from!r} is not 'scratch', 'resume' or an existing checkpoint file")
-    model, checkpoint = load_model(source, device, **{k: config[k] for k in TRAINING_ONLY})
+    try:
+        model, checkpoint = load_model(source, device, **{k: config[k] for k in TRAINING_ONLY})
+    except ValueError as e:
+        fail(str(e))
     model_args = asdict(model.config)
     asked_otherwise = [f'{k} {model_args[k]} (asked {config[k]})' for k in ARCHITECTURE if config[k] != model_args[k]]
     for k in ARCHITECTURE:
@@ -589,14 +587,14 @@ except torch.cuda.OutOfMemoryError:  # said by each process that ran out, which 
           f'batch_size={batch_size}, block_size={block_size}: lower batch_size (raising gradient_accumulation_steps '
           f'keeps the tokens per iteration), or use --gradient_checkpointing=True; {ckpt_path} keeps the last saved '
           'state', file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2)
 except RuntimeError as e:
     # a process that failed (or was killed) breaks the others' collectives: they stop at once, not wait
     if not ddp or not (isinstance(e, dist.DistError) or 'by peer' in str(e)):
         raise
     print(f'error: process {rank}: another process of this run stopped ({str(e).strip().splitlines()[0]}); '
           f'stopping too, {ckpt_path} keeps the last saved state', file=sys.stderr)
-    sys.exit(1)
+    sys.exit(2)
 
 if not writes and master:
     devices.synchronize(device)

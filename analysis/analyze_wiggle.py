@@ -21,7 +21,8 @@ import matplotlib.pyplot as plt  # noqa: E402
 import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from model_bio import load_model  # noqa: E402
+from checkpoints import load_model  # noqa: E402
+from configurator import fail  # noqa: E402
 
 PARAMS = ('omega', 'phi', 'baseline')
 GATE_PARAMS = ('gate_weight', 'gate_bias')
@@ -30,10 +31,13 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 def neuron_params(ckpt_path):
     """{name: [per-layer numpy arrays]} for the activation (and gate) parameters of a checkpoint."""
-    model, _ = load_model(ckpt_path, 'cpu')
+    try:
+        model, _ = load_model(ckpt_path, 'cpu')
+    except ValueError as e:
+        fail(str(e))
     layers = [block.mlp for block in model.transformer.h]
     if not hasattr(layers[0], 'activation'):
-        sys.exit(f'error: {ckpt_path} has no oscillating neurons (a GELU model, use_bio_mlp=False)')
+        fail(f'{ckpt_path} has no oscillating neurons (a GELU model, use_bio_mlp=False)')
     params = {name: [getattr(mlp.activation, name).detach().float().numpy() for mlp in layers] for name in PARAMS}
     if getattr(layers[0], 'sparse_gate', None) is not None:
         params.update({name: [getattr(mlp.sparse_gate, name).detach().float().numpy() for mlp in layers]
@@ -102,7 +106,7 @@ def main():
     if args.compare:
         other = neuron_params(args.compare)
         if [len(layer) for layer in other['omega']] != [len(layer) for layer in params['omega']]:
-            sys.exit(f'error: {args.compare} has a different shape from {args.ckpt}; compare checkpoints of one model')
+            fail(f'{args.compare} has a different shape from {args.ckpt}; compare checkpoints of one model')
         stats['compare'] = {'checkpoint': args.compare}
         fig, axes = plt.subplots(2, len(PARAMS), figsize=(4 * len(PARAMS), 7))
         for col, name in enumerate(PARAMS):

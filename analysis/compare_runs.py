@@ -30,16 +30,11 @@ import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
-from configurator import configure, script_defaults  # noqa: E402
+from configurator import configure, fail, script_defaults  # noqa: E402
 ARMS = {'bio': 'True', 'gelu': 'False'}  # arm name -> --use_bio_mlp
 # two-sided 95% critical values of Student's t for 1..30 degrees of freedom (30's beyond: slightly wide)
 T_95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
-
-
-def fail(message):
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 def read_evals(run_dir):

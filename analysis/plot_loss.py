@@ -22,13 +22,11 @@ import matplotlib
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import fail  # noqa: E402
+
 TRAIN_KEYS = {'iter', 'loss', 'tokens'}
 EVAL_KEYS = {'iter', 'train_loss', 'val_loss', 'tokens'}
-
-
-def fail(message):
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 def log_path(arg):

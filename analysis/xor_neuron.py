@@ -24,6 +24,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from configurator import fail  # noqa: E402
 from model_bio import oscillate_reference  # noqa: E402
 
 INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
@@ -37,11 +38,6 @@ ACTIVATIONS = {
     'tanh': (lambda z, p: torch.tanh(z), {}),
     'sigmoid': (lambda z, p: torch.sigmoid(z), {}),
 }
-
-
-def fail(message):
-    print(f'error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 def init_params(activation, seeds):

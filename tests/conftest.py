@@ -22,6 +22,11 @@ TINY = ['--device=cpu', '--dtype=float32', '--n_layer=2', '--n_head=2', '--n_emb
         '--warmup_iters=2', '--lr_decay_iters=40', '--learning_rate=1e-2', '--dataset=tiny']
 
 
+def pytest_configure(config):
+    config.addinivalue_line('markers', 'slow: takes seconds (a script run, torchrun, a compile); '
+                                       'pytest -m "not slow" leaves these out for a quick check while editing')
+
+
 @pytest.fixture
 def workdir(tmp_path):
     """A copy of the scripts with a small random-token dataset in data/tiny/, so tests never touch the repo."""

@@ -1,11 +1,26 @@
+"""
+The oscillating activation: each implementation against the plain-ops reference (float64, gradcheck,
+half precision), the memory it keeps for backward, and the fused kernel's fallback.
+
+    python -m pytest tests/test_activation.py              (-m "not slow": the quick ones only)
+"""
+
 import pytest
 import torch
 
 import model_bio
 from bench_bio import saved_bytes
-from model_bio import GPT, GPTConfig, OscillateFunction, OscillateFused, oscillate, oscillate_reference
+from model_bio import GPT, GPTConfig, Oscillate, oscillate, oscillate_reference
 
 N = 8  # hidden neurons
+
+
+def unfused(x, *args):
+    return Oscillate.apply(x, *args, False)
+
+
+def fused(x, *args):
+    return Oscillate.apply(x, *args, True)
 
 
 def params(dtype=torch.float64, gate=False, seed=0):
@@ -28,17 +43,18 @@ def grads_of(fn, x, ps, upstream, threshold=0.0):
 def test_function_gradcheck_float64():
     x = torch.randn(3, 4, N, dtype=torch.float64, requires_grad=True)
     omega, phi, baseline = params()
-    assert torch.autograd.gradcheck(lambda *a: OscillateFunction.apply(*a, None, None, 0.0), (x, omega, phi, baseline))
+    assert torch.autograd.gradcheck(lambda *a: unfused(*a, None, None, 0.0), (x, omega, phi, baseline))
 
 
-@pytest.mark.parametrize('impl', [OscillateFunction, OscillateFused])
+@pytest.mark.slow
+@pytest.mark.parametrize('impl', [unfused, fused])
 @pytest.mark.parametrize('gate', [False, True])
 def test_function_matches_plain_ops_float64(impl, gate):
     x = torch.randn(6, 5, N, dtype=torch.float64) * 2
     ps = params(gate=gate)
     upstream = torch.randn(6, 5, N, dtype=torch.float64)
     ref_out, ref_grads = grads_of(oscillate_reference, x, ps, upstream, threshold=0.25)
-    out, grads = grads_of(impl.apply, x, ps, upstream, threshold=0.25)
+    out, grads = grads_of(impl, x, ps, upstream, threshold=0.25)
     if gate:
         assert 0 < (out == 0).sum() < out.numel()  # both sides of the threshold are exercised
     torch.testing.assert_close(out, ref_out, rtol=1e-12, atol=1e-12)
@@ -55,7 +71,7 @@ def test_function_in_half_precision_is_as_accurate_as_plain_ops(dtype, gate):
     upstream = torch.randn(256, N).to(dtype)
     true_out, true_grads = grads_of(oscillate_reference, x.double(), [p.double() for p in ps], upstream.double(), 0.25)
     ref_out, ref_grads = grads_of(oscillate_reference, x, ps, upstream, threshold=0.25)
-    out, grads = grads_of(OscillateFunction.apply, x, ps, upstream, threshold=0.25)
+    out, grads = grads_of(unfused, x, ps, upstream, threshold=0.25)
     assert out.dtype == dtype and grads[0].dtype == dtype and all(g.dtype == torch.float32 for g in grads[1:])
 
     def error(a, b):
@@ -72,8 +88,8 @@ def test_function_saves_only_its_input():
     x = torch.randn(256, N, requires_grad=True)
     ps = params(torch.float32, gate=True)
     vectors = 5 * N * 4
-    assert saved_bytes(lambda: OscillateFunction.apply(x, *ps, 0.25)) == x.numel() * 4 + vectors
-    assert saved_bytes(lambda: OscillateFused.apply(x, *ps, 0.25)) == x.numel() * 4 + vectors
+    assert saved_bytes(lambda: unfused(x, *ps, 0.25)) == x.numel() * 4 + vectors
+    assert saved_bytes(lambda: fused(x, *ps, 0.25)) == x.numel() * 4 + vectors
     assert saved_bytes(lambda: torch.nn.functional.gelu(x)) == x.numel() * 4
     assert saved_bytes(lambda: oscillate_reference(x, *ps, 0.25)) > 4 * x.numel() * 4  # what the function avoids
 
@@ -142,6 +158,7 @@ def test_an_error_in_running_the_fused_kernel_surfaces_as_itself(monkeypatch, fa
     assert model_bio.fused_kernels == kernels  # still fusing
 
 
+@pytest.mark.slow
 def test_compiled_model_agrees_with_eager(monkeypatch):
     ref_logits, ref_grads, _ = model_outputs('function', monkeypatch)
     logits, grads, _ = model_outputs('auto', monkeypatch, compiled=True)  # plain ops inside the compiled graph

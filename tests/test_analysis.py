@@ -1,3 +1,11 @@
+"""
+The analysis scripts run as users run them, their numbers checked against the checkpoints they read;
+compare_runs.py end to end.
+
+    python -m pytest tests/test_analysis.py              (-m "not slow": the quick ones only)
+"""
+
+import pytest
 import json
 import math
 import os
@@ -8,7 +16,8 @@ import numpy as np
 import torch
 
 from conftest import REPO, TINY, message_lines, run_script, simulated_env
-from model_bio import GPT, GPTConfig, save_checkpoint
+from checkpoints import save_checkpoint
+from model_bio import GPT, GPTConfig
 
 ANALYSIS = os.path.join(REPO, 'analysis')
 MODEL = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, use_bio_mlp=True)
@@ -40,6 +49,7 @@ def write_model(path, seed=0, omega_shift=0.0, layer1_moved=0, **overrides):
     return model.state_dict()
 
 
+@pytest.mark.slow
 def test_analyze_wiggle_numbers_match_the_state_dict(tmp_path):
     state = write_model(tmp_path / 'a' / 'ckpt.pt', use_sparse_gate=True)
     shifted = write_model(tmp_path / 'b' / 'ckpt.pt', omega_shift=0.05, use_sparse_gate=True)
@@ -63,6 +73,7 @@ def test_analyze_wiggle_numbers_match_the_state_dict(tmp_path):
         assert_png(tmp_path / 'out' / png)
 
 
+@pytest.mark.slow
 def test_analysis_of_a_gelu_model_is_a_one_line_error(tmp_path):
     write_model(tmp_path / 'g' / 'ckpt.pt', use_bio_mlp=False)
     for script in ('analyze_wiggle.py', 'analyze_brainwaves.py'):
@@ -71,6 +82,7 @@ def test_analysis_of_a_gelu_model_is_a_one_line_error(tmp_path):
         assert message_lines(proc.stderr) == ['error: g/ckpt.pt has no oscillating neurons (a GELU model, use_bio_mlp=False)']
 
 
+@pytest.mark.slow
 def test_brainwaves_band_shares_match_the_state_dict(tmp_path):
     state = write_model(tmp_path / 'a' / 'ckpt.pt', layer1_moved=32)  # a quarter of layer 1's 128 neurons
     run_script(tmp_path, os.path.join(ANALYSIS, 'analyze_brainwaves.py'), 'a/ckpt.pt', '--out_dir', 'out')
@@ -88,6 +100,7 @@ def test_brainwaves_band_shares_match_the_state_dict(tmp_path):
         assert_png(tmp_path / 'out' / png)
 
 
+@pytest.mark.slow
 def test_compare_runs_trains_both_arms_and_reports_paired_differences(workdir):
     (workdir / 'config_tiny.py').write_text('max_iters = 4\neval_interval = 2\n')
     settings = [arg[2:] for arg in TINY]

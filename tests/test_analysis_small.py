@@ -1,3 +1,10 @@
+"""
+plot_loss.py and xor_neuron.py run as users run them.
+
+    python -m pytest tests/test_analysis_small.py              (-m "not slow": the quick ones only)
+"""
+
+import pytest
 import json
 import os
 import subprocess
@@ -52,6 +59,7 @@ def test_plot_loss_summary_matches_the_logs(tmp_path):
                              'tokens': ft_train[-1][2]}
 
 
+@pytest.mark.slow
 def test_plot_loss_user_mistakes_are_one_line_errors(tmp_path):
     (tmp_path / 'torn.jsonl').write_text('{"iter": 0, "train_lo')
     for args in (['missing/log.jsonl'], ['torn.jsonl']):
@@ -62,6 +70,7 @@ def test_plot_loss_user_mistakes_are_one_line_errors(tmp_path):
         assert 'Traceback' not in proc.stderr
 
 
+@pytest.mark.slow
 def test_xor_neuron_oscillating_solves_what_monotone_cannot(tmp_path):
     proc = run(tmp_path, XOR_NEURON, '--seeds', '3', '--steps', '1500', '--json', 'out.json')
     assert proc.returncode == 0, proc.stderr

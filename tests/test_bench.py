@@ -1,6 +1,15 @@
-import json
+"""
+bench_bio.py run as users run it, on a tiny config.
 
-from conftest import run_script
+    python -m pytest tests/test_bench.py              (-m "not slow": the quick ones only)
+"""
+
+import pytest
+import json
+import os
+import statistics
+
+from conftest import message_lines, run_script
 
 TINY_CONFIG = """
 dataset = 'shakespeare_char'
@@ -13,10 +22,11 @@ bias = False
 """
 
 
+@pytest.mark.slow
 def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
     (workdir / 'config_bench_tiny.py').write_text(TINY_CONFIG)
-    proc = run_script(workdir, 'bench_bio.py', '--config=config_bench_tiny.py', '--device=cpu', '--rounds=2',
-                      '--act_calls=1', '--sample_repeats=1', '--new_tokens=4', '--out=bench.json', timeout=600)
+    proc = run_script(workdir, 'bench_bio.py', 'config_bench_tiny.py', '--device=cpu', '--rounds=2',
+                      '--act_calls=1', '--sample_repeats=1', '--new_tokens=4', '--bench_out=bench.json', timeout=600)
     report = json.loads((workdir / 'bench.json').read_text())
     assert report['device'].startswith('cpu') and report['dtype'] == 'float32'
     # the activation keeps its (32 x 128) input and its three 128-vectors; GELU keeps the input alone
@@ -31,9 +41,25 @@ def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
     assert report['sample']['block_size_256']['tokens_per_s_cache'] > 0
 
 
+@pytest.mark.slow
+def test_whole_runs_are_timed_as_processes_of_the_config(workdir):
+    # whole runs of train_bio.py with the config and the overrides that are not the bench's own
+    (workdir / 'config_bench_tiny.py').write_text(TINY_CONFIG.replace('shakespeare_char', 'tiny'))
+    proc = run_script(workdir, 'bench_bio.py', 'config_bench_tiny.py', '--device=cpu', '--part=whole',
+                      '--whole_pairs=2', '--whole_iters=3', '--eval_iters=1', '--bench_out=whole.json', timeout=600)
+    report = json.loads((workdir / 'whole.json').read_text())['whole']
+    assert len(report['time_s']['bio']) == len(report['time_s']['gelu']) == 2 and min(report['time_s']['bio']) > 0
+    assert report['ratios'] == [b / g for b, g in zip(report['time_s']['bio'], report['time_s']['gelu'])]
+    assert report['whole_run_time_ratio'] == statistics.median(report['ratios'])
+    assert 'whole runs of train_bio.py config_bench_tiny.py --device=cpu --eval_iters=1: 3 iterations, 2 pairs' in proc.stdout
+    assert not [p for p in os.listdir(workdir) if p.startswith('out')]  # the runs wrote into a scratch folder
+
+
+@pytest.mark.slow
 def test_bench_user_mistakes_are_one_line_errors(workdir):
-    for args, message in [(['--config=nope.py'], 'no config file nope.py'),
-                          (['--device=cpu', '--dtype=half'], "dtype='half' is not one of")]:
+    for args, message in [(['nope.py'], "config file 'nope.py' not found"),
+                          (['--device=cpu', '--dtype=half'], "dtype='half' is not one of"),
+                          (['--part=everything'], "part='everything' is not one of")]:
         proc = run_script(workdir, 'bench_bio.py', *args, check=False)
-        assert proc.returncode != 0 and message in proc.stderr, (args, proc.stderr)
-        assert len(proc.stderr.strip().splitlines()) == 1, proc.stderr
+        assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
+        assert len(message_lines(proc.stderr)) == 1, proc.stderr

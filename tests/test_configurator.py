@@ -1,3 +1,9 @@
+"""
+Settings from config files and --key=value, and their one-line errors.
+
+    python -m pytest tests/test_configurator.py              (-m "not slow": the quick ones only)
+"""
+
 import os
 import subprocess
 import sys

@@ -1,4 +1,8 @@
-"""DDP as users run it: torchrun with CPU processes on the gloo backend, a tiny model and dataset."""
+"""
+DDP as users run it: torchrun with CPU processes on the gloo backend, a tiny model and dataset.
+
+    python -m pytest tests/test_ddp.py              (-m "not slow": the quick ones only)
+"""
 
 import json
 import os
@@ -19,6 +23,7 @@ def torchrun(*args):
     return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args, '--backend=gloo']
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_rank0_alone_writes(workdir):
     cmd = torchrun('train_bio.py', *TINY, '--use_bio_mlp=True', '--max_iters=4', '--eval_interval=2', '--out_dir=out')
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=300)
@@ -34,6 +39,7 @@ def test_torchrun_two_processes_rank0_alone_writes(workdir):
     assert log[-2]['tokens'] == 4 * 4 * 2 * 16
 
 
+@pytest.mark.slow
 def test_finetuning_gradients_do_not_depend_on_the_number_of_processes(workdir):
     # replies of 1, 4, 7, ... words: the two micro-batches of the step hold different numbers of trained
     # tokens, which the loss must weigh as one mean over both, wherever each is computed
@@ -73,6 +79,7 @@ def start_long_run(workdir):
     return proc
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize('how', ['ctrl-c', 'sigterm'])
 def test_a_signal_under_torchrun_saves_well_inside_its_grace(workdir, how):
     # Ctrl-C at a terminal reaches torchrun and its workers; a scheduler's SIGTERM reaches torchrun,
@@ -107,6 +114,7 @@ def worker_pid(agent_pid, local_rank):
     raise AssertionError(f'no worker with LOCAL_RANK={local_rank}')
 
 
+@pytest.mark.slow
 @pytest.mark.skipif(not os.path.isdir('/proc'), reason='finds the worker processes through /proc')
 def test_a_failing_process_makes_the_others_stop_promptly(workdir):
     proc = start_long_run(workdir)
@@ -121,6 +129,7 @@ def test_a_failing_process_makes_the_others_stop_promptly(workdir):
     assert (workdir / 'out' / 'ckpt.pt').read_bytes() == saved
 
 
+@pytest.mark.slow
 def test_out_of_memory_in_one_process_is_said_by_that_process(workdir):
     # rank 1 alone runs out of memory (at its 10th loss: iteration 4); it says so, rank 0 says why it stops
     cmd = torchrun('train_bio.py', *GELU, '--max_iters=20', '--eval_interval=100', '--out_dir=out')

@@ -1,5 +1,9 @@
-"""Device setup: devices.py's logic, and every script run on a simulated CUDA machine (tests/simulated)
-as users run it, up to the first tensor moved to the GPU (where the CPU build of PyTorch must stop)."""
+"""
+Device setup: devices.py's logic, and every script run on a simulated CUDA machine (tests/simulated)
+as users run it, up to the first tensor moved to the GPU (where the CPU build of PyTorch must stop).
+
+    python -m pytest tests/test_devices.py              (-m "not slow": the quick ones only)
+"""
 
 import re
 import subprocess
@@ -10,7 +14,8 @@ import torch
 
 import devices
 from conftest import TINY, message_lines, run_script, simulated_env
-from model_bio import GPT, GPTConfig, save_checkpoint
+from checkpoints import save_checkpoint
+from model_bio import GPT, GPTConfig
 
 RTX_3070 = 'NVIDIA GeForce RTX 3070'
 FIRST_TENSOR = re.compile(r'simulated GPU: first CUDA tensor at (\S+):(\d+)')
@@ -112,6 +117,7 @@ def test_cuda_optimizer_is_fused_in_one_kernel():
 # the scripts on a simulated GPU machine
 
 
+@pytest.mark.slow
 def test_training_on_one_simulated_gpu_gets_to_its_first_tensor(workdir):
     gpu = simulated_env(SIMULATED_GPUS=RTX_3070)
     args = [a for a in TINY if not a.startswith(('--device', '--dtype'))]
@@ -132,6 +138,7 @@ def test_training_on_one_simulated_gpu_gets_to_its_first_tensor(workdir):
     assert first_cuda_tensor(proc, workdir) == 'model.to(device)'
 
 
+@pytest.mark.slow
 def test_sampling_chat_and_bench_on_a_simulated_gpu_get_to_their_first_tensor(workdir):
     model_args = dict(n_layer=1, n_head=2, n_embd=32, block_size=32, vocab_size=50304)
     (workdir / 'out').mkdir()
@@ -141,14 +148,15 @@ def test_sampling_chat_and_bench_on_a_simulated_gpu_get_to_their_first_tensor(wo
     for script in ('sample_bio.py', 'chat.py'):
         proc = run_script(workdir, script, '--out_dir=out', check=False, env=gpu, input='hello\n')
         assert 'simulated GPU: set_device(0)' in proc.stderr
-        assert first_cuda_tensor(proc, workdir) == 'model.to(device)'  # load_model's, in model_bio.py
-        assert 'model_bio.py' in proc.stderr
+        assert first_cuda_tensor(proc, workdir) == 'model.to(device)'  # load_model's, in checkpoints.py
+        assert 'checkpoints.py' in proc.stderr
     (workdir / 'config_bench_tiny.py').write_text("batch_size = 2\nblock_size = 16\nn_layer = 1\nn_head = 2\nn_embd = 32\n")
-    proc = run_script(workdir, 'bench_bio.py', '--config=config_bench_tiny.py', check=False, env=gpu)
+    proc = run_script(workdir, 'bench_bio.py', 'config_bench_tiny.py', check=False, env=gpu)
     assert 'device: cuda:0 (NVIDIA GeForce RTX 3070), torch' in proc.stdout
     assert 'bench_bio.py' in FIRST_TENSOR.search(proc.stderr).group(1)
 
 
+@pytest.mark.slow
 def test_two_simulated_gpus_one_per_process_or_by_index(workdir):
     two = simulated_env(SIMULATED_GPUS='Tesla T4,' + RTX_3070)
     args = [a for a in TINY if not a.startswith(('--device', '--dtype'))]
@@ -157,7 +165,7 @@ def test_two_simulated_gpus_one_per_process_or_by_index(workdir):
     assert 'simulated GPU: set_device(1)' in proc.stderr
     assert first_cuda_tensor(proc, workdir) == 'model.to(device)'
     proc = run_script(workdir, 'train_bio.py', *args, '--device=cuda:2', '--out_dir=two', check=False, env=two)
-    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     assert message_lines(proc.stderr) == ['error: device=cuda:2 but this machine shows 2 CUDA device(s)']
     # torchrun: each process takes cuda:LOCAL_RANK
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_bio.py',

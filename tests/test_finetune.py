@@ -1,3 +1,9 @@
+"""
+Conversation data (data/smoltalk/prepare.py) and finetune_native.py: the loss mask, splits, freezing, resume.
+
+    python -m pytest tests/test_finetune.py              (-m "not slow": the quick ones only)
+"""
+
 import json
 import os
 
@@ -7,7 +13,8 @@ import tiktoken
 import torch
 
 from conftest import REPO, message_lines, run_script
-from model_bio import GPT, GPTConfig, load_model, save_checkpoint
+from checkpoints import load_model, save_checkpoint
+from model_bio import GPT, GPTConfig
 
 enc = tiktoken.get_encoding('gpt2')
 PREPARE = os.path.join(REPO, 'data', 'smoltalk', 'prepare.py')
@@ -37,6 +44,7 @@ def read_split(out, split):
     return tokens, mask, offsets
 
 
+@pytest.mark.slow
 def test_mask_covers_exactly_the_assistant_replies(tmp_path):
     out, proc = prepare(tmp_path, '--val_fraction=0.2')
     meta = json.loads((out / 'meta.json').read_text())
@@ -62,6 +70,7 @@ def test_mask_covers_exactly_the_assistant_replies(tmp_path):
     assert seen == 42
 
 
+@pytest.mark.slow
 def test_val_split_is_deterministic_and_seeded(tmp_path):
     outs = {}
     for name, args in (('first', []), ('again', []), ('other', ['--seed=7'])):
@@ -72,6 +81,7 @@ def test_val_split_is_deterministic_and_seeded(tmp_path):
     assert (outs['first'] / 'val.bin').read_bytes() != (outs['other'] / 'val.bin').read_bytes()
 
 
+@pytest.mark.slow
 def test_long_conversations_are_cut_at_a_turn_boundary(tmp_path):
     long = {'messages': [{'role': 'user', 'content': 'First question?'}, {'role': 'assistant', 'content': 'First answer.'},
                          {'role': 'user', 'content': 'word ' * 60}, {'role': 'assistant', 'content': 'Second.'}]}
@@ -82,6 +92,7 @@ def test_long_conversations_are_cut_at_a_turn_boundary(tmp_path):
     assert json.loads((out / 'meta.json').read_text())['cut'] == 1
 
 
+@pytest.mark.slow
 def test_prepare_errors(tmp_path):
     proc = run_script(tmp_path, PREPARE, '--dataset=missing.jsonl', check=False)
     assert proc.returncode == 2 and 'not found' in proc.stderr and 'Traceback' not in proc.stderr
@@ -90,6 +101,7 @@ def test_prepare_errors(tmp_path):
     assert proc.returncode == 2 and 'none of the 1 records' in proc.stderr and 'Traceback' not in proc.stderr
 
 
+@pytest.mark.slow
 def test_finetune_without_data_names_the_prepare_command(workdir):
     proc = run_script(workdir, 'finetune_native.py', 'config_finetune_native.py', '--device=cpu', check=False)
     assert proc.returncode != 0 and 'Traceback' not in proc.stderr
@@ -116,6 +128,7 @@ def chat_workdir(workdir):
     return workdir
 
 
+@pytest.mark.slow
 def test_finetune_lowers_val_loss_and_freezes_what_it_is_told(chat_workdir):
     proc = run_script(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=base/ckpt.pt', '--max_iters=20')
     assert 'starting from the weights of base/ckpt.pt' in proc.stdout
@@ -134,6 +147,7 @@ def test_finetune_lowers_val_loss_and_freezes_what_it_is_told(chat_workdir):
         assert torch.equal(before[name], after[name]) == frozen, name
 
 
+@pytest.mark.slow
 def test_finetune_resume_is_exact(chat_workdir):
     run_script(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=base/ckpt.pt', '--max_iters=8',
                '--eval_interval=4', '--out_dir=straight')

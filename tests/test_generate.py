@@ -1,10 +1,17 @@
+"""
+Generation: the KV cache against full recomputation, the sampling filters, streaming text.
+
+    python -m pytest tests/test_generate.py              (-m "not slow": the quick ones only)
+"""
+
 import pytest
 import torch
 import torch.nn.functional as F
 
-import model_bio
-from model_bio import (GPT, GPTConfig, apply_repetition_penalty, generate_tokens, load_model,
-                       sample_next_token, save_checkpoint, stream_text)
+import generation
+from checkpoints import load_model, save_checkpoint
+from generation import apply_repetition_penalty, generate_tokens, sample_next_token, stream_text
+from model_bio import GPT, GPTConfig
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
 POSITIONS = {'learned': dict(), 'rope': dict(use_rope=True), 'none': dict(use_positions=False)}
@@ -80,7 +87,7 @@ def test_repetition_penalty_spares_exempt_tokens_and_respects_the_window(monkeyp
     assert penalised.tolist() == [0.5, 1.0, 0.5, 1.0]
     # through generation: each step penalises exactly the last penalty_window ids (prompt included)
     seen = []
-    monkeypatch.setattr(model_bio, 'apply_repetition_penalty',
+    monkeypatch.setattr(generation, 'apply_repetition_penalty',
                         lambda logits, recent, *args: seen.append(list(recent)) or logits)
     prompt = [1, 2, 3, 4, 5]
     tokens = list(generate_tokens(sharp_model(), prompt, 4, temperature=0, repetition_penalty=1.5, penalty_window=3))

@@ -1,3 +1,9 @@
+"""
+The model: RoPE, the sparse gate, parameter counts and FLOPs, weight decay groups, checkpoints.
+
+    python -m pytest tests/test_model.py              (-m "not slow": the quick ones only)
+"""
+
 import os
 
 import pytest
@@ -5,8 +11,8 @@ import torch
 
 from conftest import REPO
 import model_bio
-from model_bio import (GPT, GPTConfig, OscillatingActivation, SparseGate, apply_rope, load_model, rope_tables,
-                       save_checkpoint)
+from checkpoints import load_model, save_checkpoint
+from model_bio import GPT, GPTConfig, OscillatingActivation, SparseGate, apply_rope, rope_tables
 
 TINY = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50)
 
@@ -106,6 +112,7 @@ def test_oscillating_activation_formula_and_init():
     assert all((b.mlp.activation.baseline == 0).all() for b in model.transformer.h)
 
 
+@pytest.mark.slow
 def test_param_counts_of_the_124m_config():
     settings = {}
     with open(os.path.join(REPO, 'config_gpt2_bio_3070.py')) as f:
@@ -173,12 +180,12 @@ def test_load_model_strips_compile_prefix_and_rejects_foreign_files(tmp_path):
     for k, v in model.state_dict().items():
         assert torch.equal(v, loaded.state_dict()[k])
     torch.save({'something': 1}, tmp_path / 'foreign.pt')
-    with pytest.raises(SystemExit, match='not a WiggleGPT checkpoint'):
+    with pytest.raises(ValueError, match='not a WiggleGPT checkpoint'):
         load_model(str(tmp_path / 'foreign.pt'), 'cpu')
-    with pytest.raises(SystemExit, match='no checkpoint at'):
+    with pytest.raises(ValueError, match='no checkpoint at'):
         load_model(str(tmp_path / 'missing.pt'), 'cpu')
     (tmp_path / 'junk.pt').write_bytes(b'not a zip file at all')
-    with pytest.raises(SystemExit, match='not a readable checkpoint'):
+    with pytest.raises(ValueError, match='not a readable checkpoint'):
         load_model(str(tmp_path / 'junk.pt'), 'cpu')
 
 

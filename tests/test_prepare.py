@@ -1,4 +1,8 @@
-"""The data prepare scripts, run as subprocesses on small inputs inside tmp dirs."""
+"""
+The data prepare scripts, run as subprocesses on small inputs inside tmp dirs (the hub simulated).
+
+    python -m pytest tests/test_prepare.py              (-m "not slow": the quick ones only)
+"""
 import json
 import os
 import pickle
@@ -87,6 +91,7 @@ def split_docs(tokens):
     return text[: -len(EOT_TEXT)].split(EOT_TEXT)
 
 
+@pytest.mark.slow
 def test_openwebtext_local_jsonl(tmp_path):
     docs = owt_docs(50)
     dataset = tmp_path / "docs.jsonl"
@@ -112,6 +117,7 @@ def test_openwebtext_local_jsonl(tmp_path):
     assert split_docs(limited_val) == [docs[9]]
 
 
+@pytest.mark.slow
 def test_openwebtext_local_txt_is_one_document_per_line(tmp_path):
     dataset = tmp_path / "lines.txt"
     dataset.write_text("first line\n\nsecond line é\nthird line\n", encoding="utf-8")
@@ -121,6 +127,7 @@ def test_openwebtext_local_txt_is_one_document_per_line(tmp_path):
     assert split_docs(val) == ["third line"]
 
 
+@pytest.mark.slow
 def test_openwebtext_missing_dataset_file(tmp_path):
     result = run([OWT_SCRIPT, "--dataset", str(tmp_path / "absent.jsonl"), "--out_dir", str(tmp_path / "out")], cwd=tmp_path)
     assert result.returncode == 2
@@ -154,6 +161,7 @@ def openwebtext_repo(tmp_path, docs):
         "plain_text/partial-train/0001.parquet": str(tmp_path / "part1.parquet")}}}
 
 
+@pytest.mark.slow
 def test_openwebtext_from_the_hub_with_a_datasets_that_refuses_loading_scripts(tmp_path):
     docs = owt_docs(40)
     env = hub(tmp_path, openwebtext_repo(tmp_path, docs))
@@ -173,6 +181,7 @@ def test_openwebtext_from_the_hub_with_a_datasets_that_refuses_loading_scripts(t
     assert prepare_owt(tmp_path, tmp_path / "docs.jsonl", "local", "--val_fraction", "0.2") == (train, val)
 
 
+@pytest.mark.slow
 def test_other_hub_datasets_by_name_and_hub_errors_in_one_line(tmp_path):
     write_parquet(tmp_path / "corpus.parquet", ["one document", "another document"])
     env = hub(tmp_path, {"someone/corpus": {"configs": {"default": {"train": str(tmp_path / "corpus.parquet")}}}})
@@ -189,6 +198,7 @@ def test_other_hub_datasets_by_name_and_hub_errors_in_one_line(tmp_path):
     assert not (tmp_path / "none").exists()
 
 
+@pytest.mark.slow
 def test_smoltalk_from_the_hub_by_config_and_split(tmp_path):
     conversation = {"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]}
     (tmp_path / "smol.jsonl").write_text((json.dumps(conversation) + "\n") * 5)
@@ -203,6 +213,7 @@ def test_smoltalk_from_the_hub_by_config_and_split(tmp_path):
     assert meta["train"]["conversations"] + meta["val"]["conversations"] == 5
 
 
+@pytest.mark.slow
 def test_an_interrupted_prepare_leaves_the_previous_set(tmp_path):
     out = tmp_path / "out"
     write_jsonl(tmp_path / "first.jsonl", owt_docs(20))
@@ -248,11 +259,12 @@ def test_a_set_cut_off_while_moving_into_place_is_refused(tmp_path, monkeypatch)
         prepared_data.check(str(tmp_path), ["train.bin", "val.bin"], "prepare")
 
 
+@pytest.mark.slow
 def test_training_refuses_files_that_do_not_belong_together(workdir):
     data = workdir / "data" / "tiny"
     (data / "val.bin").write_bytes((data / "val.bin").read_bytes()[:-2])  # e.g. another preparation's val.bin
     proc = run_script(workdir, "train_bio.py", *TINY, "--out_dir=out", check=False)
-    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr
     assert message_lines(proc.stderr) == [
         f"error: {data}/val.bin does not belong to the prepared set (manifest.json says 2,000 bytes, it has 1,998); "
         "run python data/tiny/prepare.py again"]

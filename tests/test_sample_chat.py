@@ -1,11 +1,20 @@
+"""
+sample_bio.py and chat.py run as users run them.
+
+    python -m pytest tests/test_sample_chat.py              (-m "not slow": the quick ones only)
+"""
+
+import pytest
 import re
 
 import torch
 
 from conftest import TINY, message_lines, run_script
-from model_bio import GPT, GPTConfig, save_checkpoint
+from checkpoints import save_checkpoint
+from model_bio import GPT, GPTConfig
 
 
+@pytest.mark.slow
 def test_sample_script_streams_from_a_trained_checkpoint(workdir):
     run_script(workdir, 'train_bio.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out')
     proc = run_script(workdir, 'sample_bio.py', '--out_dir=out', '--device=cpu', '--start=hello',
@@ -22,6 +31,7 @@ def test_sample_script_streams_from_a_trained_checkpoint(workdir):
     assert proc.stdout.startswith('abc') and len(proc.stdout.split('---------------')[0].strip()) == 6
 
 
+@pytest.mark.slow
 def test_sample_script_user_mistakes_are_one_line_errors(workdir):
     run_script(workdir, 'train_bio.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out')
     (workdir / 'junk.pt').write_text('not a checkpoint')
@@ -51,6 +61,7 @@ def chat(workdir, lines, *args):
                       '--show_prompt=True', *args, input=''.join(line + '\n' for line in lines))
 
 
+@pytest.mark.slow
 def test_chat_through_a_pipe_sends_the_template_and_clears(workdir):
     write_bpe_checkpoint(workdir / 'chat', block_size=256)
     proc = chat(workdir, ['Hello there', 'How are you?', 'clear', 'Third turn', 'quit', 'never read'],
@@ -68,6 +79,7 @@ def test_chat_through_a_pipe_sends_the_template_and_clears(workdir):
     assert prompts[2] == system + '<|user|>\nThird turn\n<|/user|>\n<|assistant|>\n'  # clear forgot the rest
 
 
+@pytest.mark.slow
 def test_chat_never_penalises_the_template_markers(workdir):
     # A reply ends with the closing marker: penalising its tokens for repetition would keep the model talking.
     # chat.py is run as a user runs it, with generate_tokens wrapped to record what it was told to spare.
@@ -75,12 +87,12 @@ def test_chat_never_penalises_the_template_markers(workdir):
     enc = tiktoken.get_encoding('gpt2')
     write_bpe_checkpoint(workdir / 'chat', block_size=256)
     (workdir / 'spy.py').write_text(
-        "import runpy, sys, model_bio\n"
-        "real = model_bio.generate_tokens\n"
+        "import runpy, sys, generation\n"
+        "real = generation.generate_tokens\n"
         "def spy(*args, **kwargs):\n"
         "    print('exempt', sorted(kwargs['penalty_exempt']), file=sys.stderr)\n"
         "    return real(*args, **kwargs)\n"
-        "model_bio.generate_tokens = spy\n"
+        "generation.generate_tokens = spy\n"
         "sys.argv = ['chat.py'] + sys.argv[1:]\n"
         "runpy.run_path('chat.py', run_name='__main__')\n")
     proc = run_script(workdir, 'spy.py', '--out_dir=chat', '--device=cpu', '--max_new_tokens=2',
@@ -91,6 +103,7 @@ def test_chat_never_penalises_the_template_markers(workdir):
     assert not set(enc.encode(' apples pears')) & exempt  # ordinary words are still penalised
 
 
+@pytest.mark.slow
 def test_chat_drops_the_oldest_turns_to_fit_block_size(workdir):
     import tiktoken
     enc = tiktoken.get_encoding('gpt2')
@@ -106,6 +119,7 @@ def test_chat_drops_the_oldest_turns_to_fit_block_size(workdir):
     assert prompts[2].endswith('<|user|>\nthird one\n<|/user|>\n<|assistant|>\n')
 
 
+@pytest.mark.slow
 def test_chat_commands_and_bad_checkpoints(workdir):
     write_bpe_checkpoint(workdir / 'chat', block_size=64)
     proc = chat(workdir, ['/help', '/temp 0.5', '/temp hot', '/topk 5', '/nonsense', 'exit'])

@@ -1,5 +1,10 @@
-"""train_bio.py run as users run it: a subprocess with a real command line, on a tiny model and dataset."""
+"""
+train_bio.py run as users run it: a subprocess with a real command line, on a tiny model and dataset.
 
+    python -m pytest tests/test_train.py              (-m "not slow": the quick ones only)
+"""
+
+import pytest
 import math
 import os
 import re
@@ -11,10 +16,10 @@ import textwrap
 
 import torch
 
-import model_bio
+import checkpoints
 import prepared_data
+from checkpoints import save_checkpoint
 from conftest import REPO, TINY, load, message_lines, read_log, run_script, simulated_env
-from model_bio import save_checkpoint
 
 GATED = TINY + ['--use_bio_mlp=True', '--use_sparse_gate=True', '--dropout=0.1']
 GELU = TINY + ['--use_bio_mlp=False']  # where the activation does not matter: no fused kernel to compile first
@@ -24,6 +29,7 @@ SHRUNK_3070 = ['config_gpt2_bio_3070.py', '--device=cpu', '--dataset=tiny', '--n
                '--log_interval=1', '--warmup_iters=2', '--lr_decay_iters=12']
 
 
+@pytest.mark.slow
 def test_training_writes_log_checkpoints_and_the_original_formats(workdir):
     proc = run_script(workdir, 'train_bio.py', *GATED, '--max_iters=6', '--eval_interval=3', '--out_dir=out')
     assert 'step 0: train loss ' in proc.stdout and 'step 6: train loss ' in proc.stdout
@@ -49,6 +55,7 @@ def test_training_writes_log_checkpoints_and_the_original_formats(workdir):
     assert sorted(os.listdir(workdir / 'out')) == ['ckpt.pt', 'ckpt_best.pt', 'log.jsonl']
 
 
+@pytest.mark.slow
 def test_each_split_is_evaluated_on_the_same_windows(workdir):
     # Each split's eval batches come from their own generator seeded alike, so a val.bin identical to
     # train.bin gives identical train and val losses (and every run evaluates the same windows).
@@ -63,6 +70,7 @@ def test_each_split_is_evaluated_on_the_same_windows(workdir):
     assert len(evals) == 2 and all(r['train_loss'] == r['val_loss'] for r in evals), proc.stdout
 
 
+@pytest.mark.slow
 def test_resume_is_bit_exact(workdir):
     run_script(workdir, 'train_bio.py', *GATED, '--max_iters=8', '--eval_interval=4', '--out_dir=straight')
     run_script(workdir, 'train_bio.py', *GATED, '--max_iters=4', '--eval_interval=4', '--out_dir=split')
@@ -90,6 +98,7 @@ def assert_same_state(a, b):
             assert torch.equal(value, state_b[index][key]), (index, key)
 
 
+@pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_of_that_iteration(workdir):
     cmd = [sys.executable, 'train_bio.py', *TINY, '--use_bio_mlp=True', '--max_iters=100000',
            '--eval_interval=100000', '--out_dir=out']
@@ -106,25 +115,26 @@ def test_ctrl_c_saves_a_checkpoint_of_that_iteration(workdir):
     assert 'Traceback' not in err
     printed = [int(line.split()[1].rstrip(':')) for line in out.splitlines() if line.startswith('iter ')]
     last_iter = max([last_iter] + printed)
-    from model_bio import load_model
+    from checkpoints import load_model
     _, ckpt = load_model(str(workdir / 'out' / 'ckpt.pt'), 'cpu')
     assert ckpt['iter_num'] == last_iter >= 5
     assert f'saved checkpoint at iter {last_iter}' in out
 
 
+@pytest.mark.slow
 def test_a_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     # the second save is killed (SIGKILL, no cleanup) after writing part of the file
     script = textwrap.dedent(f"""
         import os, signal, sys, torch
         sys.path.insert(0, {REPO!r})
-        import model_bio
-        model_bio.save_checkpoint({{'iter_num': 1, 'w': torch.ones(1000)}}, {str(tmp_path / 'ckpt.pt')!r})
+        import checkpoints
+        checkpoints.save_checkpoint({{'iter_num': 1, 'w': torch.ones(1000)}}, {str(tmp_path / 'ckpt.pt')!r})
         def dying_save(obj, f):
             f.write(b'PK partial checkpoint')
             f.flush()
             os.kill(os.getpid(), signal.SIGKILL)
         torch.save = dying_save
-        model_bio.save_checkpoint({{'iter_num': 2, 'w': torch.zeros(1000)}}, {str(tmp_path / 'ckpt.pt')!r})
+        checkpoints.save_checkpoint({{'iter_num': 2, 'w': torch.zeros(1000)}}, {str(tmp_path / 'ckpt.pt')!r})
     """)
     proc = subprocess.run([sys.executable, '-c', script], capture_output=True)
     assert proc.returncode == -signal.SIGKILL
@@ -132,13 +142,14 @@ def test_a_kill_during_save_leaves_the_previous_checkpoint(tmp_path):
     assert ckpt['iter_num'] == 1 and torch.equal(ckpt['w'], torch.ones(1000))
 
 
+@pytest.mark.slow
 def test_diverged_weights_end_the_run_without_overwriting_the_checkpoint(workdir):
     run_script(workdir, 'train_bio.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out')
     good = load(workdir / 'out' / 'ckpt.pt')
     proc = run_script(workdir, 'train_bio.py', *TINY, '--max_iters=30', '--eval_interval=2', '--out_dir=out',
                       '--init_from=resume', '--learning_rate=1e30', '--warmup_iters=0', '--grad_clip=0.0',
                       check=False)
-    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     assert 'saved checkpoint' not in proc.stdout
     lines = message_lines(proc.stderr)
     assert len(lines) == 1 and 'keeps the last good state' in lines[0], proc.stderr
@@ -147,13 +158,14 @@ def test_diverged_weights_end_the_run_without_overwriting_the_checkpoint(workdir
     assert_same_state(after, good)
 
 
+@pytest.mark.slow
 def test_user_mistakes_are_one_line_errors(workdir):
     cases = [
         (['--max_iter=5'], 2, "unknown config key 'max_iter' (did you mean 'max_iters'?)"),
         (['--max_iters=abc'], 2, '--max_iters expects int'),
         (['nope_config.py'], 2, 'nope_config.py'),
-        (['--dataset=missing'], 1, 'python data/missing/prepare.py'),
-        (['--init_from=resume', '--out_dir=empty'], 1, 'does not exist'),
+        (['--dataset=missing'], 2, 'python data/missing/prepare.py'),
+        (['--init_from=resume', '--out_dir=empty'], 2, 'does not exist'),
     ]
     for args, code, message in cases:
         proc = run_script(workdir, 'train_bio.py', *TINY, *args, check=False)
@@ -167,6 +179,7 @@ def files_of(folder):
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
 
+@pytest.mark.slow
 def test_a_new_run_never_overwrites_a_run(workdir):
     run_script(workdir, 'train_bio.py', *GELU, '--max_iters=4', '--eval_interval=2', '--out_dir=out')
     before = files_of(workdir / 'out')
@@ -175,7 +188,7 @@ def test_a_new_run_never_overwrites_a_run(workdir):
     for extra in ([], ['--init_from=out/ckpt_best.pt']):
         proc = run_script(workdir, 'train_bio.py', *GELU, '--max_iters=4', '--eval_interval=2', '--out_dir=out',
                           *extra, check=False)
-        assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+        assert proc.returncode == 2 and 'Traceback' not in proc.stderr
         assert message_lines(proc.stderr) == ['error: out already holds a run (out/ckpt.pt at iter 4); continue it '
                                               'with --init_from=resume, or start a new one with another --out_dir']
         assert files_of(workdir / 'out') == before
@@ -183,10 +196,11 @@ def test_a_new_run_never_overwrites_a_run(workdir):
     (workdir / 'early').mkdir()
     (workdir / 'early' / 'log.jsonl').write_text('{"iter": 0}\n')
     proc = run_script(workdir, 'train_bio.py', *GELU, '--out_dir=early', check=False)
-    assert proc.returncode == 1 and len(message_lines(proc.stderr)) == 1 and 'early/log.jsonl' in proc.stderr
+    assert proc.returncode == 2 and len(message_lines(proc.stderr)) == 1 and 'early/log.jsonl' in proc.stderr
     assert files_of(workdir / 'early') == {'log.jsonl': b'{"iter": 0}\n'}
 
 
+@pytest.mark.slow
 def test_resume_takes_the_new_training_settings_and_keeps_the_architecture(workdir):
     run_script(workdir, 'train_bio.py', *GELU, '--max_iters=2', '--eval_interval=2', '--out_dir=out')
     proc = run_script(workdir, 'train_bio.py', *GELU, '--max_iters=4', '--eval_interval=2', '--out_dir=out',
@@ -204,6 +218,7 @@ def test_resume_takes_the_new_training_settings_and_keeps_the_architecture(workd
     assert [r['tokens'] for r in steps] == [128, 256, 256 + 192, 256 + 2 * 192]  # 4, then 6 rows of 2 x 16 tokens
 
 
+@pytest.mark.slow
 def test_the_3070_config_trains_in_float16_on_a_cpu_and_resumes_bit_exactly(workdir):
     proc = run_script(workdir, 'train_bio.py', *SHRUNK_3070, '--max_iters=8', '--eval_interval=4', '--out_dir=straight')
     assert 'device cpu (' in proc.stdout and ', float16 with a GradScaler\n' in proc.stdout
@@ -221,6 +236,7 @@ def test_the_3070_config_trains_in_float16_on_a_cpu_and_resumes_bit_exactly(work
     assert all(r['skipped_steps'] == 0 for r in straight_log if 'loss' in r)
 
 
+@pytest.mark.slow
 def test_a_float16_overflow_skips_the_step_and_lowers_the_scale(workdir):
     run_script(workdir, 'train_bio.py', *SHRUNK_3070, '--max_iters=4', '--eval_interval=4', '--out_dir=out')
     ckpt = load(workdir / 'out' / 'ckpt.pt')
@@ -238,6 +254,7 @@ def test_a_float16_overflow_skips_the_step_and_lowers_the_scale(workdir):
     assert not torch.equal(after['model']['lm_head.weight'], ckpt['model']['lm_head.weight'])  # later steps were taken
 
 
+@pytest.mark.slow
 def test_a_step_with_nonfinite_gradients_is_skipped_and_counted(workdir):
     # losses 1-4 are the evaluation at iter 0 (2 splits x 2 batches), 5-6 iteration 1, 7-8 iteration 2
     proc = run_script(workdir, 'train_bio.py', *GELU, '--max_iters=4', '--eval_interval=100', '--out_dir=out',
@@ -252,22 +269,24 @@ def test_a_step_with_nonfinite_gradients_is_skipped_and_counted(workdir):
     # max_skipped_steps in a row end the run; the checkpoint of iter 0 stays as it was
     proc = run_script(workdir, 'train_bio.py', *GELU, '--max_iters=8', '--eval_interval=100', '--out_dir=many',
                       '--max_skipped_steps=2', check=False, env=simulated_env(SIMULATED_NAN_LOSSES='5,6,7,8,9,10'))
-    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     lines = message_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith('error: the last 2 steps all had gradients that are not finite')
     assert load(workdir / 'many' / 'ckpt.pt')['iter_num'] == 0
 
 
+@pytest.mark.slow
 def test_out_of_memory_is_one_line_that_says_what_to_change(workdir):
     proc = run_script(workdir, 'train_bio.py', *GELU, '--max_iters=10', '--eval_interval=100', '--out_dir=out',
                       check=False, env=simulated_env(SIMULATED_OOM_AFTER=8))
-    assert proc.returncode == 1 and 'Traceback' not in proc.stderr
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
     lines = message_lines(proc.stderr)
     assert len(lines) == 1 and lines[0].startswith('error: out of memory on cpu')
     assert 'batch_size=4' in lines[0] and '--gradient_checkpointing=True' in lines[0]
     assert load(workdir / 'out' / 'ckpt.pt')['iter_num'] == 0
 
 
+@pytest.mark.slow
 def test_a_rehearsal_times_the_run_and_writes_nothing(workdir):
     proc = run_script(workdir, 'train_bio.py', *GELU, '--rehearsal_iters=5', '--max_iters=1000', '--eval_interval=100',
                       '--out_dir=rehearsed')
@@ -299,10 +318,10 @@ def test_a_checkpoint_held_open_is_replaced_once_released(tmp_path, monkeypatch)
         real_replace(src, dst)
 
     monkeypatch.setattr(os, 'replace', replace)
-    monkeypatch.setattr(model_bio.time, 'sleep', waits.append)
+    monkeypatch.setattr(checkpoints.time, 'sleep', waits.append)
     assert save_checkpoint({'iter_num': 2}, path) is True
     assert load(path)['iter_num'] == 2 and not os.path.exists(path + '.tmp')
-    assert waits == list(model_bio.RENAME_WAITS[:3])
+    assert waits == list(checkpoints.RENAME_WAITS[:3])
 
 
 def test_a_checkpoint_held_for_good_stays_complete_beside_it(tmp_path, monkeypatch, capsys):
@@ -313,7 +332,7 @@ def test_a_checkpoint_held_for_good_stays_complete_beside_it(tmp_path, monkeypat
         raise PermissionError(13, 'The process cannot access the file because it is being used by another process')
 
     monkeypatch.setattr(os, 'replace', replace)
-    monkeypatch.setattr(model_bio.time, 'sleep', lambda seconds: None)
+    monkeypatch.setattr(checkpoints.time, 'sleep', lambda seconds: None)
     assert save_checkpoint({'iter_num': 2}, path, copy_to=best) is False
     assert load(path)['iter_num'] == load(best)['iter_num'] == 1  # the last good ones, whole
     assert load(path + '.tmp')['iter_num'] == load(best + '.tmp')['iter_num'] == 2  # the new one, complete
@@ -334,7 +353,7 @@ def test_a_refused_rename_never_changes_the_best_checkpoint_later(tmp_path, monk
         real_replace(src, dst)
 
     monkeypatch.setattr(os, 'replace', replace)
-    monkeypatch.setattr(model_bio.time, 'sleep', lambda seconds: None)
+    monkeypatch.setattr(checkpoints.time, 'sleep', lambda seconds: None)
     assert save_checkpoint({'iter_num': 1000}, path, copy_to=best) is False  # a new best; ckpt.pt is held
     held[0] = False
     assert save_checkpoint({'iter_num': 2000}, path) is True  # not a best

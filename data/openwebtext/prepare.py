@@ -30,6 +30,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import prepared_data  # noqa: E402
+from configurator import fail  # noqa: E402
 
 HUB_DATASET = "Skylion007/openwebtext"
 OPENWEBTEXT_DOCS = 8_013_769  # documents in the whole corpus
@@ -43,11 +44,6 @@ parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file_
 parser.add_argument("--val_fraction", type=float, default=0.0005)
 parser.add_argument("--seed", type=int, default=2357)
 args = parser.parse_args()
-
-
-def fail(message):
-    print(f"prepare.py: error: {message}", file=sys.stderr)
-    sys.exit(2)
 
 
 try:

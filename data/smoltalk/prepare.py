@@ -6,7 +6,7 @@ with --config and --split) or a local .json/.jsonl/.parquet file instead.
 A record holds `messages` (a list of {role, content}) or `conversations` (a list of {from, value},
 from being human/gpt/system).
 
-Each conversation becomes the chat template text of model_bio.chat_turn in GPT-2 BPE tokens,
+Each conversation becomes the chat template text of chat_template.chat_turn in GPT-2 BPE tokens,
 followed by <|endoftext|>, and a mask that is 1 on the tokens the model is trained to write: each
 assistant reply, its closing <|/assistant|> marker, and the final <|endoftext|> (so it learns to
 stop). System and user turns and the turn headers are 0. A conversation longer than --max_tokens
@@ -33,7 +33,9 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import prepared_data  # noqa: E402
-from model_bio import EOT_ID, chat_turn  # noqa: E402  (the template lives in one place)
+from configurator import fail  # noqa: E402
+from chat_template import chat_turn  # noqa: E402  (the template lives in one place)
+from codec import EOT_ID  # noqa: E402
 
 HUB_DATASET, HUB_CONFIG = 'HuggingFaceTB/smoltalk2', 'SFT'
 HUB_SPLIT = 'smoltalk_smollm3_smol_magpie_ultra_no_think'
@@ -49,11 +51,6 @@ parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file_
 parser.add_argument('--val_fraction', type=float, default=0.05)
 parser.add_argument('--seed', type=int, default=2357)
 args = parser.parse_args()
-
-
-def fail(message):
-    print(f'prepare.py: error: {message}', file=sys.stderr)
-    sys.exit(2)
 
 
 encoding = tiktoken.get_encoding('gpt2')
