@@ -23,13 +23,15 @@ part 'whole' times what a user waits for: whole_pairs pairs of train_bio.py runs
 the wall clock from start to exit (startup, data, compiling, training), and reports the median
 bio / GELU ratio of the pairs with their range.
 The ratios in the JSON (bio / GELU; below 1 is faster or leaner) are act_saved_bytes_ratio,
-act_time_ratio_eager, step_time_ratio_eager and step_time_ratio_compiled, with
-step_twin_ratio_eager and step_twin_ratio_compiled beside them; whole_run_time_ratio.
+act_time_ratio_eager, act_time_ratio_unfused, act_time_ratio_compiled, step_time_ratio_eager and
+step_time_ratio_compiled, with step_twin_ratio_eager and step_twin_ratio_compiled beside them;
+whole_run_time_ratio (with whole_run_ratio_range).
 """
 
 import json
 import os
 import random
+import shutil
 import statistics
 import subprocess
 import sys
@@ -55,7 +57,7 @@ BENCH_SETTINGS = dict(
     sample_repeats=3,
     new_tokens=500,
     whole_pairs=5,  # whole runs: this many bio, GELU pairs
-    whole_iters=400,  # iterations of each whole run
+    whole_iters=400,  # iterations of each whole run (in place of the config's max_iters)
     bench_compiled=True,  # also time torch.compile'd variants (False where it cannot compile, e.g. GPUs on Windows)
     bench_out='',  # write the figures to this JSON file
 )
@@ -223,25 +225,30 @@ def bench_sample(cfg, device):
     return results
 
 
-def bench_whole_runs(cfg, argv):
+def bench_whole_runs(cfg, train_defaults):
     """Wall-clock seconds of whole train_bio.py runs, bio and GELU alternating, each a new process."""
-    bench_only = [a for a in argv if a.startswith('--') and a[2:].partition('=')[0] in BENCH_SETTINGS]
-    train_args = [a for a in argv if a not in bench_only]
-    times = {'bio': [], 'gelu': []}
-    print(f"\nwhole runs of train_bio.py {' '.join(train_args)}: {cfg['whole_iters']} iterations, "
+    # the runs get the training settings as the bench resolved them (config files may hold bench
+    # settings too, which train_bio.py would refuse), whole_iters in place of max_iters
+    settings = [f'--{k}={v}' for k, v in cfg.items() if k in train_defaults and v != train_defaults[k]
+                and k not in ('max_iters', 'out_dir', 'use_bio_mlp', 'use_sparse_gate')]
+    arms = {'bio': ['--use_bio_mlp=True', f"--use_sparse_gate={cfg['use_sparse_gate']}"],
+            'gelu': ['--use_bio_mlp=False', '--use_sparse_gate=False']}  # the gate needs the oscillating MLP
+    times = {arm: [] for arm in arms}
+    print(f"\nwhole runs of train_bio.py {' '.join(settings)}: {cfg['whole_iters']} iterations, "
           f"{cfg['whole_pairs']} pairs (bio, GELU)")
     with tempfile.TemporaryDirectory() as scratch:
         for pair in range(cfg['whole_pairs']):
-            for arm, bio in (('bio', True), ('gelu', False)):
-                command = [sys.executable, os.path.join(REPO, 'train_bio.py'), *train_args,
-                           f"--max_iters={cfg['whole_iters']}", f'--use_bio_mlp={bio}',
-                           f'--out_dir={os.path.join(scratch, f"{arm}{pair}")}']
+            for arm, arm_settings in arms.items():
+                run_dir = os.path.join(scratch, f'{arm}{pair}')
+                command = [sys.executable, os.path.join(REPO, 'train_bio.py'), *settings, *arm_settings,
+                           f"--max_iters={cfg['whole_iters']}", f'--out_dir={run_dir}']
                 start = time.perf_counter()
                 run = subprocess.run(command, capture_output=True, text=True)
                 times[arm].append(time.perf_counter() - start)
                 if run.returncode != 0:
                     tail = (run.stderr.strip().splitlines() or ['(no output)'])[-1]
                     fail(f'the {arm} run failed (exit {run.returncode}): {tail}')
+                shutil.rmtree(run_dir, ignore_errors=True)  # a 124M run's checkpoints are gigabytes
             print(f"  pair {pair + 1}: bio {times['bio'][-1]:7.2f} s, GELU {times['gelu'][-1]:7.2f} s, "
                   f"{times['bio'][-1] / times['gelu'][-1]:.3f}")
     ratios = [b / g for b, g in zip(times['bio'], times['gelu'])]
@@ -252,13 +259,17 @@ def bench_whole_runs(cfg, argv):
 
 def main():
     argv = sys.argv[1:]
-    cfg = configure({**script_defaults(os.path.join(REPO, 'train_bio.py')), **BENCH_SETTINGS}, argv)
+    train_defaults = script_defaults(os.path.join(REPO, 'train_bio.py'))
+    cfg = configure({**train_defaults, **BENCH_SETTINGS}, argv)
     parts = {'steps': ('act', 'step', 'sample')}.get(cfg['part'], (cfg['part'],))
     if not set(parts) <= {'act', 'step', 'sample', 'whole'}:
         fail(f"part={cfg['part']!r} is not one of 'steps', 'act', 'step', 'sample', 'whole'")
+    counts = ('rounds', 'act_calls', 'sample_repeats', 'new_tokens', 'whole_pairs', 'whole_iters')
+    if min(cfg[k] for k in counts) < 1:
+        fail(f"{', '.join(counts)} must each be at least 1")
     report = {'torch': torch.__version__, 'argv': argv}
     if 'whole' in parts:
-        report['whole'] = bench_whole_runs(cfg, argv)
+        report['whole'] = bench_whole_runs(cfg, train_defaults)
     else:
         try:
             device = devices.pick_device(cfg['device'])

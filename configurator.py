@@ -129,9 +129,11 @@ def _report(line):
 
 
 def fail(message):
-    """End a script over a user's mistake: one line 'error: ...' on stderr (from the first process only,
-    under DDP every process stops alike) and exit status 2. Every script ends this way."""
-    if os.environ.get('RANK', '0') == '0':
-        # newlines (e.g. from an exception's text) are folded so the error is one line
-        print('error: ' + ' '.join(message.splitlines()), file=sys.stderr)
+    """End a script over a user's mistake: one line 'error: ...' on stderr and exit status 2. Every
+    script ends this way. Under torchrun each process says it, named, as its reason may be its own
+    (e.g. a GPU that process does not have)."""
+    rank = os.environ.get('RANK', '0')
+    who = f'process {rank}: ' if rank != '0' and int(os.environ.get('WORLD_SIZE', '1')) > 1 else ''
+    # newlines (e.g. from an exception's text) are folded so the error is one line
+    print(f'error: {who}' + ' '.join(message.splitlines()), file=sys.stderr)
     sys.exit(2)

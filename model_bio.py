@@ -109,9 +109,10 @@ class CausalSelfAttention(nn.Module):
 #   'fused'    the same function with the maths compiled into one kernel each way (Triton on CUDA,
 #              C++ on a CPU); needs a working torch.compile, and falls back to 'function' without one
 # 'auto' takes 'plain' inside torch.compile, 'fused' for training where it compiles, else 'function'.
-# Measured on a 2-core CPU (dev/LOG.md, 2026-11-27): fused trains the quick-start model 3.5 ms per
-# iteration faster than 'function' at the same memory, paying back its ~4 s compile after about
-# 1,100 iterations; 'plain' is as fast as 'function' but keeps five times the memory.
+# Measured on a 2-core CPU (dev/LOG.md, 2026-11-27): for the quick-start model, fused trains 3-4 ms
+# per iteration faster than 'function' at the same memory but costs ~4 s to compile at each start;
+# whole runs of 400 and 2000 iterations came out level (fusing pays only in longer runs, as real
+# ones are). 'plain' was a little faster in those runs but keeps five times the memory.
 OSCILLATION_IMPL = 'auto'
 
 

@@ -98,6 +98,8 @@ ARCHITECTURE = [k for k in model_keys if k not in TRAINING_ONLY and k != 'block_
 
 if rehearsal_iters < 0 or max_skipped_steps < 1:
     fail(f'rehearsal_iters={rehearsal_iters} must be >= 0 and max_skipped_steps={max_skipped_steps} >= 1')
+if init_from == 'scratch' and use_sparse_gate and not use_bio_mlp:
+    fail('use_sparse_gate=True gates the oscillating neurons: it needs use_bio_mlp=True')
 # the data first: a missing dataset is the likeliest mistake, and the cheapest to report
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
 if task not in ('pretrain', 'finetune'):

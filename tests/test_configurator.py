@@ -157,6 +157,25 @@ def test_quiet_off_rank_zero(monkeypatch, capsys):
     assert capsys.readouterr() == ('', '')
 
 
+def test_errors_are_said_by_every_process_that_has_them(monkeypatch, capsys):
+    # an error may be one process's own (a GPU it does not have): it says so, named
+    monkeypatch.setenv('RANK', '1')
+    monkeypatch.setenv('WORLD_SIZE', '2')
+    assert 'error: process 1: --max_iters expects int' in fails(capsys, ['--max_iters=x'])
+    monkeypatch.delenv('WORLD_SIZE')  # RANK alone (some cluster launchers set it): not torchrun
+    assert fails(capsys, ['--max_iters=x']).startswith('error: --max_iters expects int')
+
+
+@pytest.mark.parametrize('script', ['train_bio.py', 'finetune_native.py', 'sample_bio.py', 'chat.py',
+                                    'bench_bio.py'])
+def test_every_script_starts_and_refuses_an_unknown_setting(script):
+    # quick: each script imports everything it uses before reading its settings
+    proc = subprocess.run([sys.executable, os.path.join(REPO, script), '--no_such_setting=1'],
+                          capture_output=True, text=True, cwd=REPO)
+    errors = [line for line in proc.stderr.splitlines() if not line.startswith('config: ')]  # finetune_native sets task
+    assert proc.returncode == 2 and errors == ["error: unknown config key 'no_such_setting'"], proc.stderr
+
+
 def test_command_line(tmp_path):
     # A script set up the way train_bio.py uses configure, run as a real process.
     script = write(tmp_path / 'script.py', """

@@ -166,6 +166,7 @@ def test_user_mistakes_are_one_line_errors(workdir):
         (['nope_config.py'], 2, 'nope_config.py'),
         (['--dataset=missing'], 2, 'python data/missing/prepare.py'),
         (['--init_from=resume', '--out_dir=empty'], 2, 'does not exist'),
+        (['--use_sparse_gate=True', '--use_bio_mlp=False'], 2, 'it needs use_bio_mlp=True'),
     ]
     for args, code, message in cases:
         proc = run_script(workdir, 'train_bio.py', *TINY, *args, check=False)
