@@ -164,8 +164,9 @@ if writes and master:
 # -----------------------------------------------------------------------------
 # data: token memmaps written by data/<dataset>/prepare.py
 if task == 'pretrain':
+    split_tokens = {split: os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2 for split in ('train', 'val')}
     for split in ('train', 'val'):
-        if len(np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')) <= block_size:
+        if split_tokens[split] <= block_size:
             fail(f'data/{dataset}/{split}.bin holds no more than block_size={block_size} tokens; prepare more data or lower block_size')
 else:
     conversation_starts = {split: np.load(os.path.join(data_dir, f'{split}_offsets.npy')) for split in ('train', 'val')}
@@ -178,8 +179,7 @@ def draw_batch(split, generator):
     """Where a random batch of split lies: token windows' starts, or conversations' indices."""
     if task == 'finetune':
         return torch.randint(len(conversation_starts[split]), (batch_size,), generator=generator).tolist()
-    n_tokens = os.path.getsize(os.path.join(data_dir, f'{split}.bin')) // 2
-    return torch.randint(n_tokens - block_size, (batch_size,), generator=generator).tolist()
+    return torch.randint(split_tokens[split] - block_size, (batch_size,), generator=generator).tolist()
 
 
 def read_batch(split, where):
@@ -585,11 +585,9 @@ try:
                 if wandb_log and writes:
                     wandb.log({'iter': iter_num, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu, 'sparsity': sparsity})
 except torch.cuda.OutOfMemoryError:  # said by each process that ran out, which need not be the first
-    print(f"error: {f'process {rank}: ' if ddp else ''}out of memory on {devices.describe(device)} with "
-          f'batch_size={batch_size}, block_size={block_size}: lower batch_size (raising gradient_accumulation_steps '
-          f'keeps the tokens per iteration), or use --gradient_checkpointing=True; {ckpt_path} keeps the last saved '
-          'state', file=sys.stderr)
-    sys.exit(2)
+    fail(f'out of memory on {devices.describe(device)} with batch_size={batch_size}, block_size={block_size}: lower '
+         'batch_size (raising gradient_accumulation_steps keeps the tokens per iteration), or use '
+         f'--gradient_checkpointing=True; {ckpt_path} keeps the last saved state')
 except RuntimeError as e:
     # a process that failed (or was killed) breaks the others' collectives: they stop at once, not wait
     if not ddp or not (isinstance(e, dist.DistError) or 'by peer' in str(e)):
