@@ -176,6 +176,16 @@ def test_user_mistakes_are_one_line_errors(workdir):
         assert 'Traceback' not in proc.stderr
 
 
+@pytest.mark.slow
+def test_nccl_without_gpus_is_one_line_that_names_gloo(workdir):
+    # torchrun's environment on a machine without CUDA, with the default backend (nccl)
+    env = {**os.environ, 'RANK': '0', 'LOCAL_RANK': '0', 'WORLD_SIZE': '1'}
+    proc = run_script(workdir, 'train_bio.py', *TINY, '--out_dir=out', check=False, env=env)
+    assert proc.returncode == 2 and 'Traceback' not in proc.stderr
+    assert message_lines(proc.stderr) == ['error: backend=nccl needs CUDA devices; with device=cpu use --backend=gloo']
+    assert not (workdir / 'out').exists()
+
+
 def files_of(folder):
     return {name: (folder / name).read_bytes() for name in sorted(os.listdir(folder))}
 
