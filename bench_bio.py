@@ -14,6 +14,9 @@ part 'steps' (the default) measures, each round running every variant once in a 
   eager and compiled: tokens/s, and peak memory on CUDA (bytes kept for backward on CPU). The
   GELU step is timed twice, under two names (gelu and gelu_twin): twin / GELU shows how far
   from 1 a ratio strays by chance on this machine.
+- optim: the optimizer step alone (on fixed random gradients) of each optimizer of optimizers.py
+  for the config's model: median ms per step and the bytes of its state, side by side; an optimizer
+  whose package is not installed is listed as such.
 - sample: generation tokens/s with and without the KV cache, for the model shape of
   config_shakespeare_char_bio.py (6 layers, 6 heads, 384 wide), 500 new tokens from a 1-token
   prompt, with a context that holds them all and with that config's block_size of 256, where
@@ -47,11 +50,12 @@ import model_bio
 from configurator import configure, fail, script_defaults
 from generation import generate_tokens
 from model_bio import GPT, GPTConfig
+from optimizers import OPTIMIZERS, build_optimizers, state_bytes
 
 REPO = os.path.dirname(os.path.abspath(__file__))
 # the bench's own settings, beside train_bio.py's (which say what model, batch and run to measure)
 BENCH_SETTINGS = dict(
-    part='steps',  # 'steps' (activation, training step, sampling), 'act', 'step', 'sample', or 'whole' (whole runs)
+    part='steps',  # 'steps' (all of act, step, optim, sample), one of those, or 'whole' (whole runs)
     rounds=40,  # timed rounds, each variant once per round; medians reported
     act_calls=10,  # calls of the activation alone per variant and round (each takes well under a millisecond)
     sample_repeats=3,
@@ -156,7 +160,7 @@ def bench_step(cfg, device, autocast, dtype):
         model_args.update(vocab_size=vocab_size, use_bio_mlp=bio, use_sparse_gate=bio and cfg['use_sparse_gate'],
                       dropout=0.0)
         model = GPT(GPTConfig(**model_args)).to(device)
-        optimizer = model.configure_optimizers(0.1, 1e-4, (0.9, 0.95), device.type)
+        optimizer, = build_optimizers(model, 'adamw', 1e-4, 0.1, 0.9, 0.95, 0.0, 0.95, device.type)
         for compiled in ((False, True) if cfg['bench_compiled'] else (False,)):
             run_model = torch.compile(model) if compiled else model
 
@@ -203,6 +207,38 @@ def bench_step(cfg, device, autocast, dtype):
         suffix = '_compiled' if mode == 'compiled' else ''
         results[f'step_time_ratio_{mode}'] = times['bio' + suffix] / times['gelu' + suffix]
         results[f'step_twin_ratio_{mode}'] = times['gelu_twin' + suffix] / times['gelu' + suffix]
+    return results
+
+
+def bench_optimizers(cfg, device):
+    """Each optimizer's step on the config's model: median seconds and its state's bytes."""
+    vocab_size = 65 if 'shakespeare_char' in cfg['dataset'] else 50304
+    model_args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**{**model_args, 'vocab_size': vocab_size})).to(device)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-3
+    variants, built, missing = {}, {}, []
+    for name in OPTIMIZERS:
+        try:
+            built[name] = build_optimizers(model, name, cfg['learning_rate'], cfg['weight_decay'], cfg['beta1'],
+                                           cfg['beta2'], cfg['muon_learning_rate'], cfg['muon_momentum'], device.type)
+        except ImportError:
+            missing.append(name)
+            continue
+        variants[name] = lambda opts=built[name]: [opt.step() for opt in opts]
+    for fn in variants.values():
+        fn()  # the state is created at the first step
+    times = median_times(variants, device, cfg['rounds'], 1)
+    print(f'\noptimizer step, {sum(p.numel() for p in model.parameters()) / 1e6:.2f}M weights')
+    results = {'time_s': times, 'state_bytes': {name: state_bytes(built[name]) for name in variants},
+               'not_installed': missing}
+    for name in variants:
+        print(f"  {name:10s} {times[name] * 1e3:9.2f} ms  {times[name] / times['adamw']:5.2f}x adamw  "
+              f"state {results['state_bytes'][name] / 1e6:8.2f} MB  "
+              f"{results['state_bytes'][name] / results['state_bytes']['adamw']:5.2f}x adamw")
+    for name in missing:
+        print(f'  {name:10s} not installed')
     return results
 
 
@@ -261,9 +297,9 @@ def main():
     argv = sys.argv[1:]
     train_defaults = script_defaults(os.path.join(REPO, 'train_bio.py'))
     cfg = configure({**train_defaults, **BENCH_SETTINGS}, argv)
-    parts = {'steps': ('act', 'step', 'sample')}.get(cfg['part'], (cfg['part'],))
-    if not set(parts) <= {'act', 'step', 'sample', 'whole'}:
-        fail(f"part={cfg['part']!r} is not one of 'steps', 'act', 'step', 'sample', 'whole'")
+    parts = {'steps': ('act', 'step', 'optim', 'sample')}.get(cfg['part'], (cfg['part'],))
+    if not set(parts) <= {'act', 'step', 'optim', 'sample', 'whole'}:
+        fail(f"part={cfg['part']!r} is not one of 'steps', 'act', 'step', 'optim', 'sample', 'whole'")
     counts = ('rounds', 'act_calls', 'sample_repeats', 'new_tokens', 'whole_pairs', 'whole_iters')
     if min(cfg[k] for k in counts) < 1:
         fail(f"{', '.join(counts)} must each be at least 1")
@@ -283,6 +319,8 @@ def main():
             report['act'] = bench_activation(cfg, device, autocast)
         if 'step' in parts:
             report['step'] = bench_step(cfg, device, autocast, dtype)
+        if 'optim' in parts:
+            report['optim'] = bench_optimizers(cfg, device)
         if 'sample' in parts:
             with torch.no_grad():
                 report['sample'] = bench_sample(cfg, device)

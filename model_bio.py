@@ -417,16 +417,6 @@ class GPT(nn.Module):
         total = total.item()
         return zeros.item() / total if total else None
 
-    def configure_optimizers(self, weight_decay, learning_rate, betas, device_type):
-        # matrices (Linear and embedding weights) decay; vectors (norms, biases, omega/phi/baseline, gates) do not
-        params = [p for p in self.parameters() if p.requires_grad]
-        decay = [p for p in params if p.dim() >= 2]
-        no_decay = [p for p in params if p.dim() < 2]
-        groups = [{'params': decay, 'weight_decay': weight_decay},
-                  {'params': no_decay, 'weight_decay': 0.0}]
-        extra = {'fused': True} if device_type == 'cuda' else {}  # one kernel for all parameters on CUDA
-        return torch.optim.AdamW(groups, lr=learning_rate, betas=betas, **extra)
-
     def flops_per_token(self):
         """Forward + backward FLOPs per token: 6 per parameter plus attention's score/value products."""
         cfg = self.config

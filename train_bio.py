@@ -28,6 +28,8 @@ import devices
 import prepared_data
 from checkpoints import load_model, save_checkpoint
 from model_bio import GPT, GPTConfig
+from optimizers import (build_optimizers, check_schedule, describe, load_optimizer_state, optimizer_state,
+                        scheduled_lr, state_megabytes)
 
 # -----------------------------------------------------------------------------
 # defaults: the 124M WiggleGPT on OpenWebText
@@ -63,19 +65,25 @@ gradient_checkpointing = False
 freeze_layers = 0  # fine-tuning: the first N blocks keep their weights
 freeze_embeddings = False  # also keep the token (and position) embeddings; wte is tied to lm_head, so it stays too
 eval_conversations = 0  # fine-tuning: evaluate on the first N conversations of each split (0: the whole val split)
-# AdamW
-learning_rate = 6e-4
+# optimizer: 'adamw', 'muon', 'adafactor', 'lion' or 'adamw8bit' (optimizers.py says what each does and takes)
+optimizer = 'adamw'
+learning_rate = 6e-4  # with muon: the rate of what AdamW optimizes (embeddings, lm_head, vectors)
+muon_learning_rate = 0.0  # muon: the rate of the block matrices, on AdamW's scale; 0 means learning_rate
+muon_momentum = 0.95
 max_iters = 600000
-weight_decay = 1e-1
+weight_decay = 1e-1  # on matrices only
 beta1 = 0.9
 beta2 = 0.95
 grad_clip = 1.0  # 0 disables
 max_skipped_steps = 20  # a step whose gradients are not finite is skipped; this many in a row end the run
-# learning rate schedule: linear warmup, then cosine down to min_lr at lr_decay_iters
-decay_lr = True
+# learning rate schedule, every group's rate in proportion: 'cosine' (linear warmup, cosine down to min_lr at
+# lr_decay_iters), 'wsd' (warmup, constant, linear decay to min_lr over the last decay_frac of lr_decay_iters)
+# or 'constant' (warmup, then learning_rate)
+lr_schedule = 'cosine'
 warmup_iters = 2000
 lr_decay_iters = 600000
 min_lr = 6e-5
+decay_frac = 0.2
 # system
 backend = 'nccl'  # DDP backend: 'nccl' for GPUs, 'gloo' for CPU
 device = 'auto'  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
@@ -98,6 +106,10 @@ ARCHITECTURE = [k for k in model_keys if k not in TRAINING_ONLY and k != 'block_
 
 if rehearsal_iters < 0 or max_skipped_steps < 1:
     fail(f'rehearsal_iters={rehearsal_iters} must be >= 0 and max_skipped_steps={max_skipped_steps} >= 1')
+if not learning_rate > 0 or muon_learning_rate < 0:
+    fail(f'learning_rate={learning_rate} must be > 0 and muon_learning_rate={muon_learning_rate} >= 0')
+if check_schedule(lr_schedule, decay_frac):
+    fail(check_schedule(lr_schedule, decay_frac))
 if init_from == 'scratch' and use_sparse_gate and not use_bio_mlp:
     fail('use_sparse_gate=True gates the oscillating neurons: it needs use_bio_mlp=True')
 # the data first: a missing dataset is the likeliest mistake, and the cheapest to report
@@ -252,6 +264,10 @@ else:
     if init_from == 'resume':
         if 'optimizer' not in checkpoint:
             fail(f'{ckpt_path} has no optimizer state, so it cannot be resumed (start a new run from its weights instead)')
+        saved_optimizer = checkpoint.get('config', {}).get('optimizer', 'adamw')
+        if saved_optimizer != optimizer:
+            fail(f'{ckpt_path} was trained with optimizer={saved_optimizer}, asked {optimizer}: a run keeps its '
+                 f'optimizer (start a new run from its weights with --init_from={ckpt_path} --out_dir=...)')
         iter_num = checkpoint['iter_num']
         tokens_seen = checkpoint.get('tokens', 0)
         best_val_loss = float(checkpoint['best_val_loss'])
@@ -284,12 +300,24 @@ if master:
     print(f'number of parameters: {model.get_num_params() / 1e6:.2f}M')
     print(f'tokens per iteration: {tokens_per_iter:,}')
 
-optimizer = model.configure_optimizers(weight_decay, learning_rate, (beta1, beta2), device.type)
+try:
+    optimizers = build_optimizers(model, optimizer, learning_rate, weight_decay, beta1, beta2, muon_learning_rate,
+                                  muon_momentum, device.type)
+except ImportError as e:
+    fail(str(e))
+if not optimizers:
+    fail(f'nothing to train: freeze_layers={freeze_layers} with freeze_embeddings={freeze_embeddings} freezes every weight')
+# each group follows the schedule in proportion to its own rate (muon's two may differ)
+lr_ratios = [[group['lr'] / learning_rate for group in opt.param_groups] for opt in optimizers]
 scaler = devices.grad_scaler(device, dtype)
 data_rng = torch.Generator().manual_seed(seed)  # training batches: one stream, the same on every process
 torch.manual_seed(seed + rank)  # dropout: each process its own
 if checkpoint is not None:
-    optimizer.load_state_dict(checkpoint['optimizer'])
+    try:
+        load_optimizer_state(optimizers, checkpoint['optimizer'])
+    except ValueError as e:  # e.g. freeze_layers changed, so other weights train
+        fail(f'{ckpt_path} holds optimizer state for other parameters than this run trains ({e}); resume with the '
+             'freeze settings it was trained with')
     if scaler.is_enabled() and checkpoint.get('scaler'):  # empty when the saved run did not use float16
         scaler.load_state_dict(checkpoint['scaler'])
     rng = checkpoint.get('rng') or {}
@@ -305,6 +333,8 @@ if checkpoint is not None:
         print('note: the checkpoint has no random state for this number of processes; batches or dropout '
               'will differ from an unbroken run')
     checkpoint = None  # free the memory
+if master:
+    print(f'optimizer {optimizer}: {describe(optimizers)}, state {state_megabytes(optimizers):.1f} MB')
 
 raw_model = model
 if compile:
@@ -355,17 +385,6 @@ def estimate_loss():
     return losses
 
 
-def get_lr(it):
-    if not decay_lr:
-        return learning_rate
-    if it < warmup_iters:
-        return learning_rate * (it + 1) / (warmup_iters + 1)
-    if it >= lr_decay_iters:
-        return min_lr
-    progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
-    return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-
-
 def random_states():
     """The data stream's random state and every process's own (dropout), gathered on all
     (a collective under DDP: every process must call it)."""
@@ -390,7 +409,7 @@ def write_checkpoint(rng_states, also_best):
         return
     checkpoint = {
         'model': raw_model.state_dict(),
-        'optimizer': optimizer.state_dict(),
+        'optimizer': optimizer_state(optimizers),
         'model_args': model_args,
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
@@ -521,9 +540,10 @@ try:
             devices.synchronize(device)
             rehearsal_start = time.time()
 
-        lr = get_lr(iter_num)
-        for group in optimizer.param_groups:
-            group['lr'] = lr
+        lr = scheduled_lr(iter_num, lr_schedule, learning_rate, min_lr, warmup_iters, lr_decay_iters, decay_frac)
+        for opt, ratios in zip(optimizers, lr_ratios):
+            for group, ratio in zip(opt.param_groups, ratios):
+                group['lr'] = lr * ratio
         batches = iteration_batches(data_rng)
         # the iteration's loss is the mean over the trained tokens of all its micro-batches, on all
         # processes (conversations hold different numbers); the same collective has the processes
@@ -544,13 +564,16 @@ try:
             loss_sum += loss.detach().float()
             scaler.scale(loss).backward()
         # a step whose gradients are not finite is skipped (with float16 the GradScaler also lowers its scale)
-        scaler.unscale_(optimizer)
+        for opt in optimizers:
+            scaler.unscale_(opt)
         grad_norm = torch.nn.utils.clip_grad_norm_(model.parameters(), grad_clip or float('inf'))
         step_is_finite = bool(torch.isfinite(grad_norm))  # waits for the device: once per iteration
         if step_is_finite:
-            scaler.step(optimizer)
+            for opt in optimizers:
+                scaler.step(opt)
         scaler.update()
-        optimizer.zero_grad(set_to_none=True)
+        for opt in optimizers:
+            opt.zero_grad(set_to_none=True)
         skipped_in_a_row = 0 if step_is_finite else skipped_in_a_row + 1
         skipped_steps += not step_is_finite
         iter_num += 1

@@ -1,15 +1,27 @@
 """
-A matched bio-vs-GELU comparison: the same config, data and seeds, only the MLP differs.
+A matched comparison of training arms that differ in one setting: the same config, data and seeds.
+By default bio vs GELU; each arm may be swept over learning rates and is then judged at its own best.
 
     python analysis/compare_runs.py --config config_shakespeare_char_cpu.py --seeds 3
+    python analysis/compare_runs.py --config config_shakespeare_char_cpu.py --seeds 3 --lrs 1e-3 2e-3 3e-3 5e-3
+    python analysis/compare_runs.py --config config_shakespeare_char_cpu.py --lrs 1e-3 3e-3 \\
+        --arms muon:optimizer=muon adamw:optimizer=adamw
     python analysis/compare_runs.py --tabulate --runs_dir runs-compare       (existing runs only)
 
-Each run is train_bio.py in its own folder, <runs_dir>/<arm>-seed<seed> (arm bio or gelu, seeds
-1337, 1338, ...). Finished runs are not trained again and unfinished ones are resumed from their
-checkpoint; a folder whose run was trained with other settings than asked stops the comparison
-with a one-line error, untouched. Then it reports best and final val loss per run, mean and
-standard deviation per arm, the paired difference bio - gelu per seed with a 95% t interval, and
-the val curves overlaid (compare_curves.png, compare.json in --out_dir).
+An arm is NAME:key=value[,key=value...] (train_bio.py settings); the last arm is the baseline the
+others are measured against. Default: bio:use_bio_mlp=True gelu:use_bio_mlp=False.
+--lrs: each run gets learning_rate=LR, and the config's other rates (min_lr, muon_learning_rate)
+are scaled with it, so the schedule's shape stays as configured.
+
+Each run is train_bio.py in its own folder, <runs_dir>/<arm>-seed<seed> (with --lrs:
+<arm>-lr<lr>-seed<seed>), seeds 1337, 1338, .... Finished runs are not trained again and unfinished
+ones are resumed from their checkpoint; a folder whose run was trained with other settings than
+asked stops the comparison with a one-line error, untouched. It reports best and final val loss per
+run; per arm and learning rate the mean and standard deviation over seeds; each arm's best learning
+rate (lowest mean final val loss); at those, each arm's paired difference from the baseline per seed
+with a 95% t interval and the iterations it needs to reach the baseline's mean final val loss. It
+writes compare.json, the val curves at the best learning rates (compare_curves.png) and, with
+several learning rates, final val loss against learning rate (compare_lr.png) to --out_dir.
 """
 import argparse
 import contextlib
@@ -31,10 +43,13 @@ import torch  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configurator import configure, fail, script_defaults  # noqa: E402
-ARMS = {'bio': 'True', 'gelu': 'False'}  # arm name -> --use_bio_mlp
+DEFAULT_ARMS = ['bio:use_bio_mlp=True', 'gelu:use_bio_mlp=False']
+SCALED_WITH_LR = ('min_lr', 'muon_learning_rate')  # rates that follow learning_rate in a sweep
 # two-sided 95% critical values of Student's t for 1..30 degrees of freedom (30's beyond: slightly wide)
 T_95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+OPTIMISM = ('note: each best learning rate is picked on the same val split its loss is reported on, which '
+            'flatters every arm slightly and alike')
 
 
 def read_evals(run_dir):
@@ -51,37 +66,61 @@ def read_evals(run_dir):
     return evals
 
 
-def settings_differ(saved, settings):
-    """The settings of a saved run (its checkpoint's config) that differ from what the train_bio.py arguments
-    ask for. Settings the saved run did not know yet, init_from and the folder's name are not compared."""
+def resolve(settings):
+    """train_bio.py's settings for these arguments (its defaults, then the config file and --key=value),
+    without the configurator's echo; a bad setting ends the comparison with its one-line error."""
     captured = io.StringIO()
     try:
-        with contextlib.redirect_stderr(captured):  # the configurator echoes every setting it applies
-            asked = configure(script_defaults(os.path.join(REPO, 'train_bio.py')), settings)
-    except SystemExit:  # a bad --set or config file: its one-line error
+        with contextlib.redirect_stderr(captured):
+            return configure(script_defaults(os.path.join(REPO, 'train_bio.py')), settings)
+    except SystemExit:
         sys.stderr.write(''.join(line for line in captured.getvalue().splitlines(True) if line.startswith('error: ')))
         raise
-    return [f'{k} {saved[k]!r} -> {v!r}' for k, v in asked.items()
-            if k in saved and v != saved[k] and k not in ('init_from', 'out_dir')]
 
 
-def train(args, arm, seed, run_dir):
-    """Run train_bio.py for one arm and seed: from scratch, or on from the checkpoint an unfinished run left.
+def parse_arms(specs):
+    """{name: ['--key=value', ...]} from NAME:key=value,key=value specs."""
+    arms = {}
+    for spec in specs:
+        name, _, settings = spec.partition(':')
+        if not re.fullmatch(r'[A-Za-z0-9_]+', name) or name in arms:
+            fail(f'arm {spec!r}: give each arm its own name of letters, digits and _, then :key=value,...')
+        pairs = [kv for kv in settings.split(',') if kv]
+        if not all('=' in kv for kv in pairs):
+            fail(f'arm {spec!r}: its settings are key=value pairs separated by commas')
+        arms[name] = [f'--{kv}' for kv in pairs]
+    if len(arms) < 2:
+        fail('give at least two arms to compare')
+    return arms
+
+
+def run_settings(args, arm_settings, lr, seed, run_dir):
+    """The train_bio.py arguments of one run."""
+    settings = [args.config, *[f'--{kv}' for kv in args.set], *arm_settings, f'--seed={seed}', f'--out_dir={run_dir}']
+    if lr is not None:
+        configured = resolve(settings)
+        settings.append(f'--learning_rate={lr!r}')
+        settings += [f'--{k}={configured[k] * (lr / configured["learning_rate"])!r}' for k in SCALED_WITH_LR]
+    return settings
+
+
+def train(settings, run_dir):
+    """Run train_bio.py with these settings: from scratch, or on from the checkpoint an unfinished run left.
     A run folder whose checkpoint was trained with other settings is never touched."""
-    settings = [args.config, *[f'--{kv}' for kv in args.set], f'--seed={seed}', f'--use_bio_mlp={ARMS[arm]}',
-                f'--out_dir={run_dir}']
     resume = []
     ckpt_path = os.path.join(run_dir, 'ckpt.pt')
     if os.path.isfile(ckpt_path):
-        checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
-        differing = settings_differ(checkpoint['config'], settings)
+        saved = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
+        # settings the saved run did not know yet, init_from and the folder's name are not compared
+        differing = [f'{k} {saved["config"][k]!r} -> {v!r}' for k, v in resolve(settings).items()
+                     if k in saved['config'] and v != saved['config'][k] and k not in ('init_from', 'out_dir')]
         if differing:
             fail(f"{run_dir} holds a run with other settings ({', '.join(differing)}); pass another --runs_dir, "
                  'or move that folder away')
-        if checkpoint['iter_num'] >= checkpoint['config']['max_iters']:
+        if saved['iter_num'] >= saved['config']['max_iters']:
             print(f'{run_dir}: done already')
             return
-        print(f"{run_dir}: resuming at iter {checkpoint['iter_num']}")
+        print(f"{run_dir}: resuming at iter {saved['iter_num']}")
         resume = ['--init_from=resume']
     command = [sys.executable, os.path.join(REPO, 'train_bio.py'), *settings, *resume]
     print(f"{run_dir}: {' '.join(command[1:])}", flush=True)
@@ -92,16 +131,35 @@ def train(args, arm, seed, run_dir):
         fail(f'{run_dir} failed (exit {code}); see {run_dir}/train.out')
 
 
+def run_name(arm, lr, seed):
+    return f'{arm}-seed{seed}' if lr is None else f'{arm}-lr{lr:g}-seed{seed}'
+
+
+def interval(values):
+    """Mean, standard deviation and 95% t interval of values (no interval for one value)."""
+    mean = statistics.mean(values)
+    if len(values) < 2:
+        return {'values': values, 'mean': mean}
+    std = statistics.stdev(values)
+    half = T_95[min(len(values) - 1, 30) - 1] * std / math.sqrt(len(values))
+    return {'values': values, 'mean': mean, 'std': std, 'ci95': [mean - half, mean + half]}
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--config', help='the train_bio.py config both arms use')
-    parser.add_argument('--seeds', type=int, default=3, help='seeds 1337, 1338, ... (one run per arm each)')
+    parser.add_argument('--config', help='the train_bio.py config every arm uses')
+    parser.add_argument('--seeds', type=int, default=3, help='seeds 1337, 1338, ... (one run per arm, rate and seed)')
     parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='more train_bio.py settings')
+    parser.add_argument('--arms', nargs='+', default=DEFAULT_ARMS, metavar='NAME:KEY=VALUE,...',
+                        help='the arms; the last one is the baseline (default: bio vs gelu)')
+    parser.add_argument('--lrs', nargs='+', type=float, metavar='LR', help="learning rates to sweep for every arm")
     parser.add_argument('--runs_dir', default='runs-compare')
     parser.add_argument('--tabulate', action='store_true', help='only report the runs already in --runs_dir')
-    parser.add_argument('--out_dir', default=None, help='where the table and plot go (default: --runs_dir)')
+    parser.add_argument('--out_dir', default=None, help='where the tables and plots go (default: --runs_dir)')
     args = parser.parse_args()
     out_dir = args.out_dir or args.runs_dir
+    arms = parse_arms(args.arms)
+    baseline = list(arms)[-1]
 
     if not args.tabulate:
         if not args.config or not os.path.isfile(args.config):
@@ -109,64 +167,116 @@ def main():
         for kv in args.set:
             if '=' not in kv:
                 fail(f'--set takes key=value pairs, got {kv!r}')
+        if args.seeds < 1 or (args.lrs and min(args.lrs) <= 0):
+            fail('--seeds must be at least 1 and every --lrs value above 0')
+        for name, arm_settings in arms.items():  # a mistake in any arm stops the comparison before it trains
+            resolve([args.config, *[f'--{kv}' for kv in args.set], *arm_settings])
         for seed in range(1337, 1337 + args.seeds):
-            for arm in ARMS:
-                train(args, arm, seed, os.path.join(args.runs_dir, f'{arm}-seed{seed}'))
+            for lr in args.lrs or [None]:
+                for arm, arm_settings in arms.items():
+                    run_dir = os.path.join(args.runs_dir, run_name(arm, lr, seed))
+                    train(run_settings(args, arm_settings, lr, seed, run_dir), run_dir)
 
-    runs = {}  # (arm, seed) -> [(iter, val_loss)]
+    runs = {}  # (arm, lr or None, seed) -> [(iter, val_loss)]
     if os.path.isdir(args.runs_dir):
         for name in sorted(os.listdir(args.runs_dir)):
-            match = re.fullmatch(r'(bio|gelu)-seed(\d+)', name)
-            if match and os.path.isfile(os.path.join(args.runs_dir, name, 'log.jsonl')):
+            match = re.fullmatch(r'([A-Za-z0-9_]+?)(?:-lr([0-9.e+-]+))?-seed(\d+)', name)
+            if match and match[1] in arms and os.path.isfile(os.path.join(args.runs_dir, name, 'log.jsonl')):
                 evals = read_evals(os.path.join(args.runs_dir, name))
                 if evals:
-                    runs[match[1], int(match[2])] = evals
+                    runs[match[1], None if match[2] is None else float(match[2]), int(match[3])] = evals
     if not runs:
-        fail(f'no runs with evaluations in {args.runs_dir} (folders named bio-seed<N> / gelu-seed<N>)')
+        fail(f"no runs with evaluations in {args.runs_dir} (folders named <arm>-seed<N> or <arm>-lr<LR>-seed<N> "
+             f"for arms {', '.join(arms)})")
 
-    table = {f'{arm}-seed{seed}': {'arm': arm, 'seed': seed, 'best_val_loss': min(v for _, v in evals),
-                                   'final_val_loss': evals[-1][1], 'final_iter': evals[-1][0]}
-             for (arm, seed), evals in sorted(runs.items())}
-    print(f"\n{'run':16s} {'best val':>9s} {'final val':>9s} {'at iter':>8s}")
+    table = {run_name(arm, lr, seed): {'arm': arm, 'lr': lr, 'seed': seed, 'best_val_loss': min(v for _, v in evals),
+                                       'final_val_loss': evals[-1][1], 'final_iter': evals[-1][0]}
+             for (arm, lr, seed), evals in sorted(runs.items(), key=lambda item: (item[0][0], item[0][1] or 0, item[0][2]))}
+    print(f"\n{'run':24s} {'best val':>9s} {'final val':>9s} {'at iter':>8s}")
     for name, row in table.items():
-        print(f"{name:16s} {row['best_val_loss']:9.4f} {row['final_val_loss']:9.4f} {row['final_iter']:8d}")
-    report = {'runs': table, 'arms': {}, 'paired': {}}
-    for arm in ARMS:
-        for key in ('best_val_loss', 'final_val_loss'):
-            values = [row[key] for row in table.values() if row['arm'] == arm]
-            if values:
-                std = statistics.stdev(values) if len(values) > 1 else 0.0
-                report['arms'].setdefault(arm, {})[key] = {'mean': statistics.mean(values), 'std': std, 'n': len(values)}
-    print(f"\n{'arm':6s} {'best val mean +- std':>24s} {'final val mean +- std':>24s}")
-    for arm, stats in report['arms'].items():
-        cells = [f"{stats[k]['mean']:.4f} +- {stats[k]['std']:.4f} (n={stats[k]['n']})" for k in ('best_val_loss', 'final_val_loss')]
-        print(f'{arm:6s} {cells[0]:>24s} {cells[1]:>24s}')
-    seeds = sorted({seed for arm, seed in runs if (('bio', seed) in runs and ('gelu', seed) in runs)})
-    for key in ('best_val_loss', 'final_val_loss'):
-        diffs = [table[f'bio-seed{s}'][key] - table[f'gelu-seed{s}'][key] for s in seeds]
-        if len(diffs) >= 2:
-            mean, std = statistics.mean(diffs), statistics.stdev(diffs)
-            half = T_95[min(len(diffs) - 1, 30) - 1] * std / math.sqrt(len(diffs))
-            report['paired'][key] = {'differences': diffs, 'mean': mean, 'std': std, 'ci95': [mean - half, mean + half]}
-            print(f'paired bio - gelu, {key}: {mean:+.4f}, 95% interval [{mean - half:+.4f}, {mean + half:+.4f}] '
-                  f'over {len(diffs)} seeds (negative: bio lower)')
-        elif diffs:
-            report['paired'][key] = {'differences': diffs}
-            print(f'paired bio - gelu, {key}: {diffs[0]:+.4f} (one seed: no interval)')
+        print(f"{name:24s} {row['best_val_loss']:9.4f} {row['final_val_loss']:9.4f} {row['final_iter']:8d}")
+
+    # per arm and learning rate, over seeds; each arm's best rate by its mean final val loss
+    report = {'runs': table, 'arms': {}, 'best_lr': {}, 'paired': {}, 'iters_to_baseline': {}}
+    for arm in arms:
+        for lr in sorted({lr for a, lr, _ in runs if a == arm}, key=lambda lr: lr or 0):
+            rows = [row for row in table.values() if row['arm'] == arm and row['lr'] == lr]
+            report['arms'].setdefault(arm, {})[str(lr)] = {
+                key: interval([row[key] for row in rows]) for key in ('best_val_loss', 'final_val_loss')}
+    print(f"\n{'arm':12s} {'learning rate':>13s} {'best val mean +- std':>26s} {'final val mean +- std':>26s}")
+    for arm, by_lr in report['arms'].items():
+        for lr, stats in by_lr.items():
+            cells = [f"{stats[k]['mean']:.4f} +- {stats[k].get('std', 0.0):.4f} (n={len(stats[k]['values'])})"
+                     for k in ('best_val_loss', 'final_val_loss')]
+            print(f'{arm:12s} {lr:>13s} {cells[0]:>26s} {cells[1]:>26s}')
+        best = min(by_lr, key=lambda lr: by_lr[lr]['final_val_loss']['mean'])
+        report['best_lr'][arm] = None if best == 'None' else float(best)
+    if any(lr is not None for _, lr, _ in runs):
+        print('best learning rates (lowest mean final val loss): '
+              + ', '.join(f'{arm} {lr:g}' for arm, lr in report['best_lr'].items() if lr is not None))
+        print(OPTIMISM)
+
+    def at_best(arm):
+        """{seed: evals} of an arm's runs at its best learning rate."""
+        return {seed: evals for (a, lr, seed), evals in runs.items() if a == arm and lr == report['best_lr'].get(arm)}
+
+    base = at_best(baseline)
+    for arm in [a for a in arms if a != baseline and a in report['arms'] and base]:
+        mine = at_best(arm)
+        seeds = sorted(set(mine) & set(base))
+        for key, pick in (('best_val_loss', lambda evals: min(v for _, v in evals)),
+                          ('final_val_loss', lambda evals: evals[-1][1])):
+            if not seeds:
+                continue
+            stats = interval([pick(mine[s]) - pick(base[s]) for s in seeds])
+            report['paired'].setdefault(f'{arm} - {baseline}', {})[key] = stats
+            text = (f"{stats['mean']:+.4f}, 95% interval [{stats['ci95'][0]:+.4f}, {stats['ci95'][1]:+.4f}] over "
+                    f'{len(seeds)} seeds' if 'ci95' in stats else f"{stats['mean']:+.4f} (one seed: no interval)")
+            print(f'paired {arm} - {baseline}, {key}: {text} (negative: {arm} lower)')
+    # iterations to reach the baseline's mean final val loss, on each arm's mean curve over seeds
+    if base:
+        target = statistics.mean(evals[-1][1] for evals in base.values())
+        for arm in arms:
+            curves = list(at_best(arm).values())
+            if not curves:
+                continue
+            iters = sorted(set.intersection(*[{i for i, _ in c} for c in curves]))
+            mean_curve = [(i, statistics.mean(dict(c)[i] for c in curves)) for i in iters]
+            reached = next((i for i, v in mean_curve if v <= target), None)
+            report['iters_to_baseline'][arm] = {'target': target, 'iters': reached}
+            print(f"{arm}: reaches {baseline}'s mean final val loss {target:.4f} at iter "
+                  f"{reached if reached is not None else 'n/a (not reached)'} (mean over {len(curves)} seeds, "
+                  'at the evaluations)')
 
     os.makedirs(out_dir, exist_ok=True)
+    colors = dict(zip(arms, plt.rcParams['axes.prop_cycle'].by_key()['color'] * 3))
     fig, ax = plt.subplots(figsize=(8, 5))
-    for (arm, seed), evals in sorted(runs.items()):
-        ax.plot([i for i, _ in evals], [v for _, v in evals], color='tab:red' if arm == 'bio' else 'tab:blue',
-                alpha=0.8, label=f'{arm} seed {seed}')
+    for arm in arms:
+        for seed, evals in sorted(at_best(arm).items()):
+            ax.plot([i for i, _ in evals], [v for _, v in evals], color=colors[arm], alpha=0.8, label=f'{arm} seed {seed}')
     ax.set_xlabel('iteration')
     ax.set_ylabel('val loss')
-    ax.set_title('bio (red) vs GELU (blue)')
+    ax.set_title('val loss, each arm at its best learning rate')
     ax.legend(fontsize=7)
     fig.savefig(os.path.join(out_dir, 'compare_curves.png'), dpi=120)
+    written = ['compare_curves.png']
+    if any(lr is not None for _, lr, _ in runs):
+        fig, ax = plt.subplots(figsize=(7, 5))
+        for arm, by_lr in report['arms'].items():
+            lrs = [lr for lr in by_lr if lr != 'None']
+            ax.errorbar([float(lr) for lr in lrs], [by_lr[lr]['final_val_loss']['mean'] for lr in lrs],
+                        yerr=[by_lr[lr]['final_val_loss'].get('std', 0.0) for lr in lrs], marker='o', capsize=3,
+                        color=colors[arm], label=arm)
+        ax.set_xscale('log')
+        ax.set_xlabel('learning rate')
+        ax.set_ylabel('final val loss (mean +- std over seeds)')
+        ax.set_title('final val loss against learning rate')
+        ax.legend()
+        fig.savefig(os.path.join(out_dir, 'compare_lr.png'), dpi=120)
+        written.append('compare_lr.png')
     with open(os.path.join(out_dir, 'compare.json'), 'w') as f:
         json.dump(report, f, indent=2)
-    print(f'wrote {out_dir}/compare_curves.png and compare.json')
+    print(f"wrote {', '.join(f'{out_dir}/{name}' for name in written)} and {out_dir}/compare.json")
 
 
 if __name__ == '__main__':

@@ -107,12 +107,6 @@ def test_device_settings_that_cannot_work_here_are_one_line_errors():
     assert devices.pick_device('auto') == torch.device('cpu')
 
 
-def test_cuda_optimizer_is_fused_in_one_kernel():
-    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=16, block_size=8, vocab_size=32))
-    assert model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cuda').defaults['fused'] is True
-    assert model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu').defaults['fused'] is None
-
-
 # ---------------------------------------------------------------------------
 # the scripts on a simulated GPU machine
 

@@ -127,18 +127,6 @@ def test_param_counts_of_the_124m_config():
     assert gated - bio == 2 * 3072 * 12
 
 
-def test_weight_decay_only_on_matrices():
-    model = GPT(GPTConfig(**TINY, use_bio_mlp=True, bias=True))
-    opt = model.configure_optimizers(0.1, 1e-3, (0.9, 0.95), 'cpu')
-    decayed, plain = opt.param_groups
-    assert decayed['weight_decay'] == 0.1 and plain['weight_decay'] == 0.0
-    assert all(p.dim() == 2 for p in decayed['params'])
-    assert all(p.dim() == 1 for p in plain['params'])
-    omega = model.transformer.h[0].mlp.activation.omega
-    assert any(p is omega for p in plain['params'])
-    assert len(decayed['params']) + len(plain['params']) == len(list(model.parameters()))
-
-
 def test_loss_ignores_minus_one_targets():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
