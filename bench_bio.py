@@ -109,6 +109,11 @@ def with_impl(impl, fn):
     return run
 
 
+def config_vocab_size(cfg):
+    """The config's vocabulary: tiny Shakespeare's 65 characters, else GPT-2's padded BPE."""
+    return 65 if 'shakespeare_char' in cfg['dataset'] else 50304
+
+
 def bench_activation(cfg, device, autocast):
     n = 4 * cfg['n_embd']
     torch.manual_seed(0)
@@ -148,7 +153,7 @@ def bench_activation(cfg, device, autocast):
 
 
 def bench_step(cfg, device, autocast, dtype):
-    vocab_size = 65 if 'shakespeare_char' in cfg['dataset'] else 50304
+    vocab_size = config_vocab_size(cfg)
     B, T = cfg['batch_size'], cfg['block_size']
     torch.manual_seed(0)
     x = torch.randint(0, vocab_size, (B, T), device=device)
@@ -212,7 +217,7 @@ def bench_step(cfg, device, autocast, dtype):
 
 def bench_optimizers(cfg, device):
     """Each optimizer's step on the config's model: median seconds and its state's bytes."""
-    vocab_size = 65 if 'shakespeare_char' in cfg['dataset'] else 50304
+    vocab_size = config_vocab_size(cfg)
     model_args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}
     torch.manual_seed(0)
     model = GPT(GPTConfig(**{**model_args, 'vocab_size': vocab_size})).to(device)

@@ -34,21 +34,10 @@ SCHEDULES = ('cosine', 'wsd', 'constant')
 OPTIONAL = {'lion': ('lion_pytorch', 'lion-pytorch'), 'adamw8bit': ('bitsandbytes', 'bitsandbytes')}
 
 
-def parameter_kinds(model):
-    """The trainable parameters by how they are optimized: 'block_matrices' (the 2-D weights inside the
-    blocks), 'other_matrices' (embeddings and lm_head, tied: once) and 'vectors' (everything 1-D).
-    Frozen parameters are in none of them."""
-    kinds = {'block_matrices': [], 'other_matrices': [], 'vectors': []}
-    for name, p in model.named_parameters():
-        if not p.requires_grad:
-            continue
-        if p.dim() < 2:
-            kinds['vectors'].append(p)
-        elif name.startswith('transformer.h.'):
-            kinds['block_matrices'].append(p)
-        else:
-            kinds['other_matrices'].append(p)
-    return kinds
+def block_matrices(model):
+    """The trainable 2-D weights inside the blocks (attention and MLP projections): what Muon optimizes."""
+    return [p for name, p in model.named_parameters() if p.requires_grad and p.dim() == 2
+            and name.startswith('transformer.h.')]
 
 
 def import_optional(optimizer):
@@ -65,22 +54,25 @@ def import_optional(optimizer):
 
 def build_optimizers(model, optimizer, learning_rate, weight_decay, beta1, beta2, muon_learning_rate,
                      muon_momentum, device_type):
-    """The optimizers (a list: muon is two) over the model's trainable parameters. Matrices get
-    weight_decay, vectors none; muon_learning_rate=0 means learning_rate. Raises ValueError for an unknown name, ImportError for a missing package."""
-    if optimizer not in OPTIMIZERS:
-        raise ValueError(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-    kinds = parameter_kinds(model)
-    muon_params = {id(p) for p in kinds['block_matrices']} if optimizer == 'muon' else set()
-    # in the model's order, as checkpoints of earlier versions hold their state
-    matrices = [p for p in model.parameters() if p.requires_grad and p.dim() >= 2 and id(p) not in muon_params]
-    groups = [{'params': matrices, 'weight_decay': weight_decay}, {'params': kinds['vectors'], 'weight_decay': 0.0}]
-    groups = [g for g in groups if g['params']]  # an optimizer refuses an empty group (everything frozen)
+    """The optimizers (a list: muon is two; empty if nothing trains) over the model's trainable
+    parameters, one of OPTIMIZERS. Matrices get weight_decay, vectors none; muon_learning_rate=0 means
+    learning_rate. Raises ImportError, with what to install, for a missing optional package."""
+    trainable = [p for p in model.parameters() if p.requires_grad]  # in the model's order, as checkpoints hold it
+    if not trainable:
+        return []
     built = []
-    if optimizer == 'muon' and kinds['block_matrices']:
-        built.append(torch.optim.Muon(kinds['block_matrices'], lr=muon_learning_rate or learning_rate, weight_decay=weight_decay,
-                                      momentum=muon_momentum, adjust_lr_fn='match_rms_adamw'))
-    if not groups:
-        return built
+    if optimizer == 'muon':
+        if not hasattr(torch.optim, 'Muon'):
+            raise ImportError(f'optimizer=muon needs PyTorch 2.9 or later (this is {torch.__version__}): '
+                              'pip install -U torch, or choose another optimizer')
+        muon_params = block_matrices(model)
+        if muon_params:
+            built.append(torch.optim.Muon(muon_params, lr=muon_learning_rate or learning_rate, weight_decay=weight_decay,
+                                          momentum=muon_momentum, adjust_lr_fn='match_rms_adamw'))
+        muon_ids = {id(p) for p in muon_params}
+        trainable = [p for p in trainable if id(p) not in muon_ids]
+    groups = [{'params': [p for p in trainable if p.dim() >= 2], 'weight_decay': weight_decay},
+              {'params': [p for p in trainable if p.dim() < 2], 'weight_decay': 0.0}]
     if optimizer in ('adamw', 'muon'):
         fused = {'fused': True} if device_type == 'cuda' else {}  # one kernel for all parameters on CUDA
         built.append(torch.optim.AdamW(groups, lr=learning_rate, betas=(beta1, beta2), **fused))
@@ -100,16 +92,17 @@ def optimizer_state(optimizers):
 
 
 def load_optimizer_state(optimizers, saved):
-    """Load a checkpoint's optimizer state, keeping the hyperparameters the optimizers were built with
-    (a resumed run takes its new settings). Raises ValueError if the state is for other parameters."""
+    """Load a checkpoint's optimizer state with the hyperparameters the optimizers were built with (a
+    resumed run takes its new settings, and a run moved to CUDA its fused kernel, which wants its step
+    counts on the GPU: PyTorch places them by the loaded groups). Raises ValueError if the state is
+    for other parameters."""
     saved = saved if isinstance(saved, list) else [saved]
-    if len(saved) != len(optimizers):
-        raise ValueError(f'the checkpoint holds the state of {len(saved)} optimizers, this run has {len(optimizers)}')
+    if len(saved) != len(optimizers) or any(len(s['param_groups']) != len(o.param_groups) for s, o in zip(saved, optimizers)):
+        raise ValueError('the checkpoint holds the state of other optimizers or parameter groups than this run has')
     for opt, state in zip(optimizers, saved):
-        settings = [{k: v for k, v in group.items() if k != 'params'} for group in opt.param_groups]
-        opt.load_state_dict(state)
-        for group, kept in zip(opt.param_groups, settings):
-            group.update(kept)
+        groups = [{**saved_group, **{k: v for k, v in group.items() if k != 'params'}}
+                  for saved_group, group in zip(state['param_groups'], opt.param_groups)]
+        opt.load_state_dict({**state, 'param_groups': groups})
 
 
 def state_megabytes(optimizers):
@@ -146,8 +139,20 @@ def describe(optimizers):
 
 
 def state_bytes(optimizers):
-    return sum(t.numel() * t.element_size() for opt in optimizers for state in opt.state.values()
-               for t in state.values() if torch.is_tensor(t))
+    """Bytes of the tensors in the optimizers' state, each storage once (bitsandbytes shares its
+    quantization maps), nested dicts included."""
+    storages = {}
+
+    def visit(value):
+        if isinstance(value, dict):
+            for v in value.values():
+                visit(v)
+        elif torch.is_tensor(value):
+            storages[value.untyped_storage().data_ptr()] = value.untyped_storage().nbytes()
+    for opt in optimizers:
+        for state in opt.state.values():
+            visit(state)
+    return sum(storages.values())
 
 
 def scheduled_lr(it, schedule, learning_rate, min_lr, warmup_iters, lr_decay_iters, decay_frac):
@@ -161,7 +166,7 @@ def scheduled_lr(it, schedule, learning_rate, min_lr, warmup_iters, lr_decay_ite
     if schedule == 'cosine':
         progress = (it - warmup_iters) / (lr_decay_iters - warmup_iters)
         return min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (learning_rate - min_lr)
-    decay_start = lr_decay_iters - decay_frac * lr_decay_iters
+    decay_start = max(warmup_iters, lr_decay_iters - decay_frac * lr_decay_iters)
     if it < decay_start:
         return learning_rate
     return learning_rate + (min_lr - learning_rate) * (it - decay_start) / (lr_decay_iters - decay_start)

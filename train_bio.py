@@ -28,7 +28,7 @@ import devices
 import prepared_data
 from checkpoints import load_model, save_checkpoint
 from model_bio import GPT, GPTConfig
-from optimizers import (build_optimizers, check_schedule, describe, load_optimizer_state, optimizer_state,
+from optimizers import (OPTIMIZERS, build_optimizers, check_schedule, describe, load_optimizer_state, optimizer_state,
                         scheduled_lr, state_megabytes)
 
 # -----------------------------------------------------------------------------
@@ -108,8 +108,13 @@ if rehearsal_iters < 0 or max_skipped_steps < 1:
     fail(f'rehearsal_iters={rehearsal_iters} must be >= 0 and max_skipped_steps={max_skipped_steps} >= 1')
 if not learning_rate > 0 or muon_learning_rate < 0:
     fail(f'learning_rate={learning_rate} must be > 0 and muon_learning_rate={muon_learning_rate} >= 0')
-if check_schedule(lr_schedule, decay_frac):
-    fail(check_schedule(lr_schedule, decay_frac))
+if not all(0 <= b < 1 for b in (beta1, beta2, muon_momentum)):
+    fail(f'beta1={beta1}, beta2={beta2} and muon_momentum={muon_momentum} must each be in [0, 1)')
+if optimizer not in OPTIMIZERS:
+    fail(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
+schedule_problem = check_schedule(lr_schedule, decay_frac)
+if schedule_problem:
+    fail(schedule_problem)
 if init_from == 'scratch' and use_sparse_gate and not use_bio_mlp:
     fail('use_sparse_gate=True gates the oscillating neurons: it needs use_bio_mlp=True')
 # the data first: a missing dataset is the likeliest mistake, and the cheapest to report
@@ -305,8 +310,6 @@ try:
                                   muon_momentum, device.type)
 except ImportError as e:
     fail(str(e))
-if not optimizers:
-    fail(f'nothing to train: freeze_layers={freeze_layers} with freeze_embeddings={freeze_embeddings} freezes every weight')
 # each group follows the schedule in proportion to its own rate (muon's two may differ)
 lr_ratios = [[group['lr'] / learning_rate for group in opt.param_groups] for opt in optimizers]
 scaler = devices.grad_scaler(device, dtype)
@@ -523,7 +526,7 @@ try:
             if eval_only:
                 break
             if not math.isfinite(losses['val']):
-                fail(f'val loss is {losses["val"]} at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
+                fail(f'val loss is not finite ({losses["val"]}) at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
             write_checkpoint(random_states(), also_best=improved)

@@ -9,7 +9,7 @@ By default bio vs GELU; each arm may be swept over learning rates and is then ju
     python analysis/compare_runs.py --tabulate --runs_dir runs-compare       (existing runs only)
 
 An arm is NAME:key=value[,key=value...] (train_bio.py settings); the last arm is the baseline the
-others are measured against. Default: bio:use_bio_mlp=True gelu:use_bio_mlp=False.
+others are measured against. Default: bio:use_bio_mlp=True gelu:use_bio_mlp=False,use_sparse_gate=False.
 --lrs: each run gets learning_rate=LR, and the config's other rates (min_lr, muon_learning_rate)
 are scaled with it, so the schedule's shape stays as configured.
 
@@ -43,11 +43,13 @@ import torch  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 from configurator import configure, fail, script_defaults  # noqa: E402
-DEFAULT_ARMS = ['bio:use_bio_mlp=True', 'gelu:use_bio_mlp=False']
+# the sparse gate is part of the oscillating MLP, so the GELU arm goes without it
+DEFAULT_ARMS = ['bio:use_bio_mlp=True', 'gelu:use_bio_mlp=False,use_sparse_gate=False']
 SCALED_WITH_LR = ('min_lr', 'muon_learning_rate')  # rates that follow learning_rate in a sweep
 # two-sided 95% critical values of Student's t for 1..30 degrees of freedom (30's beyond: slightly wide)
 T_95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
+DIVERGED = 'diverged.txt'  # in a run's folder: train_bio.py stopped it for losses or weights that were not finite
 OPTIMISM = ('note: each best learning rate is picked on the same val split its loss is reported on, which '
             'flatters every arm slightly and alike')
 
@@ -61,8 +63,8 @@ def read_evals(run_dir):
                 record = json.loads(line)
             except json.JSONDecodeError:
                 continue
-            if 'val_loss' in record:
-                evals.append((record['iter'], record['val_loss']))
+            if 'val_loss' in record:  # NaN counts as infinitely bad
+                evals.append((record['iter'], record['val_loss'] if math.isfinite(record['val_loss']) else math.inf))
     return evals
 
 
@@ -117,6 +119,9 @@ def train(settings, run_dir):
         if differing:
             fail(f"{run_dir} holds a run with other settings ({', '.join(differing)}); pass another --runs_dir, "
                  'or move that folder away')
+        if os.path.isfile(os.path.join(run_dir, DIVERGED)):
+            print(f'{run_dir}: diverged already')
+            return
         if saved['iter_num'] >= saved['config']['max_iters']:
             print(f'{run_dir}: done already')
             return
@@ -128,15 +133,25 @@ def train(settings, run_dir):
     with open(os.path.join(run_dir, 'train.out'), 'a') as out:  # a resumed run's output follows its first part
         code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT)
     if code != 0:
+        with open(os.path.join(run_dir, 'train.out')) as f:
+            errors = [line for line in f.read().splitlines() if line.startswith('error: ')]
+        # a rate too high for the arm: its loss is counted as infinite and the sweep goes on
+        if errors and 'not finite' in errors[-1]:
+            with open(os.path.join(run_dir, DIVERGED), 'w') as f:
+                f.write(errors[-1] + '\n')
+            print(f'{run_dir}: diverged ({errors[-1][len("error: "):]}); its loss counts as infinite')
+            return
         fail(f'{run_dir} failed (exit {code}); see {run_dir}/train.out')
 
 
 def run_name(arm, lr, seed):
-    return f'{arm}-seed{seed}' if lr is None else f'{arm}-lr{lr:g}-seed{seed}'
+    return f'{arm}-seed{seed}' if lr is None else f'{arm}-lr{lr!r}-seed{seed}'
 
 
 def interval(values):
     """Mean, standard deviation and 95% t interval of values (no interval for one value)."""
+    if not all(math.isfinite(v) for v in values):
+        return {'values': values, 'mean': math.inf}
     mean = statistics.mean(values)
     if len(values) < 2:
         return {'values': values, 'mean': mean}
@@ -167,34 +182,43 @@ def main():
         for kv in args.set:
             if '=' not in kv:
                 fail(f'--set takes key=value pairs, got {kv!r}')
-        if args.seeds < 1 or (args.lrs and min(args.lrs) <= 0):
-            fail('--seeds must be at least 1 and every --lrs value above 0')
+        if args.seeds < 1 or not all(0 < lr < math.inf for lr in args.lrs or []):
+            fail('--seeds must be at least 1 and every --lrs value a number above 0')
         for name, arm_settings in arms.items():  # a mistake in any arm stops the comparison before it trains
-            resolve([args.config, *[f'--{kv}' for kv in args.set], *arm_settings])
+            configured = resolve([args.config, *[f'--{kv}' for kv in args.set], *arm_settings])
+            if args.lrs and not configured['learning_rate'] > 0:
+                fail(f"arm {name}: --lrs scales the config's rates by its learning_rate, which is "
+                     f"{configured['learning_rate']}")
         for seed in range(1337, 1337 + args.seeds):
             for lr in args.lrs or [None]:
                 for arm, arm_settings in arms.items():
                     run_dir = os.path.join(args.runs_dir, run_name(arm, lr, seed))
                     train(run_settings(args, arm_settings, lr, seed, run_dir), run_dir)
 
-    runs = {}  # (arm, lr or None, seed) -> [(iter, val_loss)]
+    runs, diverged = {}, set()  # (arm, lr or None, seed) -> [(iter, val_loss)]; the runs that diverged
     if os.path.isdir(args.runs_dir):
         for name in sorted(os.listdir(args.runs_dir)):
             match = re.fullmatch(r'([A-Za-z0-9_]+?)(?:-lr([0-9.e+-]+))?-seed(\d+)', name)
             if match and match[1] in arms and os.path.isfile(os.path.join(args.runs_dir, name, 'log.jsonl')):
+                key = match[1], None if match[2] is None else float(match[2]), int(match[3])
                 evals = read_evals(os.path.join(args.runs_dir, name))
+                if os.path.isfile(os.path.join(args.runs_dir, name, DIVERGED)):
+                    diverged.add(key)
+                    evals = evals + [(math.inf, math.inf)]  # its final loss
                 if evals:
-                    runs[match[1], None if match[2] is None else float(match[2]), int(match[3])] = evals
+                    runs[key] = evals
     if not runs:
         fail(f"no runs with evaluations in {args.runs_dir} (folders named <arm>-seed<N> or <arm>-lr<LR>-seed<N> "
              f"for arms {', '.join(arms)})")
 
     table = {run_name(arm, lr, seed): {'arm': arm, 'lr': lr, 'seed': seed, 'best_val_loss': min(v for _, v in evals),
-                                       'final_val_loss': evals[-1][1], 'final_iter': evals[-1][0]}
+                                       'final_val_loss': evals[-1][1], 'final_iter': evals[-1][0],
+                                       'diverged': (arm, lr, seed) in diverged}
              for (arm, lr, seed), evals in sorted(runs.items(), key=lambda item: (item[0][0], item[0][1] or 0, item[0][2]))}
-    print(f"\n{'run':24s} {'best val':>9s} {'final val':>9s} {'at iter':>8s}")
+    print(f"\n{'run':28s} {'best val':>9s} {'final val':>9s} {'at iter':>8s}")
     for name, row in table.items():
-        print(f"{name:24s} {row['best_val_loss']:9.4f} {row['final_val_loss']:9.4f} {row['final_iter']:8d}")
+        print(f"{name:28s} {row['best_val_loss']:9.4f} {row['final_val_loss']:9.4f} "
+              + ('diverged' if row['diverged'] else f"{row['final_iter']:8d}"))
 
     # per arm and learning rate, over seeds; each arm's best rate by its mean final val loss
     report = {'runs': table, 'arms': {}, 'best_lr': {}, 'paired': {}, 'iters_to_baseline': {}}

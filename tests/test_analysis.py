@@ -15,7 +15,7 @@ import matplotlib.image
 import numpy as np
 import torch
 
-from conftest import REPO, TINY, message_lines, run_script, simulated_env
+from conftest import REPO, TINY, load, message_lines, run_script, simulated_env
 from checkpoints import save_checkpoint
 from model_bio import GPT, GPTConfig
 
@@ -116,11 +116,11 @@ def test_compare_runs_trains_both_arms_and_reports_paired_differences(workdir):
         assert row['best_val_loss'] == min(vals) and row['final_val_loss'] == vals[-1] and row['final_iter'] == 4
         finals[name] = vals[-1]
     diffs = [finals[f'bio-seed{s}'] - finals[f'gelu-seed{s}'] for s in (1337, 1338)]
-    paired = report['paired']['final_val_loss']
-    assert paired['differences'] == diffs
+    paired = report['paired']['bio - gelu']['final_val_loss']
+    assert paired['values'] == diffs
     half = 12.706 * statistics.stdev(diffs) / math.sqrt(2)
     assert math.isclose(paired['ci95'][0], statistics.mean(diffs) - half, rel_tol=1e-9)
-    assert math.isclose(report['arms']['gelu']['final_val_loss']['mean'], statistics.mean(
+    assert math.isclose(report['arms']['gelu']['None']['final_val_loss']['mean'], statistics.mean(
         [finals['gelu-seed1337'], finals['gelu-seed1338']]), rel_tol=1e-12)
     assert_png(workdir / 'runs' / 'compare_curves.png')
     # a second call trains nothing, and --tabulate reports the same runs
@@ -156,3 +156,72 @@ def test_compare_runs_trains_both_arms_and_reports_paired_differences(workdir):
     assert 'broken/bio-seed1337: resuming at iter 2' in resumed.stdout
     rows = json.loads((workdir / 'broken' / 'compare.json').read_text())['runs']
     assert rows == {name: row for name, row in report['runs'].items() if name.endswith('seed1337')}
+
+
+@pytest.mark.slow
+def test_compare_runs_sweeps_learning_rates_and_judges_each_arm_at_its_best(workdir):
+    # arms from the command line (here two optimizers); each swept over two rates, two seeds
+    (workdir / 'config_tiny.py').write_text('max_iters = 4\neval_interval = 2\nuse_bio_mlp = False\n')
+    settings = [arg[2:] for arg in TINY] + ['min_lr=0.001', 'muon_learning_rate=0.005']
+    proc = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '2',
+                      '--set', *settings, '--runs_dir', 'runs', '--lrs', '0.01', '0.03',
+                      '--arms', 'muon:optimizer=muon', 'adamw:optimizer=adamw')
+    names = sorted(p.name for p in (workdir / 'runs').iterdir() if p.is_dir())
+    assert names == sorted(f'{arm}-lr{lr}-seed{seed}' for arm in ('muon', 'adamw') for lr in ('0.01', '0.03')
+                           for seed in (1337, 1338))
+    # the config's other rates follow learning_rate: 0.03 is 3x the config's 0.01
+    config = load(workdir / 'runs' / 'muon-lr0.03-seed1337' / 'ckpt.pt')['config']
+    assert (config['optimizer'], config['learning_rate']) == ('muon', 0.03)
+    assert math.isclose(config['min_lr'], 0.003) and math.isclose(config['muon_learning_rate'], 0.015)
+    finals = {}
+    for name in names:
+        evals = [json.loads(line) for line in (workdir / 'runs' / name / 'log.jsonl').read_text().splitlines()]
+        finals[name] = [(e['iter'], e['val_loss']) for e in evals if 'val_loss' in e]
+    report = json.loads((workdir / 'runs' / 'compare.json').read_text())
+    best = {}
+    for arm in ('muon', 'adamw'):
+        means = {lr: statistics.mean(finals[f'{arm}-lr{lr}-seed{s}'][-1][1] for s in (1337, 1338)) for lr in ('0.01', '0.03')}
+        best[arm] = min(means, key=means.get)
+        assert report['best_lr'][arm] == float(best[arm])
+        for lr, mean in means.items():
+            assert math.isclose(report['arms'][arm][str(float(lr))]['final_val_loss']['mean'], mean, rel_tol=1e-12)
+    # the paired difference is taken between each arm's best rate, seed by seed; adamw (last) is the baseline
+    diffs = [finals[f'muon-lr{best["muon"]}-seed{s}'][-1][1] - finals[f'adamw-lr{best["adamw"]}-seed{s}'][-1][1]
+             for s in (1337, 1338)]
+    assert report['paired']['muon - adamw']['final_val_loss']['values'] == diffs
+    target = statistics.mean(finals[f'adamw-lr{best["adamw"]}-seed{s}'][-1][1] for s in (1337, 1338))
+    for arm in ('muon', 'adamw'):
+        curve = [(i, statistics.mean(finals[f'{arm}-lr{best[arm]}-seed{s}'][k][1] for s in (1337, 1338)))
+                 for k, (i, _) in enumerate(finals[f'{arm}-lr{best[arm]}-seed1337'])]
+        assert report['iters_to_baseline'][arm] == {
+            'target': target, 'iters': next((i for i, v in curve if v <= target), None)}
+    assert report['iters_to_baseline']['adamw']['iters'] is not None  # the baseline reaches its own final loss, by the end
+    assert 'picked on the same val split' in proc.stdout and 'paired muon - adamw, final_val_loss' in proc.stdout
+    assert_png(workdir / 'runs' / 'compare_lr.png')
+    assert_png(workdir / 'runs' / 'compare_curves.png')
+    # arms that cannot be told apart, or settings train_bio.py does not have, stop before any training
+    for arms, message in ((['a:optimizer=muon'], 'error: give at least two arms to compare'),
+                          (['a-b:seed=1', 'c:seed=2'], "error: arm 'a-b:seed=1': give each arm its own name"),
+                          (['a:optimiser=muon', 'b:optimizer=adamw'], "error: unknown config key 'optimiser'")):
+        proc = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--set', *settings,
+                          '--runs_dir', 'mistakes', '--arms', *arms, check=False)
+        assert proc.returncode == 2 and len(message_lines(proc.stderr)) == 1, proc.stderr
+        assert message_lines(proc.stderr)[0].startswith(message), proc.stderr
+    assert not (workdir / 'mistakes').exists()
+
+
+@pytest.mark.slow
+def test_a_learning_rate_that_diverges_counts_as_infinite_and_the_sweep_goes_on(workdir):
+    (workdir / 'config_tiny.py').write_text('max_iters = 4\neval_interval = 2\n')
+    sweep = ['analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1', '--lrs', '1e+30', '0.01',
+             '--set', *[arg[2:] for arg in TINY], 'max_skipped_steps=2', '--runs_dir', 'runs']
+    proc = run_script(workdir, *sweep)
+    assert proc.stdout.count('diverged (') == 2  # both arms at 1e30, which train_bio.py stopped with one line
+    assert (workdir / 'runs' / 'bio-lr1e+30-seed1337' / 'diverged.txt').read_text().startswith('error: ')
+    report = json.loads((workdir / 'runs' / 'compare.json').read_text())
+    assert report['runs']['gelu-lr1e+30-seed1337']['diverged'] and report['runs']['gelu-lr1e+30-seed1337'][
+        'final_val_loss'] == math.inf
+    assert report['best_lr'] == {'bio': 0.01, 'gelu': 0.01}  # the sweep went on to 0.01, which is judged
+    assert report['arms']['bio']['1e+30']['final_val_loss']['mean'] == math.inf
+    again = run_script(workdir, *sweep)
+    assert again.stdout.count('diverged already') == 2 and again.stdout.count('done already') == 2

@@ -11,6 +11,8 @@ import re
 import statistics
 
 from conftest import message_lines, run_script
+from model_bio import GPT, GPTConfig
+from optimizers import OPTIMIZERS
 
 TINY_CONFIG = """
 dataset = 'shakespeare_char'
@@ -40,6 +42,18 @@ def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
                                             'gelu_twin', 'gelu_twin_compiled'}
     assert report['step']['memory_bytes']['bio'] > 0
     assert report['sample']['block_size_256']['tokens_per_s_cache'] > 0
+    # each optimizer's step, side by side; AdamW keeps two float32 moments per weight and a step count per tensor
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False, use_bio_mlp=True,
+                          use_rmsnorm=True, use_rope=True))  # train_bio.py's defaults
+    params = list(model.parameters())
+    optim = report['optim']
+    assert set(optim['time_s']) | set(optim['not_installed']) == set(OPTIMIZERS)
+    assert optim['state_bytes']['adamw'] == sum(8 * p.numel() + 4 for p in params)
+    assert optim['state_bytes']['muon'] < optim['state_bytes']['adamw']  # one momentum for the block matrices
+    assert 0 < optim['state_bytes']['adafactor'] < sum(4 * p.numel() for p in params)  # factored second moments
+    if 'lion' in optim['state_bytes']:
+        assert optim['state_bytes']['lion'] == sum(4 * p.numel() for p in params)  # one momentum, nothing else
+    assert all(t > 0 for t in optim['time_s'].values()) and re.search(r'muon .* ms .* MB', proc.stdout)
 
 
 @pytest.mark.slow

@@ -6,8 +6,10 @@ folder is on PYTHONPATH (tests/conftest.py: simulated_env). Each part is switche
   SIMULATED_OOM_AFTER  out of memory after this many losses (simulated_faults.py)
   SIMULATED_NAN_LOSSES these losses, comma-separated call numbers, are NaN (simulated_faults.py)
   SIMULATED_FAULT_RANK the faults happen only in the torchrun process of this RANK
+  SIMULATED_MISSING    these packages, comma-separated module names, are not installed
 """
 import os
+import sys
 
 faulty = os.environ.get('SIMULATED_FAULT_RANK', os.environ.get('RANK', '0')) == os.environ.get('RANK', '0')
 
@@ -23,3 +25,5 @@ if faulty and os.environ.get('SIMULATED_OOM_AFTER'):
 if faulty and os.environ.get('SIMULATED_NAN_LOSSES'):
     import simulated_faults
     simulated_faults.nan_losses({int(n) for n in os.environ['SIMULATED_NAN_LOSSES'].split(',')})
+for module in filter(None, os.environ.get('SIMULATED_MISSING', '').split(',')):
+    sys.modules[module] = None  # how Python marks a module that cannot be imported: ModuleNotFoundError
