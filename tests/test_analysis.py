@@ -212,16 +212,17 @@ def test_compare_runs_sweeps_learning_rates_and_judges_each_arm_at_its_best(work
 
 @pytest.mark.slow
 def test_a_learning_rate_that_diverges_counts_as_infinite_and_the_sweep_goes_on(workdir):
-    (workdir / 'config_tiny.py').write_text('max_iters = 4\neval_interval = 2\n')
+    (workdir / 'config_tiny.py').write_text('max_iters = 4\neval_interval = 2\nuse_bio_mlp = False\n')
     sweep = ['analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1', '--lrs', '1e+30', '0.01',
-             '--set', *[arg[2:] for arg in TINY], 'max_skipped_steps=2', '--runs_dir', 'runs']
+             '--set', *[arg[2:] for arg in TINY], 'max_skipped_steps=2', '--runs_dir', 'runs',
+             '--arms', 'decay:weight_decay=0.1', 'plain:weight_decay=0.0']
     proc = run_script(workdir, *sweep)
     assert proc.stdout.count('diverged (') == 2  # both arms at 1e30, which train_bio.py stopped with one line
-    assert (workdir / 'runs' / 'bio-lr1e+30-seed1337' / 'diverged.txt').read_text().startswith('error: ')
+    assert (workdir / 'runs' / 'decay-lr1e+30-seed1337' / 'diverged.txt').read_text().startswith('error: ')
     report = json.loads((workdir / 'runs' / 'compare.json').read_text())
-    assert report['runs']['gelu-lr1e+30-seed1337']['diverged'] and report['runs']['gelu-lr1e+30-seed1337'][
+    assert report['runs']['plain-lr1e+30-seed1337']['diverged'] and report['runs']['plain-lr1e+30-seed1337'][
         'final_val_loss'] == math.inf
-    assert report['best_lr'] == {'bio': 0.01, 'gelu': 0.01}  # the sweep went on to 0.01, which is judged
-    assert report['arms']['bio']['1e+30']['final_val_loss']['mean'] == math.inf
+    assert report['best_lr'] == {'decay': 0.01, 'plain': 0.01}  # the sweep went on to 0.01, which is judged
+    assert report['arms']['decay']['1e+30']['final_val_loss']['mean'] == math.inf
     again = run_script(workdir, *sweep)
     assert again.stdout.count('diverged already') == 2 and again.stdout.count('done already') == 2
