@@ -109,9 +109,12 @@ def with_impl(impl, fn):
     return run
 
 
-def config_vocab_size(cfg):
-    """The config's vocabulary: tiny Shakespeare's 65 characters, else GPT-2's padded BPE."""
-    return 65 if 'shakespeare_char' in cfg['dataset'] else 50304
+def config_model(cfg, **changes):
+    """The GPTConfig of the config's model, with changes; its vocabulary is tiny Shakespeare's 65
+    characters or GPT-2's padded BPE."""
+    model_args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}
+    model_args['vocab_size'] = 65 if 'shakespeare_char' in cfg['dataset'] else 50304
+    return GPTConfig(**{**model_args, **changes})
 
 
 def bench_activation(cfg, device, autocast):
@@ -153,7 +156,7 @@ def bench_activation(cfg, device, autocast):
 
 
 def bench_step(cfg, device, autocast, dtype):
-    vocab_size = config_vocab_size(cfg)
+    vocab_size = config_model(cfg).vocab_size
     B, T = cfg['batch_size'], cfg['block_size']
     torch.manual_seed(0)
     x = torch.randint(0, vocab_size, (B, T), device=device)
@@ -161,10 +164,8 @@ def bench_step(cfg, device, autocast, dtype):
     scaler = devices.grad_scaler(device, dtype)
     models, variants = {}, {}
     for arm, bio in (('bio', True), ('gelu', False)):
-        model_args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}
-        model_args.update(vocab_size=vocab_size, use_bio_mlp=bio, use_sparse_gate=bio and cfg['use_sparse_gate'],
-                      dropout=0.0)
-        model = GPT(GPTConfig(**model_args)).to(device)
+        model = GPT(config_model(cfg, use_bio_mlp=bio, use_sparse_gate=bio and cfg['use_sparse_gate'],
+                                 dropout=0.0)).to(device)
         optimizer, = build_optimizers(model, 'adamw', 1e-4, 0.1, 0.9, 0.95, 0.0, 0.95, device.type)
         for compiled in ((False, True) if cfg['bench_compiled'] else (False,)):
             run_model = torch.compile(model) if compiled else model
@@ -217,10 +218,8 @@ def bench_step(cfg, device, autocast, dtype):
 
 def bench_optimizers(cfg, device):
     """Each optimizer's step on the config's model: median seconds and its state's bytes."""
-    vocab_size = config_vocab_size(cfg)
-    model_args = {f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}
     torch.manual_seed(0)
-    model = GPT(GPTConfig(**{**model_args, 'vocab_size': vocab_size})).to(device)
+    model = GPT(config_model(cfg)).to(device)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-3
     variants, built, missing = {}, {}, []

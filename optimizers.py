@@ -109,24 +109,24 @@ def state_megabytes(optimizers):
     """The size of the optimizers' state, MB. Optimizers create their state at the first step, so an
     empty one is measured by a step of zero learning rate on zero gradients (which changes no weight),
     and then emptied again."""
-    if not any(opt.state for opt in optimizers):
-        params = [p for opt in optimizers for group in opt.param_groups for p in group['params']]
-        rates = [[group['lr'] for group in opt.param_groups] for opt in optimizers]
-        for p in params:
-            p.grad = torch.zeros_like(p)
-        for opt in optimizers:
-            for group in opt.param_groups:
-                group['lr'] = 0.0
-            opt.step()
-        size = state_bytes(optimizers)
-        for opt, lrs in zip(optimizers, rates):
-            opt.state.clear()
-            for group, lr in zip(opt.param_groups, lrs):
-                group['lr'] = lr
-        for p in params:
-            p.grad = None
-        return size / 1e6
-    return state_bytes(optimizers) / 1e6
+    if any(opt.state for opt in optimizers):
+        return state_bytes(optimizers) / 1e6
+    params = [p for opt in optimizers for group in opt.param_groups for p in group['params']]
+    rates = [[group['lr'] for group in opt.param_groups] for opt in optimizers]
+    for p in params:
+        p.grad = torch.zeros_like(p)
+    for opt in optimizers:
+        for group in opt.param_groups:
+            group['lr'] = 0.0
+        opt.step()
+    size = state_bytes(optimizers)
+    for opt, lrs in zip(optimizers, rates):
+        opt.state.clear()
+        for group, lr in zip(opt.param_groups, lrs):
+            group['lr'] = lr
+    for p in params:
+        p.grad = None
+    return size / 1e6
 
 
 def describe(optimizers):

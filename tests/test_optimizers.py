@@ -190,7 +190,8 @@ def test_a_run_keeps_its_optimizer_and_missing_packages_are_one_line(workdir):
 
 @pytest.mark.slow
 def test_muon_with_frozen_layers_leaves_them_and_trains_the_rest(workdir):
-    frozen = [*GELU, '--n_layer=3', '--optimizer=muon', '--freeze_layers=1', '--eval_interval=4']
+    frozen = [*GELU, '--n_layer=3', '--optimizer=muon', '--freeze_layers=1', '--eval_interval=4',
+              '--muon_learning_rate=0.02']  # twice learning_rate (1e-2)
     run_script(workdir, 'train_bio.py', *frozen, '--max_iters=0', '--out_dir=start')
     run_script(workdir, 'train_bio.py', *frozen, '--max_iters=4', '--out_dir=out')
     start, end = load(workdir / 'start' / 'ckpt.pt'), load(workdir / 'out' / 'ckpt.pt')
@@ -198,6 +199,10 @@ def test_muon_with_frozen_layers_leaves_them_and_trains_the_rest(workdir):
         assert torch.equal(tensor, end['model'][name]) == name.startswith('transformer.h.0.'), name
     muon_state, adamw_state = end['optimizer']
     assert len(muon_state['state']) == 2 * 4 and muon_state['param_groups'][0]['params'] == list(range(8))
+    # both follow the schedule, each from its own rate: the last step (iteration 3) on cosine
+    scheduled = optimizers.scheduled_lr(3, 'cosine', 1e-2, end['config']['min_lr'], 2, 40, 0.2)
+    assert [g['lr'] for g in adamw_state['param_groups']] == [scheduled, scheduled]
+    assert muon_state['param_groups'][0]['lr'] == 2 * scheduled
 
 
 @pytest.mark.slow
