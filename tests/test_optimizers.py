@@ -133,7 +133,7 @@ def test_schedules_at_warmup_end_stable_phase_and_decay_end():
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize('name', INSTALLED)
+@pytest.mark.parametrize('name', [name for name in INSTALLED if name != 'adamw'])  # adamw: test_train.py's resume test
 def test_each_optimizer_trains_and_resumes_bit_exactly(workdir, name):
     common = [*GELU, f'--optimizer={name}', '--eval_interval=4', '--lr_schedule=wsd', '--lr_decay_iters=8']
     if name == 'adafactor':
