@@ -1,23 +1,23 @@
 """
 Chat with an instruction-tuned WiggleGPT checkpoint:
     python chat.py --out_dir=out-wigglegpt-finetune-native
+    python chat.py --ckpt=hf:edeneldith/WiggleGPT/ckpt_finetune.pt
+    python chat.py --web=True            (the same chat in the browser, at http://127.0.0.1:8000)
 Type a message after `You: `; /help lists the commands. With stdin not a terminal each input
 line is one user turn, so a conversation can be scripted: printf 'Hi\nquit\n' | python chat.py
 """
 
-import os
 import sys
 
 import torch
 
 import devices
-from chat_template import CHAT_STOPS, chat_turn
-from checkpoints import load_model
-from codec import EOT_ID, load_codec
-from generation import generate_tokens, stream_text
+from chat_template import chat_turn
+from chatbot import Chatbot
+from checkpoints import checkpoint_location
 
 out_dir = 'out-wigglegpt-finetune-native'
-ckpt = 'ckpt.pt'  # or 'ckpt_best.pt'
+ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt', an exported folder), or a hub name: hf:OWNER/REPO/FILE.pt
 system = ''  # an optional system prompt, kept at the start of every conversation
 max_new_tokens = 512
 temperature = 0.7  # 0 is greedy
@@ -30,6 +30,9 @@ device = 'auto'
 dtype = 'auto'
 compile = False
 show_prompt = False  # print the exact text sent to the model (to stderr) before each reply
+web = False  # serve the chat as a web page instead of the terminal REPL
+host = '127.0.0.1'  # web: the address to listen on; 0.0.0.0 opens it to other machines
+port = 8000  # web: 0 picks a free port
 # -----------------------------------------------------------------------------
 from configurator import configure, fail, settings_in  # noqa: E402
 
@@ -49,26 +52,22 @@ try:
     dtype = devices.pick_dtype(device, dtype)
 except ValueError as e:
     fail(str(e))
-autocast = devices.autocast(device, dtype)
+location = checkpoint_location(out_dir, ckpt)
 try:
-    model, checkpoint = load_model(os.path.join(out_dir, ckpt), device)
+    bot = Chatbot(location, device, dtype, compile)
 except ValueError as e:
     fail(str(e))
-model.eval()
-if checkpoint['model_args']['vocab_size'] < 50257:
-    fail(f'chat.py needs a GPT-2 BPE model; {out_dir}/{ckpt} has a '
-         f'{checkpoint["model_args"]["vocab_size"]}-token vocabulary (use sample_bio.py for it)')
-if compile:
-    model = torch.compile(model)
-encode, decode = load_codec(checkpoint)
-block_size = model.config.block_size
-# markers are part of every turn: penalising them would keep the model from ending its reply
-marker_ids = {EOT_ID}
-for role in ('system', 'user', 'assistant'):
-    marker_ids.update(encode(chat_turn(role, '')))
-# a reply's closing marker follows a newline that belongs to the template, not to the reply
-stops = tuple('\n' + s for s in CHAT_STOPS) + CHAT_STOPS
 generator = torch.Generator(device=device).manual_seed(seed)
+if web:
+    import web_chat
+    sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
+                    repetition_penalty=repetition_penalty, penalty_window=penalty_window)
+    try:
+        server = web_chat.make_server(bot, generator, sampling, system, host, port)
+    except OSError as e:
+        fail(f'cannot listen on {host}:{port} ({e.strerror or e}); choose another --port (0 picks a free one)')
+    web_chat.serve(server, location)
+    sys.exit(0)
 interactive = sys.stdin.isatty()
 if interactive:
     try:
@@ -77,22 +76,9 @@ if interactive:
         pass
 
 
-def build_prompt(exchanges, user_text):
-    """The template text for the conversation, dropping the oldest whole exchanges until a reply fits."""
-    head = chat_turn('system', system) if system else ''
-    tail = chat_turn('user', user_text) + '<|assistant|>\n'
-    reply_room = min(max_new_tokens, block_size // 2)
-    kept = list(exchanges)
-    while True:
-        prompt = head + ''.join(kept) + tail
-        if len(encode(prompt)) + reply_room <= block_size or not kept:
-            return prompt, len(exchanges) - len(kept)
-        kept.pop(0)
-
-
 exchanges = []  # the conversation so far: one string per (user turn + assistant turn)
 if interactive:
-    print(f'WiggleGPT chat ({out_dir}/{ckpt}); /help for commands')
+    print(f'WiggleGPT chat ({location}); /help for commands')
 while True:
     try:
         line = input('You: ' if interactive else '')
@@ -136,7 +122,7 @@ while True:
         print(f'unknown command {command}; /help lists them')
         continue
 
-    prompt, dropped = build_prompt(exchanges, line)
+    prompt, dropped = bot.prompt(system, exchanges, line, max_new_tokens)
     if dropped:
         exchanges = exchanges[dropped:]
     if show_prompt:
@@ -144,18 +130,14 @@ while True:
     print('WiggleGPT: ', end='', flush=True)
     reply, generated = '', []
     try:
-        with autocast:
-            tokens = generate_tokens(model, encode(prompt), max_new_tokens, temperature=temperature,
-                                     top_k=top_k or None, top_p=top_p, repetition_penalty=repetition_penalty,
-                                     penalty_window=penalty_window, penalty_exempt=marker_ids, generator=generator)
-            # generated keeps the reply's token ids, to tell afterwards whether it ran out of room
-            for piece in stream_text((generated.append(t) or t for t in tokens), decode, stops):
-                print(piece, end='', flush=True)
-                reply += piece
+        for piece in bot.reply(prompt, generated, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
+                               penalty_window, generator):
+            print(piece, end='', flush=True)
+            reply += piece
     except KeyboardInterrupt:
         print('\n(reply stopped)')
         continue  # an interrupted exchange is not kept
     print()
-    if len(generated) == max_new_tokens and not any(s in decode(generated) for s in CHAT_STOPS):
+    if bot.ran_out(generated, max_new_tokens):
         print(f'[the reply ran to max_new_tokens={max_new_tokens} without its end marker]', file=sys.stderr)
     exchanges.append(chat_turn('user', line) + chat_turn('assistant', reply.strip()))

@@ -73,8 +73,12 @@ def stream_text(token_ids, decode, stop_sequences=()):
     """Turn a stream of token ids into text pieces as they become final; end before the first stop sequence.
 
     Text that may be the start of a stop sequence (or of a character still being spelled out in
-    UTF-8 bytes) is held back until the next tokens settle it.
+    UTF-8 bytes) is held back until the next tokens settle it; the start of a stop sequence that the
+    tokens end in (a reply cut off by max_new_tokens while writing its end marker) is never shown.
     """
+    def partial_stop(text):  # the length of the longest start of a stop sequence that text ends with
+        return max([n for s in stop_sequences for n in range(1, len(s)) if text.endswith(s[:n])], default=0)
+
     ids, shown, text = [], 0, ''
     for token in token_ids:
         ids.append(token)
@@ -88,10 +92,10 @@ def stream_text(token_ids, decode, stop_sequences=()):
         ready = len(text)
         while ready > shown and text[ready - 1] == '\ufffd':
             ready -= 1
-        held = max([n for s in stop_sequences for n in range(1, len(s)) if text[:ready].endswith(s[:n])], default=0)
-        ready -= held
+        ready -= partial_stop(text[:ready])
         if ready > shown:
             yield text[shown:ready]
             shown = ready
-    if len(text) > shown:
-        yield text[shown:]
+    end = len(text) - partial_stop(text)
+    if end > shown:
+        yield text[shown:end]

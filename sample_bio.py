@@ -10,12 +10,12 @@ import sys
 import torch
 
 import devices
-from checkpoints import load_model
+from checkpoints import checkpoint_location, load_model
 from codec import load_codec
 from generation import generate_tokens, stream_text
 
 out_dir = 'out'
-ckpt = 'ckpt.pt'  # or 'ckpt_best.pt'
+ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt', an exported folder), or a hub name: hf:OWNER/REPO/FILE.pt
 start = '\n'  # prompt text, or FILE:path
 num_samples = 3
 max_new_tokens = 500
@@ -48,7 +48,7 @@ if not start:
     fail('the prompt is empty; give at least one character with --start')
 
 try:
-    model, checkpoint = load_model(os.path.join(out_dir, ckpt), device)
+    model, checkpoint = load_model(checkpoint_location(out_dir, ckpt), device)
     encode, decode = load_codec(checkpoint)
 except ValueError as e:
     fail(str(e))

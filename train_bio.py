@@ -26,7 +26,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 import devices
 import prepared_data
-from checkpoints import load_model, save_checkpoint
+from checkpoints import FORMAT_VERSION, HUB_PREFIX, fetch_from_hub, is_checkpoint_location, load_model, save_checkpoint
 from model_bio import GPT, GPTConfig
 from optimizers import (OPTIMIZERS, build_optimizers, check_schedule, describe, load_optimizer_state, optimizer_state,
                         scheduled_lr, state_megabytes)
@@ -34,7 +34,7 @@ from optimizers import (OPTIMIZERS, build_optimizers, check_schedule, describe, 
 # -----------------------------------------------------------------------------
 # defaults: the 124M WiggleGPT on OpenWebText
 out_dir = 'out'
-init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a checkpoint path to start a new run from its weights
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a checkpoint (path or hf: name) to start a new run from its weights
 task = 'pretrain'  # 'pretrain': token streams; 'finetune': whole conversations, loss on the assistant's tokens only
 eval_interval = 2000
 eval_iters = 200
@@ -157,6 +157,16 @@ if master:
     print(f"device {devices.describe(device)}, {dtype}{' with a GradScaler' if dtype == 'float16' else ''}"
           f"{f', {world_size} processes' if ddp else ''}")
 
+# a checkpoint to start from is found (downloaded, for a hub name) before the run's folder is made
+source = None
+if init_from not in ('scratch', 'resume'):
+    if not is_checkpoint_location(init_from):
+        fail(f"init_from={init_from!r} is not 'scratch', 'resume', a checkpoint (file or exported folder) or a hub name hf:OWNER/REPO/FILE.pt")
+    try:
+        source = fetch_from_hub(init_from) if init_from.startswith(HUB_PREFIX) else init_from
+    except ValueError as e:
+        fail(str(e))
+
 # a run's folder is never overwritten: a new run needs a folder without one, a run goes on with resume
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 best_path = os.path.join(out_dir, 'ckpt_best.pt')
@@ -255,9 +265,7 @@ if init_from == 'scratch':
     model = GPT(GPTConfig(**model_args))
     model.to(device)
 else:
-    source = ckpt_path if init_from == 'resume' else init_from
-    if init_from != 'resume' and not os.path.isfile(init_from):
-        fail(f"init_from={init_from!r} is not 'scratch', 'resume' or an existing checkpoint file")
+    source = source or ckpt_path
     try:
         model, checkpoint = load_model(source, device, **{k: config[k] for k in TRAINING_ONLY})
     except ValueError as e:
@@ -417,7 +425,7 @@ def write_checkpoint(rng_states, also_best):
         'iter_num': iter_num,
         'best_val_loss': best_val_loss,
         'config': config,
-        'format_version': 1,
+        'format_version': FORMAT_VERSION,
         'tokens': tokens_seen,
         'skipped_steps': skipped_steps,
         'scaler': scaler.state_dict(),

@@ -41,7 +41,7 @@ def similarity(a, b, bins):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('ckpt', help='a checkpoint (ckpt.pt) of a WiggleGPT model')
+    parser.add_argument('ckpt', help='a checkpoint of a WiggleGPT model: ckpt.pt, an exported folder, or a hub name hf:OWNER/REPO/FILE.pt')
     parser.add_argument('--out_dir', default='analysis_out/brainwaves')
     args = parser.parse_args()
     params = neuron_params(args.ckpt)

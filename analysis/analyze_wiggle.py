@@ -3,6 +3,7 @@ What the oscillating neurons learned: statistics and plots of omega, phi and bas
 
     python analysis/analyze_wiggle.py out-wigglegpt-pure-124m/ckpt.pt
     python analysis/analyze_wiggle.py pretrained/ckpt.pt --compare finetuned/ckpt.pt
+    python analysis/analyze_wiggle.py hf:edeneldith/WiggleGPT/ckpt_pretrain.pt --compare hf:edeneldith/WiggleGPT/ckpt_finetune.pt
 
 Over all hidden neurons and per layer: mean, std, min, max, percentiles, the share with
 |value| < 0.1 and the share within 0.2 of 1; the sparse gate's parameters too when the model has
@@ -64,7 +65,7 @@ def histogram(ax, values, title):
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('ckpt', help='a checkpoint (ckpt.pt) of a WiggleGPT model')
+    parser.add_argument('ckpt', help='a checkpoint of a WiggleGPT model: ckpt.pt, an exported folder, or a hub name hf:OWNER/REPO/FILE.pt')
     parser.add_argument('--compare', help='a second checkpoint of the same shape, e.g. after fine-tuning')
     parser.add_argument('--out_dir', default='analysis_out/wiggle')
     args = parser.parse_args()

@@ -77,3 +77,55 @@ def read_log(out_dir):
 def message_lines(stderr):
     """stderr without the configurator's `config: ...` echo lines: what a user mistake should leave is one line."""
     return [line for line in stderr.strip().splitlines() if not line.startswith('config: ')]
+
+
+def write_bpe_checkpoint(out_dir, block_size):
+    """A small untrained model over GPT-2's vocabulary: enough to drive chat.py."""
+    from checkpoints import save_checkpoint
+    from model_bio import GPT, GPTConfig
+    model_args = dict(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=50304, bias=False,
+                      use_bio_mlp=True, use_rmsnorm=True, use_rope=True)
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**model_args))
+    out_dir.mkdir()
+    save_checkpoint({'model': model.state_dict(), 'model_args': model_args, 'iter_num': 0, 'best_val_loss': 9.0,
+                     'config': {'dataset': 'openwebtext'}, 'format_version': 1}, str(out_dir / 'ckpt.pt'))
+
+
+def write_original_checkpoint(path, vocab_size=64, n_layer=2, n_embd=32):
+    """A checkpoint laid out as the original release wrote it (names from the notes, compile prefix, no
+    format_version); returns its weights (without the prefix) and model_args."""
+    torch.manual_seed(0)
+    shapes = {'transformer.wte.weight': (vocab_size, n_embd), 'transformer.ln_f.weight': (n_embd,)}
+    for i in range(n_layer):
+        h = f'transformer.h.{i}.'
+        shapes.update({h + 'ln_1.weight': (n_embd,), h + 'ln_2.weight': (n_embd,),
+                       h + 'attn.c_attn.weight': (3 * n_embd, n_embd), h + 'attn.c_proj.weight': (n_embd, n_embd),
+                       h + 'mlp.c_fc.weight': (4 * n_embd, n_embd), h + 'mlp.c_proj.weight': (n_embd, 4 * n_embd),
+                       h + 'mlp.activation.omega': (4 * n_embd,), h + 'mlp.activation.phi': (4 * n_embd,),
+                       h + 'mlp.activation.baseline': (4 * n_embd,)})
+    weights = {k: torch.randn(shape) * 0.5 for k, shape in shapes.items()}
+    weights['lm_head.weight'] = weights['transformer.wte.weight']
+    model_args = dict(n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=16, bias=False, vocab_size=vocab_size,
+                      dropout=0.0, use_bio_mlp=True, use_rmsnorm=True, use_rope=True, gradient_checkpointing=False)
+    original = {'model': {'_orig_mod.' + k: v for k, v in weights.items()}, 'model_args': model_args,
+                'optimizer': {}, 'iter_num': 600000, 'best_val_loss': torch.tensor(3.1621),
+                'config': {'dataset': 'openwebtext'}}
+    torch.save(original, path)
+    return weights, model_args
+
+
+def hub_cache(cache_dir, repo_id, files, revision='main'):
+    """Lay files ({path in the repository: local file}) out as huggingface_hub's cache holds a download of
+    repo_id at revision (a branch or tag name), so the real library finds them with HF_HUB_OFFLINE=1."""
+    import hashlib
+    commit = hashlib.sha1(f'{repo_id}@{revision}'.encode()).hexdigest()
+    repo = os.path.join(cache_dir, 'models--' + repo_id.replace('/', '--'))
+    for name, source in files.items():
+        target = os.path.join(repo, 'snapshots', commit, *name.split('/'))
+        os.makedirs(os.path.dirname(target), exist_ok=True)
+        shutil.copy(source, target)
+    os.makedirs(os.path.join(repo, 'refs'), exist_ok=True)
+    with open(os.path.join(repo, 'refs', revision), 'w') as f:
+        f.write(commit)
+    return commit

@@ -9,6 +9,7 @@ import torch
 import torch.nn.functional as F
 
 import generation
+from conftest import write_original_checkpoint
 from checkpoints import load_model, save_checkpoint
 from generation import apply_repetition_penalty, generate_tokens, sample_next_token, stream_text
 from model_bio import GPT, GPTConfig
@@ -111,27 +112,15 @@ def test_stream_text_holds_back_a_possible_stop_and_cuts_before_it():
     # a piece never ends in the middle of what could still become the stop marker
     assert all(not p.endswith('<') and not p.endswith('<|') for p in pieces[:-1])
     assert list(stream_text(iter([0, 1]), lambda ids: 'ab'[:len(ids)], ('b',))) == ['a']
+    # cut off while writing the marker: its start is not shown; without stops every character is
+    assert ''.join(stream_text(range(21), lambda ids: ''.join(chars[i] for i in ids), ('<|/assistant|>',))) == 'Hi <there> <|x|>!'
+    assert ''.join(stream_text(range(21), lambda ids: ''.join(chars[i] for i in ids))) == 'Hi <there> <|x|>!<|/a'
 
 
 def test_original_format_checkpoint_runs_without_positions(tmp_path, capsys):
     """A checkpoint laid out as the original release wrote it (names from the notes, compile prefix)."""
-    n_layer, n_embd, vocab = 2, 32, 64
-    torch.manual_seed(0)
-    shapes = {'transformer.wte.weight': (vocab, n_embd), 'transformer.ln_f.weight': (n_embd,)}
-    for i in range(n_layer):
-        h = f'transformer.h.{i}.'
-        shapes.update({h + 'ln_1.weight': (n_embd,), h + 'ln_2.weight': (n_embd,),
-                       h + 'attn.c_attn.weight': (3 * n_embd, n_embd), h + 'attn.c_proj.weight': (n_embd, n_embd),
-                       h + 'mlp.c_fc.weight': (4 * n_embd, n_embd), h + 'mlp.c_proj.weight': (n_embd, 4 * n_embd),
-                       h + 'mlp.activation.omega': (4 * n_embd,), h + 'mlp.activation.phi': (4 * n_embd,),
-                       h + 'mlp.activation.baseline': (4 * n_embd,)})
-    weights = {k: torch.randn(shape) * 0.5 for k, shape in shapes.items()}
-    weights['lm_head.weight'] = weights['transformer.wte.weight']
-    model_args = dict(n_layer=n_layer, n_head=2, n_embd=n_embd, block_size=16, bias=False, vocab_size=vocab,
-                      dropout=0.0, use_bio_mlp=True, use_rmsnorm=True, use_rope=True, gradient_checkpointing=False)
-    original = {'model': {'_orig_mod.' + k: v for k, v in weights.items()}, 'model_args': model_args,
-                'optimizer': {}, 'iter_num': 600000, 'best_val_loss': torch.tensor(3.1621), 'config': {}}
-    torch.save(original, tmp_path / 'original.pt')
+    weights, model_args = write_original_checkpoint(tmp_path / 'original.pt')
+    vocab = model_args['vocab_size']
     ours = {'model': weights, 'model_args': model_args, 'iter_num': 1, 'best_val_loss': 3.0, 'config': {},
             'format_version': 1}
     save_checkpoint(ours, str(tmp_path / 'ours.pt'))

@@ -7,11 +7,7 @@ sample_bio.py and chat.py run as users run them.
 import pytest
 import re
 
-import torch
-
-from conftest import TINY, message_lines, run_script
-from checkpoints import save_checkpoint
-from model_bio import GPT, GPTConfig
+from conftest import TINY, message_lines, run_script, write_bpe_checkpoint
 
 
 @pytest.mark.slow
@@ -37,23 +33,12 @@ def test_sample_script_user_mistakes_are_one_line_errors(workdir):
     (workdir / 'junk.pt').write_text('not a checkpoint')
     for args, message in [(['--out_dir=nowhere'], 'no checkpoint at'),
                           (['--out_dir=.', '--ckpt=junk.pt'], 'not a readable checkpoint'),
-                          (['--out_dir=out', '--start=hello!'], 'outside the tiny vocabulary'),
+                          (['--out_dir=out', '--start=hello!'], "outside the model's 50-character vocabulary"),
                           (['--out_dir=out', '--start=FILE:missing.txt'], 'prompt file missing.txt not found'),
                           (['--out_dir=out', '--dtype=half'], "dtype='half' is not one of")]:
         proc = run_script(workdir, 'sample_bio.py', '--device=cpu', *args, check=False)
         assert proc.returncode != 0, args
         assert message in proc.stderr and len(message_lines(proc.stderr)) == 1, (args, proc.stderr)
-
-
-def write_bpe_checkpoint(out_dir, block_size):
-    """A small untrained model over GPT-2's vocabulary: enough to drive chat.py."""
-    model_args = dict(n_layer=1, n_head=2, n_embd=32, block_size=block_size, vocab_size=50304, bias=False,
-                      use_bio_mlp=True, use_rmsnorm=True, use_rope=True)
-    torch.manual_seed(0)
-    model = GPT(GPTConfig(**model_args))
-    out_dir.mkdir()
-    save_checkpoint({'model': model.state_dict(), 'model_args': model_args, 'iter_num': 0, 'best_val_loss': 9.0,
-                     'config': {'dataset': 'openwebtext'}, 'format_version': 1}, str(out_dir / 'ckpt.pt'))
 
 
 def chat(workdir, lines, *args):

@@ -86,3 +86,27 @@ def simulate(spec_path):
         return interrupted(result) if spec.get('interrupt_after') else result
 
     datasets.load_dataset = load_dataset
+
+
+def simulate_uploads(folder):
+    """Model uploads (export_hub.py --push_to_hub) go to folder instead of the hub: HfApi.create_repo and
+    HfApi.upload_folder append their arguments to folder/calls.jsonl, and the uploaded files land in
+    folder/OWNER/REPO/. Everything before the upload runs as with the real hub."""
+    import shutil
+
+    import huggingface_hub
+
+    def record(call):
+        with open(os.path.join(folder, 'calls.jsonl'), 'a') as f:
+            f.write(json.dumps(call) + '\n')
+
+    def create_repo(self, repo_id, **kwargs):
+        record({'call': 'create_repo', 'repo_id': repo_id, **kwargs})
+
+    def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
+        record({'call': 'upload_folder', 'repo_id': repo_id, 'folder_path': str(folder_path),
+                'ignore_patterns': ignore_patterns, **kwargs})
+        shutil.copytree(folder_path, os.path.join(folder, *repo_id.split('/')), dirs_exist_ok=True)
+
+    huggingface_hub.HfApi.create_repo = create_repo
+    huggingface_hub.HfApi.upload_folder = upload_folder

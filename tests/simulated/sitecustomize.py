@@ -3,6 +3,7 @@ Simulated hardware, services and faults for the tests, imported by Python at sta
 folder is on PYTHONPATH (tests/conftest.py: simulated_env). Each part is switched on by a variable:
   SIMULATED_GPUS       a CUDA machine with these GPUs, comma-separated names (simulated_gpu.py)
   SIMULATED_HUB        the HuggingFace hub that this JSON file describes (simulated_hub.py)
+  SIMULATED_HUB_UPLOADS  uploads to the hub land in this folder instead (simulated_hub.py)
   SIMULATED_OOM_AFTER  out of memory after this many losses (simulated_faults.py)
   SIMULATED_NAN_LOSSES these losses, comma-separated call numbers, are NaN (simulated_faults.py)
   SIMULATED_FAULT_RANK the faults happen only in the torchrun process of this RANK
@@ -19,6 +20,9 @@ if os.environ.get('SIMULATED_GPUS'):
 if os.environ.get('SIMULATED_HUB'):
     import simulated_hub
     simulated_hub.simulate(os.environ['SIMULATED_HUB'])
+if os.environ.get('SIMULATED_HUB_UPLOADS'):
+    import simulated_hub
+    simulated_hub.simulate_uploads(os.environ['SIMULATED_HUB_UPLOADS'])
 if faulty and os.environ.get('SIMULATED_OOM_AFTER'):
     import simulated_faults
     simulated_faults.out_of_memory_after(int(os.environ['SIMULATED_OOM_AFTER']))

@@ -1,0 +1,135 @@
+"""
+Export a trained checkpoint as a folder ready for the HuggingFace hub, and optionally upload it:
+    python export_hub.py --out_dir=out-shakespeare-char-cpu --export_dir=wigglegpt-shakespeare
+    python export_hub.py --out_dir=out-wigglegpt-pure-124m --push_to_hub=OWNER/REPO
+The folder holds model.safetensors (the weights; the tied embedding stored once), config.json (the
+architecture, the tokenizer facts and the run's settings) and README.md, a model card with the
+settings and the results of the run's log.jsonl. Every script loads it back by its path or, once
+uploaded, as hf:OWNER/REPO:
+    python sample_bio.py --ckpt=hf:OWNER/REPO
+"""
+
+import json
+import math
+import os
+import sys
+
+from checkpoints import (EXPORT_CONFIG, EXPORT_MODEL_TYPE, EXPORT_WEIGHTS, HUB_PREFIX, checkpoint_location,
+                         export_model, load_model)
+from codec import tokenizer_facts
+
+out_dir = 'out'
+ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt'), or a path or hf: name of its own
+export_dir = ''  # the folder to write; '' is out_dir/hub
+push_to_hub = ''  # OWNER/REPO: also upload the folder to this hub repository (created if missing; needs `hf auth login`)
+# -----------------------------------------------------------------------------
+from configurator import configure, fail, settings_in  # noqa: E402
+
+globals().update(configure(settings_in(globals()), sys.argv[1:]))
+# -----------------------------------------------------------------------------
+CARD = 'README.md'
+source = checkpoint_location(out_dir, ckpt)
+export_dir = export_dir or os.path.join(out_dir, 'hub')
+if push_to_hub and (push_to_hub.count('/') != 1 or push_to_hub.startswith(HUB_PREFIX)):
+    fail(f'push_to_hub={push_to_hub!r} must name a hub repository as OWNER/REPO')
+# the folder is written into only if it is new, empty or an earlier export: never over other files
+if os.path.isfile(export_dir):
+    fail(f'export_dir={export_dir} is a file; name a folder')
+if os.path.isdir(export_dir) and os.listdir(export_dir):
+    try:
+        with open(os.path.join(export_dir, EXPORT_CONFIG), encoding='utf-8') as f:
+            earlier_export = json.load(f).get('model_type') == EXPORT_MODEL_TYPE
+    except (OSError, ValueError, AttributeError):
+        earlier_export = False
+    others = sorted(set(os.listdir(export_dir)) - {EXPORT_CONFIG, EXPORT_WEIGHTS, CARD, '.cache'})
+    if not earlier_export or others:
+        fail(f'{export_dir} already holds other files ({", ".join(others or os.listdir(export_dir))}); '
+             'export into a new or empty folder (--export_dir=...)')
+
+try:
+    model, checkpoint = load_model(source, 'cpu')
+    tokenizer = tokenizer_facts(checkpoint)
+except ValueError as e:
+    fail(str(e))
+log_path = os.path.join(os.path.dirname(os.path.abspath(source)), 'log.jsonl')
+evals = []
+if not source.startswith(HUB_PREFIX) and os.path.isfile(log_path):
+    with open(log_path, encoding='utf-8') as f:
+        records = [json.loads(line) for line in f if line.strip()]
+    evals = [r for r in records if 'val_loss' in r]
+
+
+def model_card():
+    """README.md for the hub: what the model is, how it was trained, what it reached, and how to run it."""
+    arch, settings = model.config, checkpoint.get('config', {})
+    name = push_to_hub or os.path.basename(os.path.abspath(export_dir))
+    position = 'RoPE' if arch.use_rope and arch.use_positions else ('learned positions' if arch.use_positions else 'no positional encoding')
+    mlp = ('its MLP neurons oscillate, sin(omega*x + phi) * tanh(x) + baseline' if arch.use_bio_mlp
+           else 'a GELU MLP (the control to the oscillating one)')
+    if arch.use_sparse_gate:
+        mlp += f', sparse gate (threshold {arch.bio_threshold})'
+    vocabulary = (f"{len(tokenizer['chars'])} characters" if tokenizer['type'] == 'characters'
+                  else f"GPT-2 BPE ({tokenizer['encoding']}, <|endoftext|> = {tokenizer['eot_id']})")
+    lines = ['---', 'library_name: wigglegpt', 'pipeline_tag: text-generation',
+             'tags: [wigglegpt, oscillating-activation, text-generation]', '---', '',
+             f'# {name}', '',
+             f'A GPT language model of the WiggleGPT repository: {mlp}.', '',
+             '| | |', '| --- | --- |',
+             f'| parameters | {model.get_num_params(non_embedding=False) / 1e6:.2f}M |',
+             f'| layers, heads, width | {arch.n_layer}, {arch.n_head}, {arch.n_embd} |',
+             f'| context | {arch.block_size} tokens |',
+             f'| norm, positions | {"RMSNorm" if arch.use_rmsnorm else "LayerNorm"}, {position} |',
+             f'| vocabulary | {vocabulary} |', '']
+    lines += ['## Training', '']
+    if settings:
+        iters, tokens = checkpoint.get('iter_num'), checkpoint.get('tokens')
+        lines += [f"Dataset `{settings.get('dataset', '?')}` ({settings.get('task', 'pretrain')}), "
+                  f"{iters:,} iterations" + (f', {tokens:,} tokens' if tokens else '') + '. Settings:', '',
+                  '| setting | value |', '| --- | --- |']
+        lines += [f'| {k} | `{v!r}` |' for k, v in sorted(settings.items())]
+    else:
+        lines += ['The checkpoint records no training settings.']
+    lines += ['', '## Results', '']
+    best = checkpoint.get('best_val_loss', math.inf)
+    if evals:
+        lines += [f"From the run's log.jsonl: {len(evals)} evaluations; the last at iteration "
+                  f"{evals[-1]['iter']:,}: train loss {evals[-1]['train_loss']:.4f}, val loss {evals[-1]['val_loss']:.4f}; "
+                  f'best val loss {min(r["val_loss"] for r in evals):.4f}.', '',
+                  '| iteration | train loss | val loss |', '| --- | --- | --- |']
+        shown = evals if len(evals) <= 12 else evals[::math.ceil(len(evals) / 12)] + evals[-1:]
+        lines += [f"| {r['iter']:,} | {r['train_loss']:.4f} | {r['val_loss']:.4f} |" for r in shown]
+    elif best != math.inf:
+        lines += [f'Best val loss {float(best):.4f} (no log.jsonl was found beside the checkpoint).']
+    else:
+        lines += ['No results were recorded with the checkpoint.']
+    hub_name = f'hf:{push_to_hub}' if push_to_hub else 'hf:OWNER/REPO'
+    lines += ['', '## Use', '',
+              'With the WiggleGPT repository (its `requirements.txt` installed):', '', '```',
+              f'python sample_bio.py --ckpt={hub_name} --start="{"ROMEO:" if tokenizer["type"] == "characters" else "Hello"}"']
+    if tokenizer['type'] == 'tiktoken':
+        lines += [f'python chat.py --ckpt={hub_name}']
+    lines += ['```', '', f'`{EXPORT_WEIGHTS}` holds the weights (`lm_head.weight` is tied to `transformer.wte.weight` '
+              f'and stored once); `{EXPORT_CONFIG}` the architecture, the tokenizer and the training settings.', '']
+    return '\n'.join(lines)
+
+
+export_model(model, checkpoint, tokenizer, export_dir)
+with open(os.path.join(export_dir, CARD), 'w', encoding='utf-8') as f:
+    f.write(model_card())
+print(f'exported {source} to {export_dir} ({EXPORT_WEIGHTS}, {EXPORT_CONFIG}, {CARD})')
+
+if push_to_hub:
+    try:
+        from huggingface_hub import HfApi
+    except ImportError:
+        fail('--push_to_hub needs the huggingface_hub package: pip install huggingface_hub')
+    api = HfApi()
+    try:
+        api.create_repo(push_to_hub, exist_ok=True)
+        commit = api.upload_folder(repo_id=push_to_hub, folder_path=export_dir, ignore_patterns=['.cache/*'],
+                                   commit_message=f'WiggleGPT export of {source}')
+    except Exception as e:  # no network, no login, no rights, a bad name: whatever stops the upload, in one line
+        fail(f'could not upload to the hub repository {push_to_hub} ({type(e).__name__}: '
+             f'{str(e).strip().splitlines()[0]}); log in with `hf auth login` and check the name')
+    print(f'uploaded to https://huggingface.co/{push_to_hub} ({getattr(commit, "oid", "") or "done"}); '
+          f'load it with --ckpt=hf:{push_to_hub}')
