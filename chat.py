@@ -52,6 +52,8 @@ try:
     dtype = devices.pick_dtype(device, dtype)
 except ValueError as e:
     fail(str(e))
+if web and not 0 <= port <= 65535:
+    fail(f'port={port} is not a port number (0 to 65535; 0 picks a free one)')
 location = checkpoint_location(out_dir, ckpt)
 try:
     bot = Chatbot(location, device, dtype, compile)
@@ -64,8 +66,8 @@ if web:
                     repetition_penalty=repetition_penalty, penalty_window=penalty_window)
     try:
         server = web_chat.make_server(bot, generator, sampling, system, host, port)
-    except OSError as e:
-        fail(f'cannot listen on {host}:{port} ({e.strerror or e}); choose another --port (0 picks a free one)')
+    except ValueError as e:
+        fail(str(e))
     web_chat.serve(server, location)
     sys.exit(0)
 interactive = sys.stdin.isatty()

@@ -45,12 +45,18 @@ class Chatbot:
         room for a reply); exchanges holds one string per user turn + assistant turn."""
         head = chat_turn('system', system) if system else ''
         tail = chat_turn('user', user_text) + '<|assistant|>\n'
-        kept = list(exchanges)
-        while True:
-            text = head + ''.join(kept) + tail
-            if len(self.encode(text)) + self.reply_room(max_new_tokens) <= self.block_size or not kept:
-                return text, len(exchanges) - len(kept)
-            kept.pop(0)
+        budget = self.block_size - self.reply_room(max_new_tokens)
+        # each exchange encoded once, so a long history costs linear time; the oldest go until the rest fit
+        sizes = [len(self.encode(e)) for e in exchanges]
+        total, dropped = len(self.encode(head + tail)) + sum(sizes), 0
+        while dropped < len(exchanges) and total > budget:
+            total -= sizes[dropped]
+            dropped += 1
+        while True:  # the text itself decides: BPE may merge tokens across the joins
+            text = head + ''.join(exchanges[dropped:]) + tail
+            if dropped == len(exchanges) or len(self.encode(text)) <= budget:
+                return text, dropped
+            dropped += 1
 
     def reply(self, prompt, generated, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
               penalty_window, generator, should_stop=lambda: False):

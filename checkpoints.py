@@ -4,7 +4,7 @@ loading them into a model: this repository's ckpt.pt files, the original WiggleG
 exported model folders (model.safetensors + config.json, see export_hub.py), each from a local
 path or from the HuggingFace hub by name:
 
-    hf:OWNER/REPO/FILE.pt[@REVISION]    a checkpoint file in a hub repository
+    hf:OWNER/REPO/FILE.pt[@REVISION]    a checkpoint file in a hub repository (.pt or .pth)
     hf:OWNER/REPO[/FOLDER][@REVISION]   an exported model in a hub repository (or one of its folders)
 """
 
@@ -72,12 +72,18 @@ def save_checkpoint(checkpoint, path, copy_to=None):
 HUB_PREFIX = 'hf:'
 EXPORT_CONFIG, EXPORT_WEIGHTS = 'config.json', 'model.safetensors'  # an exported model's files (export_hub.py)
 EXPORT_MODEL_TYPE = 'wigglegpt'
+CHECKPOINT_SUFFIXES = ('.pt', '.pth')  # a hub path ending so is a checkpoint file; any other, an exported model's folder
 TIED_COPY = 'lm_head.weight'  # the same tensor as transformer.wte.weight: an export stores it once, under that name
 
 
 def checkpoint_location(out_dir, ckpt):
-    """Where a script's --out_dir/--ckpt pair points: ckpt itself if it is a hub name or a path of its own."""
-    return ckpt if ckpt.startswith(HUB_PREFIX) else os.path.join(out_dir, ckpt)
+    """Where a script's --out_dir/--ckpt pair points: out_dir/ckpt, or ckpt itself where it is a hub name, or
+    a path or exported folder of its own that out_dir does not hold (a bare file name stays in out_dir)."""
+    in_out_dir = os.path.join(out_dir, ckpt)
+    own_path = os.path.isdir(ckpt) or os.path.dirname(ckpt) != ''
+    if ckpt.startswith(HUB_PREFIX) or (own_path and os.path.exists(ckpt) and not os.path.exists(in_out_dir)):
+        return ckpt
+    return in_out_dir
 
 
 def is_checkpoint_location(location):
@@ -88,8 +94,8 @@ def is_checkpoint_location(location):
 def parse_hub_name(name):
     """'hf:OWNER/REPO[/PATH][@REVISION]' -> (repo_id, path inside the repository ('' for its root), revision or None)."""
     spec, at, revision = name[len(HUB_PREFIX):].partition('@')
-    parts = spec.strip('/').split('/')
-    if len(parts) < 2 or not all(parts) or (at and not revision):
+    parts = spec.removesuffix('/').split('/')
+    if len(parts) < 2 or not all(parts) or (at and not revision) or '@' in revision:
         raise ValueError(f'{name!r} is not a hub name: write hf:OWNER/REPO/FILE.pt for a checkpoint file, or '
                          'hf:OWNER/REPO for an exported model, optionally followed by @REVISION')
     return '/'.join(parts[:2]), '/'.join(parts[2:]), revision or None
@@ -104,7 +110,10 @@ def fetch_from_hub(name):
         from huggingface_hub import errors
     except ImportError:
         raise ValueError(f'{name} needs the huggingface_hub package: pip install huggingface_hub') from None
-    wanted = [path] if path.endswith('.pt') else [posixpath.join(path, f) for f in (EXPORT_CONFIG, EXPORT_WEIGHTS)]
+    is_file = path.lower().endswith(CHECKPOINT_SUFFIXES)
+    if posixpath.basename(path) in (EXPORT_CONFIG, EXPORT_WEIGHTS):  # a file of an exported model: its folder
+        path = posixpath.dirname(path)
+    wanted = [path] if is_file else [posixpath.join(path, f) for f in (EXPORT_CONFIG, EXPORT_WEIGHTS)]
     at = f' at revision {revision}' if revision else ''
     try:
         local = [huggingface_hub.hf_hub_download(repo_id, f, revision=revision) for f in wanted]
@@ -116,13 +125,13 @@ def fetch_from_hub(name):
     except errors.RevisionNotFoundError:
         raise ValueError(f'the hub repository {repo_id} has no revision {revision}') from None
     except errors.EntryNotFoundError:
-        if path.endswith('.pt'):
+        if is_file:
             raise ValueError(f'the hub repository {repo_id} has no file {path}{at}') from None
         raise ValueError(f'the hub repository {repo_id} has no exported model ({EXPORT_CONFIG} + {EXPORT_WEIGHTS}) in '
                          f'{path or "its top folder"}{at}; name a checkpoint file as hf:{repo_id}/FILE.pt') from None
     except (errors.HfHubHTTPError, errors.HFValidationError, OSError) as e:
         raise ValueError(f'could not download {name} ({type(e).__name__}: {str(e).strip().splitlines()[0]})') from None
-    return local[0] if path.endswith('.pt') else os.path.dirname(local[0])
+    return local[0] if is_file else os.path.dirname(local[0])
 
 
 def load_model(ckpt_path, device, **overrides):
@@ -214,10 +223,15 @@ def load_export(folder, device, **overrides):
         raise ValueError(f'{folder} holds an unreadable exported model ({type(e).__name__}: {str(e).splitlines()[0]})') from None
     if not isinstance(config, dict) or config.get('model_type') != EXPORT_MODEL_TYPE:
         raise ValueError(f'{config_path} does not describe a WiggleGPT model (its model_type is not {EXPORT_MODEL_TYPE!r})')
+    training = config.get('training') or {}
+    if not isinstance(config.get('architecture'), dict) or not isinstance(training, dict):
+        raise ValueError(f'{config_path} is malformed: it needs an "architecture" object (and "training", if any, an object)')
     if 'transformer.wte.weight' in state_dict:
         state_dict[TIED_COPY] = state_dict['transformer.wte.weight']
-    model = build_model(folder, config['architecture'], state_dict, device, overrides)
-    training = config.get('training', {})
+    try:
+        model = build_model(folder, config['architecture'], state_dict, device, overrides)
+    except (TypeError, AssertionError) as e:  # a setting of the wrong type or an impossible shape
+        raise ValueError(f'{config_path} describes no buildable model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
     best_val_loss = training.get('best_val_loss')
     checkpoint = {'model_args': asdict(model.config), 'config': training.get('settings', {}),
                   'tokenizer': config.get('tokenizer'), 'iter_num': training.get('iter_num') or 0,

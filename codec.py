@@ -44,4 +44,5 @@ def load_codec(checkpoint):
         raise ValueError(f'unknown tokenizer {facts!r}: expected type characters or tiktoken')
     import tiktoken
     enc = tiktoken.get_encoding(facts['encoding'])
-    return (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'})), enc.decode
+    # ids past the vocabulary (vocab_size is padded to 50304) are no text: an untrained model may sample them
+    return (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'})), lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])

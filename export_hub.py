@@ -35,7 +35,7 @@ if push_to_hub and (push_to_hub.count('/') != 1 or push_to_hub.startswith(HUB_PR
 # the folder is written into only if it is new, empty or an earlier export: never over other files
 if os.path.isfile(export_dir):
     fail(f'export_dir={export_dir} is a file; name a folder')
-if os.path.isdir(export_dir) and os.listdir(export_dir):
+if os.path.isdir(export_dir) and set(os.listdir(export_dir)) - {'.cache'}:
     try:
         with open(os.path.join(export_dir, EXPORT_CONFIG), encoding='utf-8') as f:
             earlier_export = json.load(f).get('model_type') == EXPORT_MODEL_TYPE
@@ -55,8 +55,13 @@ log_path = os.path.join(os.path.dirname(os.path.abspath(source)), 'log.jsonl')
 evals = []
 if not source.startswith(HUB_PREFIX) and os.path.isfile(log_path):
     with open(log_path, encoding='utf-8') as f:
-        records = [json.loads(line) for line in f if line.strip()]
-    evals = [r for r in records if 'val_loss' in r]
+        for line in f:
+            try:  # a line cut off by a crash mid-write is skipped, as train_bio.py skips it
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and {'iter', 'train_loss', 'val_loss'} <= record.keys():
+                evals.append(record)
 
 
 def model_card():
@@ -83,8 +88,9 @@ def model_card():
     lines += ['## Training', '']
     if settings:
         iters, tokens = checkpoint.get('iter_num'), checkpoint.get('tokens')
-        lines += [f"Dataset `{settings.get('dataset', '?')}` ({settings.get('task', 'pretrain')}), "
-                  f"{iters:,} iterations" + (f', {tokens:,} tokens' if tokens else '') + '. Settings:', '',
+        lines += [f"Dataset `{settings.get('dataset', '?')}` ({settings.get('task', 'pretrain')})"
+                  + (f', {iters:,} iterations' if iters else '') + (f', {tokens:,} tokens' if tokens else '')
+                  + '. Settings:', '',
                   '| setting | value |', '| --- | --- |']
         lines += [f'| {k} | `{v!r}` |' for k, v in sorted(settings.items())]
     else:
@@ -113,9 +119,13 @@ def model_card():
     return '\n'.join(lines)
 
 
-export_model(model, checkpoint, tokenizer, export_dir)
-with open(os.path.join(export_dir, CARD), 'w', encoding='utf-8') as f:
-    f.write(model_card())
+card = model_card()  # before any file is written: a failure here leaves no half-made folder
+try:
+    export_model(model, checkpoint, tokenizer, export_dir)
+    with open(os.path.join(export_dir, CARD), 'w', encoding='utf-8') as f:
+        f.write(card)
+except OSError as e:
+    fail(f'cannot write the export to {export_dir} ({e.strerror or e}); choose another --export_dir')
 print(f'exported {source} to {export_dir} ({EXPORT_WEIGHTS}, {EXPORT_CONFIG}, {CARD})')
 
 if push_to_hub:

@@ -23,7 +23,7 @@ def apply_repetition_penalty(logits, recent_ids, penalty, exempt_ids=()):
 
 def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator=None):
     """One token id from logits (vocab,): greedy at temperature 0, else softmax sampling after top-k and top-p."""
-    if temperature == 0:
+    if temperature < 1e-6:  # greedy; a tinier one would only overflow the scaled logits
         return int(logits.argmax())
     logits = logits / temperature
     if top_k:

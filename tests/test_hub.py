@@ -16,7 +16,8 @@ import torch
 from huggingface_hub.utils import hf_raise_for_status
 from safetensors import safe_open
 
-from checkpoints import load_model, parse_hub_name
+from checkpoints import export_model, load_model, parse_hub_name
+from codec import tokenizer_facts
 from conftest import TINY, hub_cache, message_lines, read_log, run_script, simulated_env, write_original_checkpoint
 
 
@@ -28,7 +29,7 @@ def test_hub_names_name_a_repository_a_path_and_a_revision():
     assert parse_hub_name('hf:edeneldith/WiggleGPT/ckpt_pretrain.pt') == ('edeneldith/WiggleGPT', 'ckpt_pretrain.pt', None)
     assert parse_hub_name('hf:own/repo/sub/dir/ckpt.pt@v1.0') == ('own/repo', 'sub/dir/ckpt.pt', 'v1.0')
     assert parse_hub_name('hf:own/repo@refs/pr/3') == ('own/repo', '', 'refs/pr/3')
-    for bad in ('hf:own', 'hf:own//x.pt', 'hf:own/repo@', 'hf:'):
+    for bad in ('hf:own', 'hf:own//x.pt', 'hf:own/repo@', 'hf:', 'hf://own/repo/x.pt', 'hf:own/repo@v1@v2'):
         with pytest.raises(ValueError, match='is not a hub name'):
             parse_hub_name(bad)
 
@@ -52,6 +53,41 @@ def test_a_hub_name_downloads_through_huggingface_hub_then_loads_as_the_local_fi
         # the original release's facts hold as for the local file: no positions, the same logits bit for bit
         assert remote_ckpt['model_args'] == local_ckpt['model_args'] and remote_ckpt['model_args']['use_positions'] is False
         assert torch.equal(remote.eval()(idx, idx)[0], local.eval()(idx, idx)[0])
+
+
+def test_an_exported_model_on_the_hub_is_its_two_files_and_a_bad_one_is_one_line(tmp_path, monkeypatch):
+    write_original_checkpoint(tmp_path / 'original.pt')
+    model, checkpoint = load_model(str(tmp_path / 'original.pt'), 'cpu')
+    folder = tmp_path / 'repo' / 'sub'
+    export_model(model, checkpoint, {'type': 'characters', 'chars': [chr(65 + i) for i in range(64)]}, str(folder))
+    calls = []
+
+    def download(repo_id, filename, *, revision=None, **kwargs):
+        calls.append((repo_id, filename, revision))
+        return str(tmp_path / 'repo' / filename)
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+    idx = torch.randint(0, 64, (1, 12))
+    for name in ('hf:own/repo/sub@v2', 'hf:own/repo/sub/model.safetensors@v2'):
+        calls.clear()
+        remote, remote_ckpt = load_model(name, 'cpu')
+        assert calls == [('own/repo', 'sub/config.json', 'v2'), ('own/repo', 'sub/model.safetensors', 'v2')]
+        assert torch.equal(remote.eval()(idx)[0], model.eval()(idx)[0])
+        assert remote_ckpt['iter_num'] == 600000 and tokenizer_facts(remote_ckpt)['chars'][:2] == ['A', 'B']
+    calls.clear()
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', lambda repo_id, filename, **kw: calls.append(filename) or str(tmp_path / 'original.pt'))
+    load_model('hf:own/repo/weights.PTH', 'cpu')  # a file by its suffix, in any case
+    assert calls == ['weights.PTH']
+
+    config_path = folder / 'config.json'
+    good = json.loads(config_path.read_text())
+    for broken, reason in [({'model_type': 'wigglegpt'}, 'is malformed'), (dict(good, training='x'), 'is malformed'),
+                           (dict(good, architecture=dict(good['architecture'], n_layer='2')), 'describes no buildable model'),
+                           (dict(good, model_type='llama'), 'does not describe a WiggleGPT model')]:
+        config_path.write_text(json.dumps(broken))
+        with pytest.raises(ValueError, match=reason) as raised:
+            load_model(str(folder), 'cpu')
+        assert '\n' not in str(raised.value)
 
 
 def library_error(status, code):
@@ -104,17 +140,16 @@ def test_scripts_take_hub_names_through_the_real_library_offline(workdir):
     assert json.loads((workdir / 'wiggle' / 'wiggle_stats.json').read_text())['n_layers'] == 2
 
     # not in the cache, offline: one line that says so, for every script
-    for args in (sample + ['--ckpt=hf:own/wiggle/ckpt_finetune.pt'],
-                 ['train_bio.py', *TINY, '--out_dir=x', '--init_from=hf:own/other/ckpt.pt'],
+    for args in (['train_bio.py', *TINY, '--out_dir=x', '--init_from=hf:own/other/ckpt.pt'],
                  ['analysis/analyze_wiggle.py', 'hf:own/wiggle@v2']):
         proc = run_script(workdir, *args, check=False, env=hub_env(cache))
         assert proc.returncode == 2 and 'is not in the local hub cache' in proc.stderr, (args, proc.stderr)
         assert len(message_lines(proc.stderr)) == 1, proc.stderr
-    assert not (workdir / 'x').exists()
+    assert not (workdir / 'x').exists()  # nothing made before the download failed
 
 
 @pytest.mark.slow
-def test_export_writes_a_hub_folder_that_loads_back_through_the_same_loader(workdir):
+def test_export_writes_a_hub_folder_that_loads_back_and_pushes_where_asked(workdir):
     run_script(workdir, 'train_bio.py', *TINY, '--max_iters=4', '--eval_interval=2', '--out_dir=run')
     run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=exported')
     exported = workdir / 'exported'
@@ -143,22 +178,25 @@ def test_export_writes_a_hub_folder_that_loads_back_through_the_same_loader(work
     sample = ['sample_bio.py', '--device=cpu', '--num_samples=1', '--max_new_tokens=8', '--temperature=0', '--start=ab']
     by_ckpt = run_script(workdir, *sample, '--out_dir=run')
     os.rename(workdir / 'data' / 'tiny', workdir / 'data' / 'moved')
-    assert run_script(workdir, *sample, '--out_dir=.', '--ckpt=exported').stdout == by_ckpt.stdout
+    assert run_script(workdir, *sample, '--ckpt=exported').stdout == by_ckpt.stdout  # the folder, wherever out_dir is
     cache = workdir / 'hub-cache'
     hub_cache(cache, 'own/exported', {f'{n}': exported / n for n in os.listdir(exported)})
     assert run_script(workdir, *sample, '--ckpt=hf:own/exported', env=hub_env(cache)).stdout == by_ckpt.stdout
+    os.rename(workdir / 'data' / 'moved', workdir / 'data' / 'tiny')
 
-
-@pytest.mark.slow
-def test_export_never_writes_over_other_files_and_pushes_where_asked(workdir):
-    run_script(workdir, 'train_bio.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=run')
+    # never over other files; an earlier export is replaced
     (workdir / 'mine').mkdir()
     (workdir / 'mine' / 'README.md').write_text('my notes')
     proc = run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=mine', check=False)
     assert proc.returncode == 2 and 'already holds other files (README.md)' in proc.stderr
     assert (workdir / 'mine' / 'README.md').read_text() == 'my notes' and os.listdir(workdir / 'mine') == ['README.md']
-    run_script(workdir, 'export_hub.py', '--out_dir=run')  # into run/hub
-    run_script(workdir, 'export_hub.py', '--out_dir=run')  # an earlier export is replaced
+    with open(workdir / 'run' / 'log.jsonl', 'a') as f:
+        f.write('{"iter": 5, "train_lo')  # cut off by a crash: skipped
+    run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=exported')
+    assert f"val loss {last['val_loss']:.4f}" in (exported / 'README.md').read_text()
+    proc = run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=run/ckpt.pt/x', check=False)
+    assert proc.returncode == 2 and 'cannot write the export to run/ckpt.pt/x' in proc.stderr
+    assert len(message_lines(proc.stderr)) == 1
 
     # pushed: the real library is offline here (one line), a simulated hub takes the upload
     proc = run_script(workdir, 'export_hub.py', '--out_dir=run', '--push_to_hub=own/pushed', check=False,
@@ -174,6 +212,5 @@ def test_export_never_writes_over_other_files_and_pushes_where_asked(workdir):
     assert calls[1]['folder_path'] == 'push' and 'load it with --ckpt=hf:own/pushed' in proc.stdout
     assert sorted(os.listdir(uploads / 'own' / 'pushed')) == ['README.md', 'config.json', 'model.safetensors']
     assert '--ckpt=hf:own/pushed' in (uploads / 'own' / 'pushed' / 'README.md').read_text()
-    for bad in ('--push_to_hub=justaname', '--push_to_hub=hf:own/x'):
-        proc = run_script(workdir, 'export_hub.py', '--out_dir=run', bad, check=False)
-        assert proc.returncode == 2 and 'must name a hub repository as OWNER/REPO' in proc.stderr
+    proc = run_script(workdir, 'export_hub.py', '--out_dir=run', '--push_to_hub=justaname', check=False)
+    assert proc.returncode == 2 and 'must name a hub repository as OWNER/REPO' in proc.stderr

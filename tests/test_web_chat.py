@@ -142,6 +142,46 @@ def test_one_reply_at_a_time_and_a_second_client_is_told_to_wait(server, gate):
     assert first_thread != second_thread and gate.threads == [first_thread] * n_first + [second_thread] * (gate.calls - n_first)
 
 
+def test_a_client_that_leaves_while_nothing_is_written_stops_its_reply(server, bot, gate, monkeypatch):
+    """The reply stops at the next token even while no text is due (held back as a possible stop
+    marker), when no failed write could tell the server the client has gone."""
+    monkeypatch.setattr(bot, 'decode', lambda ids: '<|/assistant' * bool(ids))  # always a marker's start
+    gate.hold_at = 3
+    _, response = post(server, {'message': 'tell me a long story'})
+    assert gate.held.wait(30)
+    response.close()
+    time.sleep(0.2)
+    gate.opened.set()
+    assert server.generation_lock.acquire(timeout=10)
+    server.generation_lock.release()
+    assert gate.calls <= 4 < SAMPLING['max_new_tokens']
+
+
+def test_a_long_history_is_trimmed_in_linear_time(bot):
+    history = [chat_turn('user', f'question {i}') + chat_turn('assistant', f'answer {i}') for i in range(3000)]
+    started = time.perf_counter()
+    prompt, dropped = bot.prompt('', history, 'last?', SAMPLING['max_new_tokens'])
+    assert time.perf_counter() - started < 5  # the old way, re-encoding after each drop, took minutes
+    assert prompt == ''.join(history[dropped:]) + chat_turn('user', 'last?') + '<|assistant|>\n'
+    assert len(bot.encode(prompt)) + bot.reply_room(SAMPLING['max_new_tokens']) <= bot.block_size
+    longer = ''.join(history[dropped - 1:]) + chat_turn('user', 'last?') + '<|assistant|>\n'
+    assert len(bot.encode(longer)) + bot.reply_room(SAMPLING['max_new_tokens']) > bot.block_size  # one more would not fit
+
+
+def test_a_failing_model_ends_the_reply_with_a_one_line_error_and_the_server_goes_on(server, bot, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError('probability tensor contains either inf, nan or element < 0')
+        yield
+
+    with monkeypatch.context() as patched:
+        patched.setattr(bot, 'reply', broken)
+        _, response = post(server, {'message': 'hi'})
+        got = events(response)
+    assert got == [{'error': 'the reply failed (RuntimeError: probability tensor contains either inf, nan or element < 0)'}]
+    _, response = post(server, {'message': 'hi'})
+    assert events(response)[-1]['done']
+
+
 def test_a_client_that_leaves_stops_its_reply(server, gate):
     for leaving in hold_one_and_queue_another(server, gate):
         leaving.close()  # the socket closes with the response (an HTTP/1.0 reply owns it)
@@ -166,7 +206,11 @@ def test_a_client_that_leaves_stops_its_reply(server, gate):
     ({'message': 'hi', 'temprature': 1}, {}, 400, "unknown setting 'temprature'; known: message, history"),
     ({'message': 'hi', 'temperature': 'hot'}, {}, 400, 'temperature must be a number, got "hot"'),
     ({'message': 'hi', 'top_k': 2.5}, {}, 400, 'top_k must be a whole number'),
-    ({'message': 'hi', 'top_k': -1}, {}, 400, 'temperature and top_k must be >= 0'),
+    ({'message': 'hi', 'top_k': -1}, {}, 400, 'temperature must be in [0, 100] and top_k >= 0'),
+    (b'{"message": "hi", "temperature": 1e400}', {}, 400, 'temperature must be in [0, 100]'),
+    (b'{"message": "hi", "temperature": NaN}', {}, 400, 'NaN is not a number JSON allows'),
+    ({'message': 'hi'}, {'Content-Type': 'text/plain'}, 415, 'with Content-Type: application/json'),
+    ({'message': 'hi'}, {'Host': 'evil.example:80'}, 403, 'answers requests to http://127.0.0.1:'),
     ({'message': 'hi', 'history': [['only one']]}, {}, 400, 'history must be a list of [user text, reply] pairs'),
 ])
 def test_bad_requests_get_a_4xx_and_a_one_line_reason(server, gate, body, headers, status, reason):
@@ -178,11 +222,12 @@ def test_bad_requests_get_a_4xx_and_a_one_line_reason(server, gate, body, header
 
 
 def test_requests_without_a_length_or_to_unknown_places_are_refused(server):
+    host = f'Host: 127.0.0.1:{server.server_address[1]}\r\n'.encode()
     for head, status, reason in [(b'', 411, 'needs a Content-Length header'),
                                  (b'Content-Length: 12x\r\n', 400, "Content-Length '12x' is not a number"),
                                  (b'Content-Length: 999999999\r\n', 413, f'at most {web_chat.MAX_BODY} are read')]:
         with socket.create_connection(server.server_address[:2], timeout=30) as s:
-            s.sendall(b'POST /chat HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n' + head + b'\r\n')
+            s.sendall(b'POST /chat HTTP/1.1\r\n' + host + b'Content-Type: application/json\r\n' + head + b'\r\n')
             reply = s.makefile('rb').read().decode()
         assert reply.startswith(f'HTTP/1.0 {status}') and reason in reply.splitlines()[-1], reply
     for method, path, status in [('GET', '/nope', 404), ('POST', '/other', 404)]:
@@ -205,7 +250,7 @@ def test_chat_py_serves_the_page_on_localhost_and_stops_on_ctrl_c(tmp_path):
         assert line.startswith('WiggleGPT chat (chat/ckpt.pt) at http://127.0.0.1:'), line
         port = int(line.split('127.0.0.1:')[1].split('/')[0])
         connection = http.client.HTTPConnection('127.0.0.1', port, timeout=60)
-        connection.request('POST', '/chat', json.dumps({'message': 'Hi'}).encode())
+        connection.request('POST', '/chat', json.dumps({'message': 'Hi'}).encode(), {'Content-Type': 'application/json'})
         got = [json.loads(x) for x in connection.getresponse().read().decode().splitlines()]
         assert got[-1]['done']
         connection.request('GET', '/')
@@ -218,7 +263,8 @@ def test_chat_py_serves_the_page_on_localhost_and_stops_on_ctrl_c(tmp_path):
     taken = socket.socket()
     taken.bind(('127.0.0.1', 0))
     taken.listen()
-    busy = subprocess.run([sys.executable, os.path.join(repo, 'chat.py'), '--out_dir=chat', '--device=cpu', '--web=True',
-                           f'--port={taken.getsockname()[1]}'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+    for port, reason in [(taken.getsockname()[1], 'cannot listen on 127.0.0.1:'), (70000, 'port=70000 is not a port number')]:
+        busy = subprocess.run([sys.executable, os.path.join(repo, 'chat.py'), '--out_dir=chat', '--device=cpu', '--web=True',
+                               f'--port={port}'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        assert busy.returncode == 2 and reason in busy.stderr and 'Traceback' not in busy.stderr
     taken.close()
-    assert busy.returncode == 2 and 'cannot listen on 127.0.0.1:' in busy.stderr and 'Traceback' not in busy.stderr
