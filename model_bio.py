@@ -108,12 +108,17 @@ class CausalSelfAttention(nn.Module):
 #              running that maths eagerly
 #   'fused'    the same function with the maths compiled into one kernel each way (Triton on CUDA,
 #              C++ on a CPU); needs a working torch.compile, and falls back to 'function' without one
-# 'auto' takes 'plain' inside torch.compile, 'fused' for training where it compiles, else 'function'.
+# 'auto' takes 'plain' inside torch.compile, 'fused' for training where it compiles and the activation
+# is large enough to repay compiling, else 'function'.
 # Measured on a 2-core CPU (dev/LOG.md, 2026-11-27): for the quick-start model, fused trains 3-4 ms
 # per iteration faster than 'function' at the same memory but costs ~4 s to compile at each start;
 # whole runs of 400 and 2000 iterations came out level (fusing pays only in longer runs, as real
-# ones are). 'plain' was a little faster in those runs but keeps five times the memory.
+# ones are). 'plain' was a little faster in those runs but keeps five times the memory. Fusing a
+# call (forward + backward) of 2**13 activations saves 0.02 ms, of 2**17 0.44 ms (bench_bio.py
+# --part=act, same log), against ~3.5 s of compiling at each start: below FUSE_MIN_ELEMENTS it
+# would take more than 8,000 layer-steps to repay, so such small models run unfused.
 OSCILLATION_IMPL = 'auto'
+FUSE_MIN_ELEMENTS = 2 ** 17
 
 
 def tanh(x):
@@ -230,9 +235,10 @@ def oscillate(x, omega, phi, baseline, gate_weight=None, gate_bias=None, thresho
     if impl == 'auto':
         if torch.compiler.is_compiling():
             impl = 'plain'
-        elif torch.is_grad_enabled() and x.requires_grad and fused_kernels.get('forward') is not False:
+        elif (torch.is_grad_enabled() and x.requires_grad and x.numel() >= FUSE_MIN_ELEMENTS
+              and fused_kernels.get('forward') is not False):
             impl = 'fused'
-        else:  # inference: the forward alone gains little from fusing
+        else:  # inference (the forward alone gains little from fusing), or too small to repay compiling
             impl = 'function'
     if impl not in ('plain', 'function', 'fused'):
         raise ValueError(f'OSCILLATION_IMPL={impl!r} is not one of auto, plain, function, fused')

@@ -5,11 +5,14 @@ half precision), the memory it keeps for backward, and the fused kernel's fallba
     python -m pytest tests/test_activation.py              (-m "not slow": the quick ones only)
 """
 
+import os
+
 import pytest
 import torch
 
 import model_bio
 from bench_bio import saved_bytes
+from conftest import REPO
 from model_bio import GPT, GPTConfig, Oscillate, oscillate, oscillate_reference
 
 N = 8  # hidden neurons
@@ -125,6 +128,7 @@ def test_auto_falls_back_when_the_fused_kernel_cannot_compile(monkeypatch, capsy
     import torch._inductor.config
     settings = (torch._inductor.config.fx_graph_cache, torch._inductor.config.cpp.cxx)
     monkeypatch.setattr(model_bio, 'fused_kernels', {})
+    monkeypatch.setattr(model_bio, 'FUSE_MIN_ELEMENTS', 0)  # this small input is fused too
     torch._dynamo.reset()
     x = torch.randn(4, N, requires_grad=True)
     ps = params(torch.float32)
@@ -152,6 +156,7 @@ def test_an_error_in_running_the_fused_kernel_surfaces_as_itself(monkeypatch, fa
     kernels = {'forward': model_bio.oscillate_forward_math, 'backward': model_bio.oscillate_backward_math}
     kernels[failing] = out_of_memory
     monkeypatch.setattr(model_bio, 'fused_kernels', dict(kernels))
+    monkeypatch.setattr(model_bio, 'FUSE_MIN_ELEMENTS', 0)
     x = torch.randn(4, N, requires_grad=True)
     with pytest.raises(torch.OutOfMemoryError):
         oscillate(x, *params(torch.float32)).sum().backward()
@@ -165,3 +170,22 @@ def test_compiled_model_agrees_with_eager(monkeypatch):
     torch.testing.assert_close(logits, ref_logits, rtol=1e-4, atol=1e-5)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=1e-3, atol=1e-5, msg=name)
+
+
+def test_auto_fuses_only_activations_large_enough_to_repay_compiling(monkeypatch):
+    called = []
+
+    def recorded(name):
+        return lambda *args: called.append(name) or model_bio.OSCILLATE_MATH[name](*args)
+
+    monkeypatch.setattr(model_bio, 'fused_kernels', {name: recorded(name) for name in ('forward', 'backward')})
+    rows = model_bio.FUSE_MIN_ELEMENTS // N
+    oscillate(torch.randn(rows - 1, N, requires_grad=True), *params(torch.float32)).sum().backward()
+    assert called == []  # one row short: run eagerly
+    oscillate(torch.randn(rows, N, requires_grad=True), *params(torch.float32)).sum().backward()
+    assert called == ['forward', 'backward']
+    # the quick start's activations (batch x block x 4 n_embd) are fused, as measured
+    quick_start = {}
+    with open(os.path.join(REPO, 'config_shakespeare_char_cpu.py')) as f:
+        exec(f.read(), quick_start)
+    assert quick_start['batch_size'] * quick_start['block_size'] * 4 * quick_start['n_embd'] >= model_bio.FUSE_MIN_ELEMENTS
