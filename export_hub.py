@@ -17,6 +17,7 @@ import sys
 from checkpoints import (EXPORT_CONFIG, EXPORT_MODEL_TYPE, EXPORT_WEIGHTS, HUB_PREFIX, checkpoint_location,
                          export_model, load_model)
 from codec import tokenizer_facts
+from run_log import read_log
 
 out_dir = 'out'
 ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt'), or a path or hf: name of its own
@@ -54,14 +55,7 @@ except ValueError as e:
 log_path = os.path.join(os.path.dirname(os.path.abspath(source)), 'log.jsonl')
 evals = []
 if not source.startswith(HUB_PREFIX) and os.path.isfile(log_path):
-    with open(log_path, encoding='utf-8') as f:
-        for line in f:
-            try:  # a line cut off by a crash mid-write is skipped, as train_bio.py skips it
-                record = json.loads(line)
-            except ValueError:
-                continue
-            if isinstance(record, dict) and {'iter', 'train_loss', 'val_loss'} <= record.keys():
-                evals.append(record)
+    evals = [r for r in read_log(log_path) if {'iter', 'train_loss', 'val_loss'} <= r.keys()]
 
 
 def model_card():

@@ -132,17 +132,16 @@ class ChatHandler(BaseHTTPRequestHandler):
             message, history, settings = read_request(self)
             bot, max_new_tokens = self.server.bot, self.server.sampling['max_new_tokens']
             system = settings.get('system', self.server.system)
-            alone, _ = bot.prompt(system, [], message, max_new_tokens)
-            over = len(bot.encode(alone)) + bot.reply_room(max_new_tokens) - bot.block_size
-            if over > 0:
+            # made before waiting for the model: trimming a long history takes no one's turn
+            exchanges = [chat_turn('user', u) + chat_turn('assistant', r) for u, r in history]
+            prompt, dropped = bot.prompt(system, exchanges, message, max_new_tokens)
+            over = len(bot.encode(prompt)) + bot.reply_room(max_new_tokens) - bot.block_size
+            if over > 0:  # even with every earlier exchange dropped
                 raise RequestError(413, f'the message is {over} tokens too long: with the system prompt and '
                                         f'{bot.reply_room(max_new_tokens)} tokens kept for the reply it must fit '
                                         f'the model\'s context of {bot.block_size}')
         except RequestError as e:
             return self.send_error_line(e.status, str(e))
-        # the prompt is made before waiting for the model: trimming a long history takes no one's turn
-        exchanges = [chat_turn('user', u) + chat_turn('assistant', r) for u, r in history]
-        prompt, dropped = bot.prompt(system, exchanges, message, max_new_tokens)
         self.send_response(200)
         self.send_header('Content-Type', 'application/x-ndjson; charset=utf-8')
         self.send_header('Cache-Control', 'no-store')

@@ -42,6 +42,7 @@ import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import run_log  # noqa: E402
 from configurator import configure, fail, script_defaults  # noqa: E402
 # the sparse gate is part of the oscillating MLP, so the GELU arm goes without it
 DEFAULT_ARMS = ['bio:use_bio_mlp=True', 'gelu:use_bio_mlp=False,use_sparse_gate=False']
@@ -56,16 +57,9 @@ OPTIMISM = ('note: each best learning rate is picked on the same val split its l
 
 def read_evals(run_dir):
     """[(iter, val_loss)] of a run's log.jsonl, skipping a torn last line."""
-    evals = []
-    with open(os.path.join(run_dir, 'log.jsonl')) as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if 'val_loss' in record:  # NaN counts as infinitely bad
-                evals.append((record['iter'], record['val_loss'] if math.isfinite(record['val_loss']) else math.inf))
-    return evals
+    # NaN counts as infinitely bad
+    return [(r['iter'], r['val_loss'] if math.isfinite(r['val_loss']) else math.inf)
+            for r in run_log.read_log(os.path.join(run_dir, 'log.jsonl')) if 'val_loss' in r]
 
 
 def resolve(settings):

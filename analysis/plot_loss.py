@@ -23,6 +23,7 @@ matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import run_log  # noqa: E402
 from configurator import fail  # noqa: E402
 
 TRAIN_KEYS = {'iter', 'loss', 'tokens'}
@@ -41,19 +42,9 @@ def log_path(arg):
 
 def read_log(path):
     """(training records, eval records) of a log.jsonl, in file order."""
-    train, evals = [], []
-    with open(path, errors='replace') as f:
-        for line in f:
-            try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
-                continue
-            if not isinstance(record, dict):
-                continue
-            if EVAL_KEYS <= record.keys():
-                evals.append(record)
-            elif TRAIN_KEYS <= record.keys():
-                train.append(record)
+    records = run_log.read_log(path)
+    evals = [r for r in records if EVAL_KEYS <= r.keys()]
+    train = [r for r in records if TRAIN_KEYS <= r.keys() and not EVAL_KEYS <= r.keys()]
     if not train and not evals:
         fail(f'{path} has no training or eval lines; is it a log.jsonl written by train_bio.py?')
     return train, evals
