@@ -11,9 +11,9 @@ part 'steps' (the default) measures, each round running every variant once in a 
 - act: the activation alone on a (batch_size * block_size, 4 * n_embd) input, forward + backward
   time and bytes kept for backward, for each implementation of model_bio.py and for GELU.
 - step: a whole training step (forward, backward, AdamW) of the config's model, bio vs GELU,
-  eager and compiled: tokens/s, and peak memory on CUDA (bytes kept for backward on CPU). The
-  GELU step is timed twice, under two names (gelu and gelu_twin): twin / GELU shows how far
-  from 1 a ratio strays by chance on this machine.
+  eager, with the unfused activation, and compiled: tokens/s, MFU on GPUs, and peak memory on
+  CUDA (bytes kept for backward on CPU). The GELU step is timed twice, under two names (gelu and
+  gelu_twin): twin / GELU shows how far from 1 a ratio strays by chance on this machine.
 - optim: the optimizer step alone (on fixed random gradients) of each optimizer of optimizers.py
   for the config's model: median ms per step and the bytes of its state, side by side; an optimizer
   whose package is not installed is listed as such.
@@ -29,6 +29,11 @@ The ratios in the JSON (bio / GELU; below 1 is faster or leaner) are act_saved_b
 act_time_ratio_eager, act_time_ratio_unfused, act_time_ratio_compiled, step_time_ratio_eager and
 step_time_ratio_compiled, with step_twin_ratio_eager and step_twin_ratio_compiled beside them;
 whole_run_time_ratio (with whole_run_ratio_range).
+
+--part also takes act, step, optim or sample to run that part alone (--part=optim: the optimizers).
+The bench's own settings, beside train_bio.py's: part, rounds (40), act_calls (10), sample_repeats
+(3), new_tokens (500), whole_pairs (5), whole_iters (400), bench_compiled (True; False where
+torch.compile cannot build, e.g. GPUs on Windows) and bench_out (a JSON file for the figures).
 """
 
 import json
@@ -47,7 +52,7 @@ import torch.nn.functional as F
 
 import devices
 import model_bio
-from configurator import configure, fail, script_defaults
+from configurator import configure, declared_rules, fail, script_defaults
 from generation import generate_tokens
 from model_bio import GPT, GPTConfig
 from optimizers import OPTIMIZERS, build_optimizers, state_bytes
@@ -299,8 +304,9 @@ def bench_whole_runs(cfg, train_defaults):
 
 def main():
     argv = sys.argv[1:]
-    train_defaults = script_defaults(os.path.join(REPO, 'train_bio.py'))
-    cfg = configure({**train_defaults, **BENCH_SETTINGS}, argv)
+    train_script = os.path.join(REPO, 'train_bio.py')
+    train_defaults = script_defaults(train_script)
+    cfg = configure({**train_defaults, **BENCH_SETTINGS}, argv, declared_rules(train_script))
     parts = {'steps': ('act', 'step', 'optim', 'sample')}.get(cfg['part'], (cfg['part'],))
     if not set(parts) <= {'act', 'step', 'optim', 'sample', 'whole'}:
         fail(f"part={cfg['part']!r} is not one of 'steps', 'act', 'step', 'optim', 'sample', 'whole'")

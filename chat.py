@@ -1,10 +1,39 @@
-"""
+r"""
 Chat with an instruction-tuned WiggleGPT checkpoint:
     python chat.py --out_dir=out-wigglegpt-finetune-native
     python chat.py --ckpt=hf:edeneldith/WiggleGPT/ckpt_finetune.pt
     python chat.py --web=True            (the same chat in the browser, at http://127.0.0.1:8000)
 Type a message after `You: `; /help lists the commands. With stdin not a terminal each input
 line is one user turn, so a conversation can be scripted: printf 'Hi\nquit\n' | python chat.py
+
+The model must use GPT-2 BPE (a character-level one is refused in one line). Each turn is sent as
+the original release's template, in plain text (chat_template.py); the system turn comes first only
+with --system. --show_prompt=True prints the exact text the model gets, on stderr. The reply streams
+as it is generated and ends at <|/assistant|>, <|endoftext|> or <|user|>, none of them shown; a
+reply that runs to max_new_tokens instead is noted on stderr. The history keeps whole exchanges and
+drops the oldest so that the prompt plus room for a reply (max_new_tokens, at most half the context)
+fits in block_size.
+
+Commands: quit or exit (or Ctrl-D), clear (forget the conversation), /temp X, /topk N, /help.
+Ctrl-C stops the current reply only, and that exchange is not kept. The defaults are the original's
+(temperature 0.7, top_k 50, max_new_tokens 512, repetition penalty 1.15 over the last 64 tokens),
+except that the template markers are exempt from the penalty, so it never discourages the stop
+marker.
+
+--web=True serves the same chat as one page (web_chat.py) at http://127.0.0.1:8000. --host and
+--port choose the address (--port=0 picks a free port; an IPv6 address such as --host=::1 works);
+it listens on this machine only unless --host=0.0.0.0. On every host the page answers only to
+requests addressed to its own address or to one of this machine's names (localhost, 127.0.0.1,
+::1, its host name); --allowed_hosts=name1,name2 adds more (each without a port), such as the name
+or address other machines reach it by. The model is loaded once. The page streams each reply, keeps the
+conversation and sends it with each message, so the server trims it as the REPL does (and the
+page forgets what was dropped); it offers temperature, top-k, a system prompt, Stop (or Escape)
+and Clear. Several tabs are served one reply at a time, and a waiting tab says so; closing a tab or
+pressing Stop ends its reply at the next token. A bad request (an empty or too long message,
+malformed JSON, an unknown setting) gets a 4xx with a one-line reason, which the page shows. The
+server is the standard library's threaded HTTP server, enough for one user: it takes at most 32
+connections at once (more get a 503), no other site may show the page in a frame, and it is not
+meant to face the internet.
 """
 
 import sys
@@ -19,24 +48,26 @@ from checkpoints import checkpoint_location
 out_dir = 'out-wigglegpt-finetune-native'
 ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt', an exported folder), or a hub name: hf:OWNER/REPO/FILE.pt
 system = ''  # an optional system prompt, kept at the start of every conversation
-max_new_tokens = 512
-temperature = 0.7  # 0 is greedy
-top_k = 50  # 0 disables
-top_p = 1.0  # 1.0 disables
-repetition_penalty = 1.15  # 1.0 disables; template markers are never penalised
-penalty_window = 64  # how many recent tokens the penalty looks at
-seed = 1337
+max_new_tokens: '>= 1' = 512
+temperature: '>= 0' = 0.7  # 0 is greedy
+top_k: '>= 0' = 50  # 0 disables
+top_p: 'in (0, 1]' = 1.0  # 1.0 disables
+repetition_penalty: 'in [0.01, 100]' = 1.15  # 1.0 disables; markers never penalised (sample_bio.py says why bounded)
+penalty_window: '>= 1' = 64  # how many recent tokens the penalty looks at
+seed: '>= 0' = 1337
 device = 'auto'
 dtype = 'auto'
 compile = False
 show_prompt = False  # print the exact text sent to the model (to stderr) before each reply
 web = False  # serve the chat as a web page instead of the terminal REPL
 host = '127.0.0.1'  # web: the address to listen on; 0.0.0.0 opens it to other machines
-port = 8000  # web: 0 picks a free port
+port: 'in [0, 65535]' = 8000  # web: 0 picks a free port
+allowed_hosts = ''  # web: more host names the page may be reached by, comma-separated (e.g. a machine's LAN name)
 # -----------------------------------------------------------------------------
-from configurator import configure, fail, settings_in  # noqa: E402
+from configurator import allows, configure, declared_rules, fail, settings_in  # noqa: E402
 
-globals().update(configure(settings_in(globals()), sys.argv[1:]))
+RULES = declared_rules(__file__)  # the REPL's /temp and /topk are held to them too
+globals().update(configure(settings_in(globals()), sys.argv[1:], RULES))
 # -----------------------------------------------------------------------------
 
 HELP = """commands:
@@ -52,8 +83,10 @@ try:
     dtype = devices.pick_dtype(device, dtype)
 except ValueError as e:
     fail(str(e))
-if web and not 0 <= port <= 65535:
-    fail(f'port={port} is not a port number (0 to 65535; 0 picks a free one)')
+if web:
+    import web_chat
+    if temperature > web_chat.MAX_TEMPERATURE:  # the page's requests are held to it too
+        fail(f'temperature={temperature} is more than the web chat allows ({web_chat.MAX_TEMPERATURE:g})')
 location = checkpoint_location(out_dir, ckpt)
 try:
     bot = Chatbot(location, device, dtype, compile)
@@ -61,11 +94,10 @@ except ValueError as e:
     fail(str(e))
 generator = torch.Generator(device=device).manual_seed(seed)
 if web:
-    import web_chat
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, penalty_window=penalty_window)
     try:
-        server = web_chat.make_server(bot, generator, sampling, system, host, port)
+        server = web_chat.make_server(bot, generator, sampling, system, host, port, allowed_hosts)
     except ValueError as e:
         fail(str(e))
     web_chat.serve(server, location)
@@ -107,12 +139,14 @@ while True:
         print(HELP)
         continue
     if command in ('/temp', '/topk'):
+        name, kind, example = ('temperature', float, '0.7') if command == '/temp' else ('top_k', int, '50')
         try:
-            value = float(argument) if command == '/temp' else int(argument)
-            if value < 0:
-                raise ValueError
+            value = kind(argument)
         except ValueError:
-            print(f'{command} needs a number >= 0{"" if command == "/temp" else " (whole)"}, e.g. {command} {"0.7" if command == "/temp" else "50"}')
+            value = None
+        if value is None or not allows(RULES[name], value):  # allows() refuses nan and inf too
+            print(f'{command} needs a{" whole" if kind is int else ""} number {RULES[name]} (as --{name}), '
+                  f'e.g. {command} {example}')
             continue
         if command == '/temp':
             temperature = value

@@ -6,18 +6,53 @@ path or from the HuggingFace hub by name:
 
     hf:OWNER/REPO/FILE.pt[@REVISION]    a checkpoint file in a hub repository (.pt or .pth)
     hf:OWNER/REPO[/FOLDER][@REVISION]   an exported model in a hub repository (or one of its folders)
+
+load_model(ckpt_path, device) is the one loader every script uses, wherever it takes a checkpoint:
+--ckpt of sample_bio.py, chat.py and export_hub.py, init_from of training and fine-tuning, the
+analysis scripts' arguments. REVISION is a branch, tag or commit. A hub name downloads through
+huggingface_hub into its cache (with its progress bar) and then loads as a local file;
+HF_HUB_OFFLINE=1 uses the cache alone, and `hf auth login` opens private repositories. A missing
+repository, revision or file, or a name not cached while offline, is one line. The checkpoint is
+read onto the CPU and the model then moved to the device (so one saved on cuda:1 loads anywhere);
+the _orig_mod. prefixes that torch.compile leaves are stripped.
+
+Files from outside are read as data, never run as code: a ckpt.pt through
+torch.load(weights_only=True) (once its zip is known to unpack to no more than its size), an exported
+folder's config.json as JSON and its weights as safetensors. Every architecture setting is checked
+(type, range, n_embd a multiple of n_head, ...), and the file must hold at least the weights those
+settings make before the model is built. A character-level model's characters come from its
+dataset's meta.pkl (codec.read_meta): unpickled as plain data only, only from data/<name>/ where the
+checkpoint names a plain dataset name, and never for a hub checkpoint (an exported folder carries its
+characters in config.json). A missing, unreadable, foreign or malformed file raises ValueError with a
+one-line message, which the scripts print as their error.
+
+The original release's checkpoints (compile prefixes, a tensor best_val_loss, no format_version)
+load too. Its RoPE rotated nothing (the angle came from the head index, and q and k were turned
+alike), so its published 124M weights were trained with no positional encoding. Such a checkpoint
+with use_rope=True therefore runs with use_positions=False and a one-line note, and its outputs
+match the original code's; fine-tuning or resuming it keeps use_positions=False. Checkpoints written
+by this repository carry a format_version and keep their real RoPE.
+
+save_checkpoint writes a temp file and renames it over the old one, so a crash mid-save leaves the
+previous checkpoint whole. On Windows, where the rename fails while another program (sample_bio.py,
+a virus scan, OneDrive) holds the old file open, it retries for about 8 seconds, then says so in one
+line and leaves the new checkpoint complete beside it as ckpt.pt.tmp; the next save tries again.
 """
 
 import json
+import math
 import os
+import pickle
 import posixpath
 import shutil
 import sys
 import time
+import zipfile
 from dataclasses import asdict, fields
 
 import torch
 
+from codec import MAX_VOCAB_SIZE, check_tokenizer
 from model_bio import GPT, GPTConfig
 
 
@@ -101,6 +136,13 @@ def parse_hub_name(name):
     return '/'.join(parts[:2]), '/'.join(parts[2:]), revision or None
 
 
+def error_line(error):
+    """'TypeName: the first line of its message', or the type name alone where the message is empty
+    (a zero-byte file gives such errors)."""
+    lines = str(error).strip().splitlines()
+    return f'{type(error).__name__}: {lines[0]}' if lines else type(error).__name__
+
+
 def fetch_from_hub(name):
     """The local path of a hub checkpoint (a file) or exported model (a folder), downloaded through
     huggingface_hub into its cache (with its progress bar; HF_HUB_OFFLINE=1 takes the cache alone)."""
@@ -113,25 +155,32 @@ def fetch_from_hub(name):
     is_file = path.lower().endswith(CHECKPOINT_SUFFIXES)
     if posixpath.basename(path) in (EXPORT_CONFIG, EXPORT_WEIGHTS):  # a file of an exported model: its folder
         path = posixpath.dirname(path)
-    wanted = [path] if is_file else [posixpath.join(path, f) for f in (EXPORT_CONFIG, EXPORT_WEIGHTS)]
     at = f' at revision {revision}' if revision else ''
-    try:
-        local = [huggingface_hub.hf_hub_download(repo_id, f, revision=revision) for f in wanted]
-    except errors.LocalEntryNotFoundError:  # before EntryNotFoundError: it is one
-        raise ValueError(f'{name} is not in the local hub cache and the hub cannot be reached (or HF_HUB_OFFLINE '
-                         'is set); download it once while online') from None
-    except errors.RepositoryNotFoundError:  # also a private or gated one without access
-        raise ValueError(f'no hub repository {repo_id} (or it is private: log in with `hf auth login`)') from None
-    except errors.RevisionNotFoundError:
-        raise ValueError(f'the hub repository {repo_id} has no revision {revision}') from None
-    except errors.EntryNotFoundError:
-        if is_file:
-            raise ValueError(f'the hub repository {repo_id} has no file {path}{at}') from None
-        raise ValueError(f'the hub repository {repo_id} has no exported model ({EXPORT_CONFIG} + {EXPORT_WEIGHTS}) in '
-                         f'{path or "its top folder"}{at}; name a checkpoint file as hf:{repo_id}/FILE.pt') from None
-    except (errors.HfHubHTTPError, errors.HFValidationError, OSError) as e:
-        raise ValueError(f'could not download {name} ({type(e).__name__}: {str(e).strip().splitlines()[0]})') from None
-    return local[0] if is_file else os.path.dirname(local[0])
+
+    def download(filename):
+        try:
+            return huggingface_hub.hf_hub_download(repo_id, filename, revision=revision)
+        except errors.LocalEntryNotFoundError:  # before EntryNotFoundError: it is one
+            raise ValueError(f'{name} is not in the local hub cache and the hub cannot be reached (or HF_HUB_OFFLINE '
+                             'is set); download it once while online') from None
+        except errors.RepositoryNotFoundError:  # also a private or gated one without access
+            raise ValueError(f'no hub repository {repo_id} (or it is private: log in with `hf auth login`)') from None
+        except errors.RevisionNotFoundError:
+            raise ValueError(f'the hub repository {repo_id} has no revision {revision}') from None
+        except errors.EntryNotFoundError:
+            if is_file:
+                raise ValueError(f'the hub repository {repo_id} has no file {path}{at}') from None
+            raise ValueError(f'the hub repository {repo_id} has no exported model ({EXPORT_CONFIG} + {EXPORT_WEIGHTS}) '
+                             f'in {path or "its top folder"}{at}; name a checkpoint file as hf:{repo_id}/FILE.pt') from None
+        except (errors.HfHubHTTPError, errors.HFValidationError, OSError) as e:
+            raise ValueError(f'could not download {name} ({error_line(e)})') from None
+
+    if is_file:
+        return download(path)
+    config_path = download(posixpath.join(path, EXPORT_CONFIG))
+    read_export_config(config_path, f'the {EXPORT_CONFIG} of {name}')  # before the weights: gigabytes, maybe of something else
+    download(posixpath.join(path, EXPORT_WEIGHTS))
+    return os.path.dirname(config_path)
 
 
 def load_model(ckpt_path, device, **overrides):
@@ -140,48 +189,208 @@ def load_model(ckpt_path, device, **overrides):
     ckpt_path is a ckpt.pt file, an exported model's folder, or a hub name (hf:...) of either.
     overrides replace settings that do not change the weights (dropout, gradient_checkpointing).
 
-    A missing, unreadable or foreign file raises ValueError with a one-line message.
+    A missing, unreadable, foreign or malformed file raises ValueError with a one-line message; its
+    settings are checked, and its model known to be no bigger than its weights, before anything is built.
     """
-    if ckpt_path.startswith(HUB_PREFIX):
+    from_hub = ckpt_path.startswith(HUB_PREFIX)
+    if from_hub:
         ckpt_path = fetch_from_hub(ckpt_path)
     if os.path.isdir(ckpt_path):
-        return load_export(ckpt_path, device, **overrides)
-    if not os.path.isfile(ckpt_path):
+        model, checkpoint = load_export(ckpt_path, device, **overrides)
+    elif os.path.isfile(ckpt_path):
+        model, checkpoint = load_checkpoint_file(ckpt_path, device, overrides)
+    else:
         raise ValueError(f'no checkpoint at {ckpt_path} (train one with train_bio.py, or pass its path)')
+    # the dataset its settings name is its uploader's, no folder here: codec.py reads no meta.pkl for it
+    checkpoint['from_hub'] = from_hub
+    return model, checkpoint
+
+
+def check_zip_sizes(ckpt_path):
+    """Refuse a zip checkpoint that would grow in memory beyond its file's size (a zip bomb) before torch.load
+    unpacks it: torch.save stores every entry uncompressed, so a compressed entry, or entries bigger in all
+    than the file, were made by something else. A file that is no zip (the older pickle format) passes."""
+    try:
+        if not zipfile.is_zipfile(ckpt_path):
+            return
+        with zipfile.ZipFile(ckpt_path) as archive:
+            entries = archive.infolist()
+    except Exception as e:  # torch reads the zip on its own: one that Python cannot size is refused, not trusted
+        raise ValueError(f'{ckpt_path} is not a readable checkpoint ({error_line(e)})') from None
+    compressed = [entry.filename for entry in entries if entry.compress_type != zipfile.ZIP_STORED]
+    if compressed:
+        raise ValueError(f'{ckpt_path} is not a checkpoint as torch.save writes it: its entry {compressed[0]!r:.80} '
+                         'is compressed (torch.save stores them as they are), so it is not read')
+    unpacked = sum(entry.file_size for entry in entries)
+    if unpacked > os.path.getsize(ckpt_path):
+        raise ValueError(f'{ckpt_path} is not a checkpoint as torch.save writes it: its entries claim {unpacked:,} '
+                         f'bytes, more than the file\'s {os.path.getsize(ckpt_path):,}, so it is not read')
+
+
+def plain_number(value):
+    """value's number where it is a 0-d tensor of real numbers (the original release saved best_val_loss so), else value."""
+    if is_plain_tensor(value) and value.dim() == 0 and not value.dtype.is_complex and value.dtype != torch.bool:
+        return value.item()  # an int for an integer tensor, a float for a floating one
+    return value
+
+
+def shown(value):
+    """value for a one-line message: short plain values as written, anything else by its type (a tensor's repr
+    runs over lines; an int of over 4,300 digits has none)."""
+    if value is None or isinstance(value, (str, float)) or (isinstance(value, int) and abs(value) < 10 ** 40):
+        return f'{value!r:.40}'
+    return f'a {type(value).__name__}'
+
+
+def check_progress(ckpt_path, checkpoint):
+    """Turn a checkpoint's iter_num, tokens and best_val_loss into plain numbers, and check that its config
+    holds plain settings: the scripts format and export them as such. ValueError naming the field otherwise."""
+    for name in ('iter_num', 'tokens'):
+        if name in checkpoint:
+            value = checkpoint[name] = plain_number(checkpoint[name])
+            if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:  # int64, as torch counts
+                raise ValueError(f'{ckpt_path} is malformed: its {name} is not a whole number from 0 to 2**63 '
+                                 f'({shown(value)})')
+    if 'best_val_loss' in checkpoint:
+        value = plain_number(checkpoint['best_val_loss'])
+        # an int past float's range would fail float() below
+        if (isinstance(value, bool) or not isinstance(value, (int, float))
+                or (isinstance(value, int) and abs(value) > sys.float_info.max)):
+            raise ValueError(f'{ckpt_path} is malformed: its best_val_loss is not a number ({shown(value)})')
+        checkpoint['best_val_loss'] = float(value)
+    for key, value in checkpoint.get('config', {}).items():
+        if not isinstance(key, str):
+            raise ValueError(f'{ckpt_path} is malformed: its config has a key that is not a setting name ({shown(key)})')
+        if not (value is None or isinstance(value, (str, int, float, bool))):
+            raise ValueError(f'{ckpt_path} is malformed: its config setting {key!r:.40} is {shown(value)}, '
+                             'not text, a number, true/false or None')
+
+
+def load_checkpoint_file(ckpt_path, device, overrides):
+    """load_model for a ckpt.pt file."""
+    check_zip_sizes(ckpt_path)  # before torch.load, which would unpack a zip bomb
     try:
         # to the CPU first: the model is moved once, and a GPU never holds two copies
         checkpoint = torch.load(ckpt_path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError as e:
+        # torch's first line advises weights_only=False, which runs whatever code the file holds: its reason follows
+        reasons = [line.strip() for line in str(e).splitlines()[1:] if line.strip() and not line.startswith('Please file')]
+        raise ValueError(f'{ckpt_path} is not a readable checkpoint: it is garbled, or holds more than tensors and '
+                         f'plain data ({reasons[0].split(". ")[0].rstrip(".") if reasons else type(e).__name__})') from None
     except Exception as e:
-        raise ValueError(f'{ckpt_path} is not a readable checkpoint ({type(e).__name__}: {str(e).splitlines()[0]})') from None
+        raise ValueError(f'{ckpt_path} is not a readable checkpoint ({error_line(e)})') from None
     if not isinstance(checkpoint, dict) or 'model' not in checkpoint or 'model_args' not in checkpoint:
         raise ValueError(f'{ckpt_path} is not a WiggleGPT checkpoint (it has no model / model_args)')
+    weights = checkpoint['model']
+    if not isinstance(weights, dict) or not all(isinstance(k, str) and is_plain_tensor(v) for k, v in weights.items()):
+        raise ValueError(f'{ckpt_path} is malformed: its "model" is not a dict of named tensors')
+    if not isinstance(checkpoint['model_args'], dict) or not isinstance(checkpoint.get('config', {}), dict):
+        raise ValueError(f'{ckpt_path} is malformed: its "model_args" (and "config", if any) must be dicts')
+    check_progress(ckpt_path, checkpoint)
     model_args = dict(checkpoint['model_args'])
     if 'format_version' not in checkpoint:  # written by the original WiggleGPT code
-        checkpoint['best_val_loss'] = float(checkpoint.get('best_val_loss', float('inf')))
+        checkpoint.setdefault('best_val_loss', float('inf'))
         if model_args.get('use_rope') and model_args.get('use_positions', True):
             # its RoPE rotated nothing, so these weights were trained without any positional encoding
             model_args['use_positions'] = False
             print(f'note: {ckpt_path} comes from the original WiggleGPT, whose RoPE was a no-op; '
                   'running it with positional encoding off (use_positions=False), as it was trained', file=sys.stderr)
     prefix = '_orig_mod.'  # torch.compile's wrapper adds it to every key
-    state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in checkpoint['model'].items()}
+    state_dict = {k[len(prefix):] if k.startswith(prefix) else k: v for k, v in weights.items()}
     # a causal-mask buffer some attention modules saved; attention here needs none
     state_dict = {k: v for k, v in state_dict.items() if not k.endswith('.attn.bias')}
-    model = build_model(ckpt_path, model_args, state_dict, device, overrides)
+    # numbers really stored: views of one storage (a tied weight; a crafted stride of 0) count once
+    held = sum({v.untyped_storage().data_ptr(): v.untyped_storage().nbytes() // v.element_size()
+                for v in state_dict.values()}.values())
+    config = checked_config(ckpt_path, {**model_args, **overrides}, held)
+    if checkpoint.get('tokenizer') is not None:
+        check_tokenizer(checkpoint['tokenizer'], config.vocab_size, ckpt_path)
+    model = build_model(ckpt_path, config, state_dict, device)
     checkpoint['model_args'] = asdict(model.config)  # what the model really is, for whoever saves it again
     return model, checkpoint
 
 
-def build_model(source, model_args, state_dict, device, overrides):
-    """The GPT that model_args (with overrides) describe, holding state_dict's weights, on device."""
-    model_args = dict(model_args, **overrides)
-    known = {f.name for f in fields(GPTConfig)}
-    model = GPT(GPTConfig(**{k: v for k, v in model_args.items() if k in known}))
+# the most each size may be: far above any model trained here (block_size 1024), far below what exhausts
+# memory or time (RoPE's tables, which no file holds, grow with block_size; each layer takes time to build)
+SIZE_LIMITS = {'vocab_size': MAX_VOCAB_SIZE, 'block_size': 2 ** 16, 'n_layer': 1024, 'n_head': 1024, 'n_embd': 2 ** 16}
+
+
+def setting_problem(name, value, default):
+    """What is wrong with value for the GPTConfig field name (whose default gives its type), or None."""
+    if isinstance(default, bool):
+        return None if isinstance(value, bool) else 'is not true or false'
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        return f'is a {type(value).__name__}, not a number'
+    if isinstance(default, int):
+        limit = SIZE_LIMITS[name]
+        return None if isinstance(value, int) and 1 <= value <= limit else f'is not a whole number from 1 to {limit:,}'
+    if name == 'dropout':
+        return None if 0 <= value < 1 else 'is not from 0 up to (not including) 1'
+    return None if math.isfinite(value) else 'is not a finite number'
+
+
+def config_problem(settings):
+    """The first thing wrong with settings (a value for each GPTConfig field), or None."""
+    for f in fields(GPTConfig):
+        problem = setting_problem(f.name, settings[f.name], f.default)
+        if problem:
+            return f'{f.name}={settings[f.name]!r:.40} {problem}'
+    head_size, rest = divmod(settings['n_embd'], settings['n_head'])
+    if rest:
+        return f"n_embd={settings['n_embd']} is not a multiple of n_head={settings['n_head']}"
+    if settings['use_rope'] and settings['use_positions'] and head_size % 2:
+        return f'RoPE needs an even head size (n_embd / n_head is {head_size})'
+    if settings['use_sparse_gate'] and not settings['use_bio_mlp']:
+        return 'use_sparse_gate=True needs use_bio_mlp=True'
+    return None
+
+
+def is_plain_tensor(value):
+    """Whether value is a tensor of numbers in the CPU's memory (not sparse, not on the meta device)."""
+    return isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == 'cpu'
+
+
+def checked_config(source, model_args, held):
+    """The GPTConfig that model_args describe, once each setting is checked and the model is known to need
+    no more weights than the held numbers source stores, so that building it allocates no more.
+
+    (A model built on the meta device would allocate nothing, but there its first ops import torch's
+    compiler: a second or more at every start. The bound below needs no model.)
+    """
+    settings = {f.name: model_args.get(f.name, f.default) for f in fields(GPTConfig)}
+    problem = config_problem(settings)
+    if problem:
+        raise ValueError(f'{source} describes no buildable model: {problem}')
+    config = GPTConfig(**settings)
+    # the fewest weights such a model has: its embedding, each layer's attention (4 n_embd^2), learned positions
+    fewest = config.vocab_size * config.n_embd + 4 * config.n_layer * config.n_embd ** 2
+    if config.use_positions and not config.use_rope:
+        fewest += config.block_size * config.n_embd
+    if fewest > held:
+        raise ValueError(f'{source} does not match the model its settings describe: they make at least {fewest:,} '
+                         f'weights (vocab_size, n_embd, n_layer, block_size), it holds {held:,}')
+    return config
+
+
+def build_model(source, config, state_dict, device):
+    """The GPT of config (from checked_config), holding state_dict's weights, on device; ValueError naming
+    the first weight that the model has no place for, lacks, or holds in another shape."""
+    model = GPT(config)
+    wanted = model.state_dict()
+    mismatch = f'{source} does not match the model its settings describe:'
+    for name, tensor in wanted.items():
+        if name not in state_dict:
+            raise ValueError(f'{mismatch} it has no {name}')
+        if state_dict[name].shape != tensor.shape:
+            raise ValueError(f'{mismatch} its {name} is {list(state_dict[name].shape)}, the settings make it '
+                             f'{list(tensor.shape)}')
+    extra = [name for name in state_dict if name not in wanted]
+    if extra:
+        raise ValueError(f'{mismatch} it has {extra[0]!r:.80}, which that model has no place for')
     try:
         model.load_state_dict(state_dict)
-    except RuntimeError as e:
-        raise ValueError(f'{source} does not match the model its settings describe: '
-                         f'{str(e).splitlines()[1].strip()}') from None
+    except Exception as e:  # the shapes fit: a weight of a type no parameter takes
+        raise ValueError(f'{source} holds weights the model cannot take ({error_line(e)})') from None
     model.to(device)
     return model
 
@@ -191,8 +400,6 @@ def export_model(model, checkpoint, tokenizer, folder):
     (the architecture, the tokenizer facts, and the run's settings and progress from checkpoint)."""
     from safetensors.torch import save_file
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_COPY}
-    os.makedirs(folder, exist_ok=True)
-    save_file(state_dict, os.path.join(folder, EXPORT_WEIGHTS), metadata={'format': 'pt'})
     best_val_loss = float(checkpoint.get('best_val_loss', float('inf')))
     config = {
         'model_type': EXPORT_MODEL_TYPE,
@@ -203,38 +410,68 @@ def export_model(model, checkpoint, tokenizer, folder):
                      'best_val_loss': best_val_loss if best_val_loss != float('inf') else None,
                      'settings': checkpoint.get('config', {})},
     }
+    config_text = json.dumps(config, indent=2)  # before any file is written: a failure here leaves no half-made folder
+    os.makedirs(folder, exist_ok=True)
+    save_file(state_dict, os.path.join(folder, EXPORT_WEIGHTS), metadata={'format': 'pt'})
     with open(os.path.join(folder, EXPORT_CONFIG), 'w', encoding='utf-8') as f:
-        json.dump(config, f, indent=2)
+        f.write(config_text)
+
+
+def read_export_config(config_path, shown_as=None):
+    """An exported model's config.json as a dict, once it says it describes a WiggleGPT model; errors name
+    it shown_as (a hub name's, say), else by its path."""
+    shown_as = shown_as or config_path
+    try:
+        with open(config_path, encoding='utf-8') as f:
+            config = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's stack
+        raise ValueError(f'{shown_as} is unreadable ({error_line(e)}); export the model again') from None
+    if not isinstance(config, dict) or config.get('model_type') != EXPORT_MODEL_TYPE:
+        raise ValueError(f'{shown_as} does not describe a WiggleGPT model (its model_type is not {EXPORT_MODEL_TYPE!r})')
+    return config
+
+
+def is_count(value):
+    """Whether value is a whole number >= 0, or None (not recorded)."""
+    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
 
 
 def load_export(folder, device, **overrides):
     """load_model for an exported folder; the checkpoint dict it returns has model_args, config (the
     run's settings), tokenizer, iter_num and best_val_loss, and no optimizer state."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file
     config_path, weights_path = os.path.join(folder, EXPORT_CONFIG), os.path.join(folder, EXPORT_WEIGHTS)
     if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
         raise ValueError(f'{folder} is a folder without an exported model ({EXPORT_CONFIG} and {EXPORT_WEIGHTS}); '
                          'pass a checkpoint file such as its ckpt.pt')
-    try:
-        with open(config_path, encoding='utf-8') as f:
-            config = json.load(f)
-        from safetensors.torch import load_file
-        state_dict = load_file(weights_path)
-    except Exception as e:
-        raise ValueError(f'{folder} holds an unreadable exported model ({type(e).__name__}: {str(e).splitlines()[0]})') from None
-    if not isinstance(config, dict) or config.get('model_type') != EXPORT_MODEL_TYPE:
-        raise ValueError(f'{config_path} does not describe a WiggleGPT model (its model_type is not {EXPORT_MODEL_TYPE!r})')
+    config = read_export_config(config_path)
     training = config.get('training') or {}
     if not isinstance(config.get('architecture'), dict) or not isinstance(training, dict):
         raise ValueError(f'{config_path} is malformed: it needs an "architecture" object (and "training", if any, an object)')
+    settings, best_val_loss = training.get('settings', {}), training.get('best_val_loss')
+    if (not isinstance(settings, dict) or not is_count(training.get('iter_num')) or not is_count(training.get('tokens'))
+            or not (best_val_loss is None or (isinstance(best_val_loss, (int, float)) and not isinstance(best_val_loss, bool)))):
+        raise ValueError(f'{config_path} is malformed: "training" may hold settings (an object), iter_num and tokens '
+                         '(whole numbers) and best_val_loss (a number)')
+    try:
+        with safe_open(weights_path, 'pt') as f:  # the header alone: names and shapes, no tensor yet
+            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except Exception as e:
+        raise ValueError(f'{weights_path} is not a readable safetensors file ({error_line(e)}); export the model again') from None
+    held = sum(math.prod(shape) for shape in shapes.values())  # a safetensors file's tensors never overlap
+    model_config = checked_config(config_path, {**config['architecture'], **overrides}, held)
+    if config.get('tokenizer') is not None:
+        check_tokenizer(config['tokenizer'], model_config.vocab_size, config_path)
+    try:
+        state_dict = load_file(weights_path)
+    except Exception as e:
+        raise ValueError(f'{weights_path} is not a readable safetensors file ({error_line(e)}); export the model again') from None
     if 'transformer.wte.weight' in state_dict:
         state_dict[TIED_COPY] = state_dict['transformer.wte.weight']
-    try:
-        model = build_model(folder, config['architecture'], state_dict, device, overrides)
-    except (TypeError, AssertionError) as e:  # a setting of the wrong type or an impossible shape
-        raise ValueError(f'{config_path} describes no buildable model ({type(e).__name__}: {str(e).splitlines()[0] if str(e) else ""})') from None
-    best_val_loss = training.get('best_val_loss')
-    checkpoint = {'model_args': asdict(model.config), 'config': training.get('settings', {}),
-                  'tokenizer': config.get('tokenizer'), 'iter_num': training.get('iter_num') or 0,
-                  'tokens': training.get('tokens') or 0, 'format_version': config.get('format_version'),
+    model = build_model(weights_path, model_config, state_dict, device)
+    checkpoint = {'model_args': asdict(model.config), 'config': settings, 'tokenizer': config.get('tokenizer'),
+                  'iter_num': training.get('iter_num') or 0, 'tokens': training.get('tokens') or 0,
+                  'format_version': config.get('format_version'),
                   'best_val_loss': float('inf') if best_val_loss is None else best_val_loss}
     return model, checkpoint

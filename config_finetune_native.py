@@ -22,7 +22,6 @@ beta2 = 0.99
 grad_clip = 1.0
 
 eval_interval = 500
-eval_iters = 0  # unused when fine-tuning: eval_conversations sets the evaluation
 eval_conversations = 500
 log_interval = 10
 

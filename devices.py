@@ -5,6 +5,26 @@ name their device (synchronize, memory statistics, random states).
 
 Functions raise ValueError with a one-line message for a setting that cannot work here; the
 scripts print it as their error.
+
+The choices, for train, sample, chat and bench (the analysis scripts stay on the CPU):
+- device: 'auto' is CUDA, then MPS, then the CPU; 'cuda' means cuda:0, 'cuda:N' a given GPU;
+  under torchrun each process takes cuda:LOCAL_RANK. CUDA devices always carry an index, and
+  torch.cuda.synchronize, the memory statistics and the CUDA random states are asked of that
+  device by name. A device that is not there is a one-line error.
+- dtype: 'auto' is bfloat16 on GPUs that compute it natively (compute capability 8.0 and up:
+  RTX 30xx/40xx, A100, L4, H100), float16 with a GradScaler on older ones (T4, V100, RTX 20xx,
+  where PyTorch would otherwise emulate bfloat16, slowly), float32 on CPUs and MPS. Asking for
+  bfloat16 on a GPU that only emulates it prints a note.
+- float16 on a CPU: PyTorch autocasts float16 on CPUs and GradScaler('cpu') works, so
+  --device=cpu --dtype=float16 runs the exact fp16 path of a GPU run (autocast, loss scaling,
+  skipped overflow steps, the scaler's state in the checkpoint). It is usually slower than float32
+  on a CPU; it is there so that the fp16 path is tested without a GPU (the tests run
+  config_gpt2_bio_3070.py itself this way, shrunk) and can be tried before renting one.
+- MFU: the peak bf16/fp16 tensor FLOP/s of the GPU, matched on the whole name
+  torch.cuda.get_device_name reports (GPU_PEAK_FLOPS: RTX 3070, RTX 3070 Laptop GPU,
+  RTX 3080/3090/4080/4090, Tesla T4, V100, A100, L4, L40, L40S, H100 PCIe, H100 NVL,
+  H100 80GB HBM3 (SXM), H200). Another GPU shows 'mfu n/a' and a note to pass its peak, e.g.
+  --peak_flops=82.6e12; CPUs have none.
 """
 
 import sys

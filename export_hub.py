@@ -7,15 +7,29 @@ architecture, the tokenizer facts and the run's settings) and README.md, a model
 settings and the results of the run's log.jsonl. Every script loads it back by its path or, once
 uploaded, as hf:OWNER/REPO:
     python sample_bio.py --ckpt=hf:OWNER/REPO
+Exporting again over an earlier export keeps its README.md, which may have been edited by hand, and
+writes the new card beside it as README.new.md (never uploaded); --overwrite_card=True replaces it.
+
+Settings: out_dir and ckpt pick the checkpoint as for sample_bio.py (ckpt.pt or ckpt_best.pt in
+out_dir, or a path or hub name of its own); export_dir is the folder to write (default
+out_dir/hub); push_to_hub=OWNER/REPO also uploads it; overwrite_card as above. In detail:
+model.safetensors stores lm_head.weight, which is tied to transformer.wte.weight, once;
+config.json holds the architecture, the tokenizer (a character list, or GPT-2 BPE), the run's
+settings, its iteration and its best val loss; the card lists the architecture, the settings and
+the evaluations of the log.jsonl beside the checkpoint. The script writes only into a new or empty
+folder or over an earlier export, never over other files. --push_to_hub creates the repository if
+it is missing; log in first with `hf auth login`. The folder loads back wherever a checkpoint is
+taken, e.g. --ckpt=wigglegpt-shakespeare.
 """
 
 import json
 import math
 import os
+import re
 import sys
 
 from checkpoints import (EXPORT_CONFIG, EXPORT_MODEL_TYPE, EXPORT_WEIGHTS, HUB_PREFIX, checkpoint_location,
-                         export_model, load_model)
+                         error_line, export_model, load_model)
 from codec import tokenizer_facts
 from run_log import read_log
 
@@ -23,16 +37,18 @@ out_dir = 'out'
 ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt'), or a path or hf: name of its own
 export_dir = ''  # the folder to write; '' is out_dir/hub
 push_to_hub = ''  # OWNER/REPO: also upload the folder to this hub repository (created if missing; needs `hf auth login`)
+overwrite_card = False  # over an earlier export, replace its README.md (else kept, as cards are edited by hand)
 # -----------------------------------------------------------------------------
 from configurator import configure, fail, settings_in  # noqa: E402
 
 globals().update(configure(settings_in(globals()), sys.argv[1:]))
 # -----------------------------------------------------------------------------
-CARD = 'README.md'
+CARD, NEW_CARD = 'README.md', 'README.new.md'
 source = checkpoint_location(out_dir, ckpt)
 export_dir = export_dir or os.path.join(out_dir, 'hub')
-if push_to_hub and (push_to_hub.count('/') != 1 or push_to_hub.startswith(HUB_PREFIX)):
-    fail(f'push_to_hub={push_to_hub!r} must name a hub repository as OWNER/REPO')
+# checked in full before anything is written: a name the hub refuses would stop the upload after the export
+if push_to_hub and not re.fullmatch(r'[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+', push_to_hub):
+    fail(f'push_to_hub={push_to_hub!r} must name a hub repository as OWNER/REPO (letters, digits, "-", "_" and "." in each)')
 # the folder is written into only if it is new, empty or an earlier export: never over other files
 if os.path.isfile(export_dir):
     fail(f'export_dir={export_dir} is a file; name a folder')
@@ -40,9 +56,9 @@ if os.path.isdir(export_dir) and set(os.listdir(export_dir)) - {'.cache'}:
     try:
         with open(os.path.join(export_dir, EXPORT_CONFIG), encoding='utf-8') as f:
             earlier_export = json.load(f).get('model_type') == EXPORT_MODEL_TYPE
-    except (OSError, ValueError, AttributeError):
+    except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested past Python's stack
         earlier_export = False
-    others = sorted(set(os.listdir(export_dir)) - {EXPORT_CONFIG, EXPORT_WEIGHTS, CARD, '.cache'})
+    others = sorted(set(os.listdir(export_dir)) - {EXPORT_CONFIG, EXPORT_WEIGHTS, CARD, NEW_CARD, '.cache'})
     if not earlier_export or others:
         fail(f'{export_dir} already holds other files ({", ".join(others or os.listdir(export_dir))}); '
              'export into a new or empty folder (--export_dir=...)')
@@ -114,13 +130,17 @@ def model_card():
 
 
 card = model_card()  # before any file is written: a failure here leaves no half-made folder
+# an earlier export's card may have been edited by hand since: it is kept unless asked otherwise
+card_name = NEW_CARD if os.path.isfile(os.path.join(export_dir, CARD)) and not overwrite_card else CARD
 try:
     export_model(model, checkpoint, tokenizer, export_dir)
-    with open(os.path.join(export_dir, CARD), 'w', encoding='utf-8') as f:
+    with open(os.path.join(export_dir, card_name), 'w', encoding='utf-8') as f:
         f.write(card)
 except OSError as e:
     fail(f'cannot write the export to {export_dir} ({e.strerror or e}); choose another --export_dir')
-print(f'exported {source} to {export_dir} ({EXPORT_WEIGHTS}, {EXPORT_CONFIG}, {CARD})')
+kept = (f'; {CARD} is kept as it was, the new card is {card_name} (--overwrite_card=True replaces {CARD})'
+        if card_name == NEW_CARD else '')
+print(f'exported {source} to {export_dir} ({EXPORT_WEIGHTS}, {EXPORT_CONFIG}, {card_name}){kept}')
 
 if push_to_hub:
     try:
@@ -130,10 +150,10 @@ if push_to_hub:
     api = HfApi()
     try:
         api.create_repo(push_to_hub, exist_ok=True)
-        commit = api.upload_folder(repo_id=push_to_hub, folder_path=export_dir, ignore_patterns=['.cache/*'],
+        commit = api.upload_folder(repo_id=push_to_hub, folder_path=export_dir, ignore_patterns=['.cache/*', NEW_CARD],
                                    commit_message=f'WiggleGPT export of {source}')
     except Exception as e:  # no network, no login, no rights, a bad name: whatever stops the upload, in one line
-        fail(f'could not upload to the hub repository {push_to_hub} ({type(e).__name__}: '
-             f'{str(e).strip().splitlines()[0]}); log in with `hf auth login` and check the name')
+        fail(f'could not upload to the hub repository {push_to_hub} ({error_line(e)}); log in with `hf auth login` '
+             'and check the name')
     print(f'uploaded to https://huggingface.co/{push_to_hub} ({getattr(commit, "oid", "") or "done"}); '
           f'load it with --ckpt=hf:{push_to_hub}')

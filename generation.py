@@ -1,6 +1,18 @@
 """
 Generation from a model: sampling the next token (temperature, top-k, top-p, a repetition
 penalty), generating with the KV cache, and turning the tokens into text as they come.
+
+generate_tokens, used by sample_bio.py and chat.py, takes temperature (0 is greedy), top-k, top-p,
+a seeded torch.Generator, and a repetition penalty over the last penalty_window tokens that divides
+positive logits and multiplies negative ones, so a seen token always gets less likely (the original
+divided both, which made seen tokens with negative logits more likely); it spares an exemption list
+(the chat template's markers). With the KV cache each step runs only the newest token. Once the text
+is longer than block_size the model sees the last block_size tokens; every position then shifts at
+each step, so the cache is rebuilt from that window at each step. The tokens are therefore always
+exactly those of recomputing the whole context (tested for greedy and seeded sampling, with learned
+positions, RoPE and no positions), and the cache pays off only within the context length.
+stream_text turns the tokens into text as they are generated, ending before a stop sequence and
+holding back text that may be the start of one.
 """
 
 import torch
@@ -34,6 +46,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
         sorted_logits, order = torch.sort(logits, descending=True)
         sorted_probs = F.softmax(sorted_logits, dim=-1)
         outside = sorted_probs.cumsum(-1) - sorted_probs >= top_p
+        outside[0] = False  # a top_p too small for float32 (1e-300) is 0 there and would mask every token
         logits = logits.masked_fill(outside.scatter(0, order, outside), float('-inf'))
     probs = F.softmax(logits, dim=-1)
     return int(torch.multinomial(probs, 1, generator=generator))

@@ -7,6 +7,49 @@ pre-norm blocks (LayerNorm or RMSNorm), causal self-attention, learned positions
 tied input/output embeddings.
 
 Module and parameter names follow the original WiggleGPT release so its checkpoints load by name.
+
+GPTConfig holds the architecture; its defaults are GPT-2 small's (train_bio.py's own defaults are
+the 124M WiggleGPT's: no biases, the oscillating MLP, RMSNorm, RoPE):
+    block_size               1024    context length
+    vocab_size               50304   GPT-2's 50257 padded to a multiple of 64
+    n_layer, n_head, n_embd  12, 12, 768
+    dropout                  0.0
+    bias                     True    biases in Linear and LayerNorm layers
+    use_bio_mlp              False   the oscillating activation instead of GELU
+    use_rmsnorm              False   RMSNorm (x / sqrt(mean(x^2) + 1e-6) * weight) instead of LayerNorm
+    use_rope                 False   rotary position embeddings instead of learned ones
+    use_positions            True    False: no positional encoding at all (how the original release's
+                                     checkpoints run; see checkpoints.py)
+    gradient_checkpointing   False   recompute each block in backward to save memory
+    use_sparse_gate          False   the sparse gate below (needs use_bio_mlp)
+    bio_threshold            0.25    the gate's firing threshold
+
+The sparse gate (from WiggleGPT v2, made exact): each hidden neuron has a gate_weight (init 1) and a
+gate_bias (init 0); it fires where gate_weight * x + gate_bias > bio_threshold, x being its
+pre-activation, and outputs exactly 0 elsewhere. The step has no gradient, so backward uses the
+gradient of sigmoid(5 * (voltage - threshold)) in its place. Training reports the share of exact
+zeros among gated outputs as `sparsity` in its log lines.
+
+The activation's maths is written once: its forward, and its backward derived by hand. It runs three
+ways that compute the same numbers (tested against each other, in float64 with gradcheck, and in
+bfloat16/float16 as autocast hands them over):
+    plain     the formula as PyTorch ops: the reference, and what torch.compile fuses when the whole
+              model is compiled; it keeps five tensors the size of its input for backward
+    function  a custom autograd function that keeps only its input for backward and runs the
+              hand-derived backward, reducing the per-neuron gradients in float32
+    fused     the same function with that maths compiled into one kernel each way (Triton on CUDA,
+              C++ on a CPU), compiled once per process on first use (about 4 s on this project's CPU)
+OSCILLATION_IMPL = 'auto' uses plain inside a compiled model; fused for training where it compiles
+and a call holds at least FUSE_MIN_ELEMENTS (2**17) activations (below that, the time saved takes
+thousands of steps to repay the compile); function otherwise: inference, tiny models, or a machine
+where torch.compile cannot build a kernel, such as CUDA on Windows without Triton (a one-line note
+says so and training carries on). tanh is computed as 2 * sigmoid(2x) - 1, the same function,
+because PyTorch's CPU tanh kernel is several times slower than its sigmoid.
+
+With config_gpt2_bio_3070.py the model has 123,697,920 parameters; the GELU control has 110,592
+fewer (omega, phi, baseline: 3 x 3072 per layer) and the sparse gate adds 73,728 (2 x 3072 per
+layer); tests/test_model.py checks these counts. GPT also has flops_per_token and estimate_mfu
+(against a peak FLOP/s from devices.py); its optimizers are built in optimizers.py.
 """
 
 import math
@@ -179,34 +222,46 @@ def oscillate_backward_math(x, grad_out, omega, phi, baseline, gate_weight, gate
 
 
 OSCILLATE_MATH = {'forward': oscillate_forward_math, 'backward': oscillate_backward_math}
-fused_kernels = {}  # 'forward'/'backward' -> compiled function, made on first use; False once compiling failed
+fused_kernels = {}  # 'forward'/'backward' -> compiled function, once it has run here; False once fusing failed
 
 
 def run_math(name, fuse, *args):
-    """OSCILLATE_MATH[name](*args), through its compiled kernel if fuse and compiling works here."""
-    if fuse and fused_kernels.get(name) is not False:
-        if name not in fused_kernels:
-            fused_kernels[name] = torch.compile(OSCILLATE_MATH[name], dynamic=True)
+    """OSCILLATE_MATH[name](*args), through its compiled kernel if fuse and fusing works here."""
+    formula = OSCILLATE_MATH[name]
+    if not fuse or fused_kernels.get(name) is False:
+        return formula(*args)
+    if name in fused_kernels:
+        # It has run here: an error now (out of memory, a device fault) is the run's own and surfaces,
+        # unless it is torch.compile's. Dynamo recompiles the kernel when its guards fail (a new dtype
+        # under autocast, requires_grad differing between frozen and trained blocks), and that can
+        # fail as the first compile can (inductor's BackendCompilerFailed is a TorchDynamoException).
         try:
             return fused_kernels[name](*args)
         except Exception as e:
+            from torch._dynamo.exc import TorchDynamoException
+            from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
+            if not isinstance(e, (TorchDynamoException, CppCompileError, InvalidCxxCompiler)):
+                raise
             give_up_fusing(e)
-    return OSCILLATE_MATH[name](*args)
-
-
-def compile_failed(error):
-    """Whether error says torch.compile cannot build a kernel here (no C++ compiler, no Triton, ...), as
-    opposed to an error in running one (out of memory, a device fault), which must surface as itself."""
-    import torch._dynamo.exc
-    import torch._inductor.exc
-    return isinstance(error, (torch._dynamo.exc.TorchDynamoException, torch._inductor.exc.InvalidCxxCompiler,
-                              torch._inductor.exc.CppCompileError))
+            return formula(*args)
+    # Whatever fails in making the kernel or in its first call (which compiles it) says that fusing
+    # does not work here: torch.compile raises a plain RuntimeError on a Python it does not support,
+    # inductor its own errors without a C++ compiler or Triton. Forward and backward are each made
+    # at their first call, so each is tried here on its own.
+    try:
+        kernel = torch.compile(formula, dynamic=True)
+        out = kernel(*args)
+    except Exception as e:
+        give_up_fusing(e)
+        return formula(*args)
+    fused_kernels[name] = kernel
+    return out
 
 
 def give_up_fusing(error):
-    """Fall back to the unfused function for the rest of the run, if the fused kernel failed to compile
-    and was not asked for by name; otherwise re-raise the error."""
-    if OSCILLATION_IMPL == 'fused' or not compile_failed(error):
+    """Fall back to the unfused function for the rest of the run, unless the fused kernel was asked
+    for by name; then re-raise the error."""
+    if OSCILLATION_IMPL == 'fused':
         raise error
     fused_kernels.update(forward=False, backward=False)
     print(f"note: the fused oscillation kernel does not compile here ({type(error).__name__}: "

@@ -170,12 +170,3 @@ def scheduled_lr(it, schedule, learning_rate, min_lr, warmup_iters, lr_decay_ite
     if it < decay_start:
         return learning_rate
     return learning_rate + (min_lr - learning_rate) * (it - decay_start) / (lr_decay_iters - decay_start)
-
-
-def check_schedule(schedule, decay_frac):
-    """A one-line reason the schedule settings are wrong, or None."""
-    if schedule not in SCHEDULES:
-        return f"lr_schedule={schedule!r} is not one of {', '.join(SCHEDULES)}"
-    if schedule == 'wsd' and not 0 < decay_frac <= 1:
-        return f'decay_frac={decay_frac} must be in (0, 1]'
-    return None

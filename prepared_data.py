@@ -1,13 +1,16 @@
 """
 Data preparation shared by the data/<name>/prepare.py scripts and train_bio.py: where the source
-records come from (a local file or a HuggingFace hub dataset), how a script's output files are
-put in place as one set, and the check that training reads a set that belongs together.
+records come from (a local .jsonl, .json, .txt or .parquet file, or a HuggingFace hub dataset),
+how a script's output files are put in place as one set, and the check that training reads a set
+that belongs together.
 
 A prepare script writes its outputs into <out_dir>/.preparing/ and then `commit`s them: a
 manifest.json that marks the set incomplete goes first, the files move into place, and the new
 manifest (every file with its size) comes last. So an interrupted prepare leaves the previous
 complete set, or a set marked incomplete, which `check` refuses; never a mix that training would
-read unawares.
+read unawares. train_bio.py runs that check at start and refuses, in one line naming the prepare
+command, an incomplete set or files whose sizes do not match; a folder prepared before manifests
+existed is used with a note.
 
 Errors are ValueError with a one-line message for the scripts to print.
 """
@@ -104,6 +107,15 @@ def abandon(out_dir, error):
         sys.exit(130)
 
 
+def is_file_name(name):
+    """Whether name is a file's name alone: one a manifest may list (no path, nothing that leads out of its folder)."""
+    return isinstance(name, str) and name not in ('', '.', '..') and os.path.basename(name) == name and '\\' not in name
+
+
+def is_size(size):
+    return isinstance(size, int) and not isinstance(size, bool) and size >= 0
+
+
 def check(data_dir, names, prepare_command):
     """Raise ValueError unless data_dir's manifest lists each of names and every file it lists has its
     recorded size. Returns a note for a folder prepared before manifests existed (nothing to check)."""
@@ -111,12 +123,18 @@ def check(data_dir, names, prepare_command):
     if not os.path.isfile(manifest_path):
         return (f'note: {data_dir} has no {MANIFEST} (prepared by an older prepare.py), so nothing '
                 'checks that its files belong together')
-    with open(manifest_path) as f:
-        manifest = json.load(f)
-    if manifest.get('incomplete'):
+    try:
+        with open(manifest_path, encoding='utf-8') as f:
+            manifest = json.load(f)
+    except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's stack
+        raise ValueError(f'{manifest_path} is unreadable ({type(e).__name__}); run {prepare_command} again') from None
+    if isinstance(manifest, dict) and manifest.get('incomplete'):
         raise ValueError(f'{data_dir} holds files of an unfinished preparation ({MANIFEST} says so); '
                          f'run {prepare_command} again')
-    files = manifest['files']
+    files = manifest.get('files') if isinstance(manifest, dict) else None
+    if not isinstance(files, dict) or not all(is_file_name(name) and is_size(size) for name, size in files.items()):
+        raise ValueError(f'{manifest_path} does not list its files (each a name in {data_dir} with its size in bytes); '
+                         f'run {prepare_command} again')
     for name in names:
         if name not in files:
             raise ValueError(f'{data_dir}/{MANIFEST} does not list {name}; run {prepare_command} again')

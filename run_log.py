@@ -7,13 +7,14 @@ import json
 
 
 def read_log(path):
-    """The records (dicts) of a log.jsonl, in file order; lines that are not whole JSON objects are skipped."""
+    """The records (dicts) of a log.jsonl, in file order; lines that are not whole JSON objects (cut off, garbled,
+    nested too deep to parse) are skipped."""
     records = []
     with open(path, errors='replace') as f:
         for line in f:
             try:
                 record = json.loads(line)
-            except json.JSONDecodeError:
+            except (json.JSONDecodeError, RecursionError):  # torn by a crash, or nested past Python's stack
                 continue
             if isinstance(record, dict):
                 records.append(record)

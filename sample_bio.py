@@ -2,6 +2,13 @@
 Sample text from a trained WiggleGPT checkpoint:
     python sample_bio.py --out_dir=out-shakespeare-char-cpu --start="ROMEO:"
 `start` may be FILE:prompt.txt to read the prompt from a file. Text is printed as it is generated.
+
+Settings: out_dir; ckpt (ckpt.pt or ckpt_best.pt in out_dir, or a path, exported folder or hub name
+of its own); start; num_samples; max_new_tokens; temperature (0 is greedy); top_k; top_p;
+repetition_penalty; seed; device; dtype; compile (generation.py says how they act).
+Character-level checkpoints decode through their dataset's meta.pkl (an exported folder carries
+its characters), others through GPT-2's BPE. The settings are echoed on stderr, so
+`python sample_bio.py ... > samples.txt` holds only the samples.
 """
 
 import os
@@ -10,27 +17,30 @@ import sys
 import torch
 
 import devices
-from checkpoints import checkpoint_location, load_model
+from checkpoints import checkpoint_location, error_line, load_model
 from codec import load_codec
 from generation import generate_tokens, stream_text
 
 out_dir = 'out'
 ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt', an exported folder), or a hub name: hf:OWNER/REPO/FILE.pt
 start = '\n'  # prompt text, or FILE:path
-num_samples = 3
-max_new_tokens = 500
-temperature = 0.8  # 0 is greedy
-top_k = 200  # 0 disables
-top_p = 1.0  # nucleus sampling; 1.0 disables
-repetition_penalty = 1.0  # > 1 makes recently seen tokens less likely; 1.0 disables
-seed = 1337
+num_samples: '>= 1' = 3
+max_new_tokens: '>= 1' = 500
+temperature: '>= 0' = 0.8  # 0 is greedy
+top_k: '>= 0' = 200  # 0 disables
+top_p: 'in (0, 1]' = 1.0  # nucleus sampling; 1.0 disables
+# > 1 makes recently seen tokens less likely, < 1 more likely; 1.0 disables. Bounded because the penalty scales
+# logits: 1e-320 or 1e300 is 0 or inf in float32 (NaN probabilities), while within [0.01, 100] logits stay within
+# 100x of the model's (finite down to the least temperature that samples, 1e-6), and 100 all but bans a seen token
+repetition_penalty: 'in [0.01, 100]' = 1.0
+seed: '>= 0' = 1337
 device = 'auto'
 dtype = 'auto'
 compile = False
 # -----------------------------------------------------------------------------
-from configurator import configure, fail, settings_in  # noqa: E402
+from configurator import configure, declared_rules, fail, settings_in  # noqa: E402
 
-globals().update(configure(settings_in(globals()), sys.argv[1:]))
+globals().update(configure(settings_in(globals()), sys.argv[1:], declared_rules(__file__)))
 # -----------------------------------------------------------------------------
 
 try:
@@ -40,10 +50,19 @@ except ValueError as e:
     fail(str(e))
 autocast = devices.autocast(device, dtype)
 if start.startswith('FILE:'):
-    if not os.path.isfile(start[5:]):
-        fail(f'prompt file {start[5:]} not found')
-    with open(start[5:], encoding='utf-8') as f:
-        start = f.read()
+    path = start[5:]
+    if not os.path.exists(path):
+        fail(f'prompt file {path} not found')
+    if not os.path.isfile(path):  # a folder, or a device such as /dev/zero that would never end
+        fail(f'prompt file {path} is not a regular file; name a text file')
+    try:
+        with open(path, encoding='utf-8') as f:
+            start = f.read()
+    except UnicodeDecodeError as e:
+        byte = e.object[e.start:e.start + 1]
+        fail(f'prompt file {path} is not UTF-8 text (byte {e.start} is {byte!r}); save it as UTF-8')
+    except OSError as e:
+        fail(f'prompt file {path} cannot be read: {error_line(e)}')
 if not start:
     fail('the prompt is empty; give at least one character with --start')
 

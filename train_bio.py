@@ -5,49 +5,101 @@ Several GPUs (or CPU processes with --backend=gloo) through DDP:
     torchrun --standalone --nproc_per_node=4 train_bio.py config_gpt2_bio_3070.py
 Before a long run, a rehearsal times a few iterations and projects the whole run (writes nothing):
     python train_bio.py config_gpt2_bio_3070.py --rehearsal_iters=20
-Any setting below can be overridden with --key=value after the config file.
+Any setting below can be overridden with --key=value after the config file; --help lists them.
+
+Settings: the module-level variables below. A config file (plain Python) and --key=value overrides
+replace them in the order given (configurator.py), e.g.
+    python train_bio.py config_shakespeare_char_cpu.py --max_iters=500 --use_bio_mlp=False
+Without a config the defaults train the 124M WiggleGPT on OpenWebText. What each setting allows is
+declared beside its default (batch_size: '>= 1' = 12); a mistake, or settings that cannot work
+together, is one 'error: ' line and exit status 2, before anything is written.
+
+Data: data/<dataset>/train.bin and val.bin (uint16 token ids) as the prepare script left them,
+checked against its manifest.json (prepared_data.py); meta.pkl, when present, gives the vocabulary
+size.
+
+Device and precision (devices.py): the first line says what was chosen, e.g. "device cuda:0 (NVIDIA
+GeForce RTX 3070), float16 with a GradScaler". compile=True uses torch.compile (which needs Triton
+on GPUs, so not on Windows).
+
+Optimizer: adamw (the default), muon, adafactor, lion or adamw8bit; optimizers.py says what each
+does and which settings it reads (muon_learning_rate: 0 means learning_rate; adafactor's
+learning_rate is a relative step, about 1e-2; lion wants a rate 3-10x below AdamW's). Matrices get
+weight_decay, vectors none; frozen weights are in no group. The startup line names the optimizers,
+what each holds and the state size, e.g. "optimizer muon: Muon on 16 tensors (0.79M weights) +
+AdamW on 23 tensors (0.02M weights), state 3.3 MB". A missing package (lion-pytorch,
+bitsandbytes) is one line with its pip install; a run keeps its optimizer across resumes.
+
+Schedule (lr_schedule): cosine (linear warmup over warmup_iters, cosine down to min_lr at
+lr_decay_iters), wsd (warmup, constant, then linear decay to min_lr over the last decay_frac of
+lr_decay_iters, so set lr_decay_iters to the run's length) or constant (warmup, then learning_rate;
+the old decay_lr=False is lr_schedule=constant warmup_iters=0); muon's two rates follow it in
+proportion. An iteration accumulates gradient_accumulation_steps micro-batches; gradients are
+clipped to grad_clip after unscaling. A step whose gradients are not finite is skipped, in any
+dtype, and counted (", N skipped" in the log line, skipped_steps in log.jsonl); max_skipped_steps
+in a row, or weights that stop being finite, end the run with a message.
+
+Output, in the original's formats: "step N: train loss X, val loss Y" at each evaluation (the same
+eval_iters windows every time), "iter N: loss X, time Yms, mfu Z%" every log_interval iterations;
+out_dir/log.jsonl holds the same as JSON. ckpt.pt is saved at every evaluation and at the end,
+ckpt_best.pt whenever val loss improves, with the original's keys plus the GradScaler and every
+random state; both load with torch.load(weights_only=True).
+
+A run never overwrites another: a new run (any init_from but resume; a rehearsal writes nothing)
+refuses an out_dir that holds a checkpoint (any *.pt, such as ckpt.pt and ckpt_best.pt, or a
+*.pt.tmp that a refused rename left) or a log.jsonl, before touching anything; for a ckpt.pt it
+names the iteration held and the two ways on (--init_from=resume, or another --out_dir). The
+folder is made, and claimed by an empty log.jsonl, only once every check has passed: a refused run
+leaves nothing behind, and of two runs started into one new folder at once the second stops.
+
+--init_from=resume continues exactly: N iterations equal N/2 plus a resumed N/2, bit for bit on a
+CPU (in float32 with every optimizer and schedule, in float16 with AdamW). Settings that leave the
+weights' shapes alone (gradient_checkpointing, dropout, batch size, schedule, eval settings, dtype,
+compile, ...) come from the command line, listed on one line; the architecture comes from the
+checkpoint. So a run that ran out of memory resumes with --gradient_checkpointing=True.
+init_from=path/to/ckpt.pt (or an exported folder, or a hub name hf:...) starts a new run from a
+checkpoint's weights, in either format (checkpoints.py).
+
+Ctrl-C or SIGTERM finishes the iteration, saves it and exits (a second Ctrl-C quits without
+saving); running out of GPU memory is one line saying what to lower.
+
+Several processes (torchrun): on CPUs add --device=cpu --backend=gloo. gradient_accumulation_steps
+is the total over all processes, so the data a run sees does not depend on their number. The
+processes agree on stopping every iteration (a signal saves within seconds, well inside torchrun's
+30 s), and if one dies the others stop with one line instead of hanging.
+
+--rehearsal_iters=N writes nothing and prints ms/iter, tokens/s, MFU, peak GPU memory and the
+projected time of the whole run, so an 8 GB user learns in a minute whether the 3070 config fits
+and how long it takes. wandb_log=True logs to Weights & Biases.
 """
 
 import inspect
 import json
 import math
 import os
-import pickle
 import signal
 import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
-import numpy as np
-import torch
-import torch.distributed as dist
-from torch.nn.parallel import DistributedDataParallel as DDP
-
-import devices
-import prepared_data
-from checkpoints import FORMAT_VERSION, HUB_PREFIX, fetch_from_hub, is_checkpoint_location, load_model, save_checkpoint
-from model_bio import GPT, GPTConfig
-from optimizers import (OPTIMIZERS, build_optimizers, check_schedule, describe, load_optimizer_state, optimizer_state,
-                        scheduled_lr, state_megabytes)
-
 # -----------------------------------------------------------------------------
 # defaults: the 124M WiggleGPT on OpenWebText
 out_dir = 'out'
 init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a checkpoint (path or hf: name) to start a new run from its weights
-task = 'pretrain'  # 'pretrain': token streams; 'finetune': whole conversations, loss on the assistant's tokens only
-eval_interval = 2000
-eval_iters = 200
-log_interval = 10
+task: 'one of pretrain, finetune' = 'pretrain'  # 'pretrain': token streams; 'finetune': whole conversations, loss on the assistant's tokens only
+eval_interval: '>= 1' = 2000
+eval_iters: '>= 1' = 200
+log_interval: '>= 1' = 10
 eval_only = False
-rehearsal_iters = 0  # > 0: time this many iterations, project the whole run's time and memory, write nothing
+rehearsal_iters: '>= 0' = 0  # > 0: time this many iterations, project the whole run's time and memory, write nothing
 wandb_log = False
 wandb_project = 'wigglegpt'
 wandb_run_name = 'run'
 # data
 dataset = 'openwebtext'
-gradient_accumulation_steps = 40  # total over all processes
-batch_size = 12
+gradient_accumulation_steps: '>= 1' = 40  # total over all processes
+batch_size: '>= 1' = 12
 block_size = 1024
 # model
 n_layer = 12
@@ -62,40 +114,55 @@ use_positions = True  # False trains with no positional encoding (NoPE)
 use_sparse_gate = False
 bio_threshold = 0.25
 gradient_checkpointing = False
-freeze_layers = 0  # fine-tuning: the first N blocks keep their weights
+freeze_layers: '>= 0' = 0  # fine-tuning: the first N blocks keep their weights
 freeze_embeddings = False  # also keep the token (and position) embeddings; wte is tied to lm_head, so it stays too
-eval_conversations = 0  # fine-tuning: evaluate on the first N conversations of each split (0: the whole val split)
+eval_conversations: '>= 0' = 0  # fine-tuning: evaluate on the first N conversations of each split (0: the whole val split)
 # optimizer: 'adamw', 'muon', 'adafactor', 'lion' or 'adamw8bit' (optimizers.py says what each does and takes)
 optimizer = 'adamw'
-learning_rate = 6e-4  # with muon: the rate of what AdamW optimizes (embeddings, lm_head, vectors)
-muon_learning_rate = 0.0  # muon: the rate of the block matrices, on AdamW's scale; 0 means learning_rate
-muon_momentum = 0.95
-max_iters = 600000
-weight_decay = 1e-1  # on matrices only
-beta1 = 0.9
-beta2 = 0.95
-grad_clip = 1.0  # 0 disables
-max_skipped_steps = 20  # a step whose gradients are not finite is skipped; this many in a row end the run
+learning_rate: '> 0' = 6e-4  # with muon: the rate of what AdamW optimizes (embeddings, lm_head, vectors)
+muon_learning_rate: '>= 0' = 0.0  # muon: the rate of the block matrices, on AdamW's scale; 0 means learning_rate
+muon_momentum: 'in [0, 1)' = 0.95
+max_iters: '>= 0' = 600000
+weight_decay: '>= 0' = 1e-1  # on matrices only
+beta1: 'in [0, 1)' = 0.9
+beta2: 'in [0, 1)' = 0.95
+grad_clip: '>= 0' = 1.0  # 0 disables
+max_skipped_steps: '>= 1' = 20  # a step whose gradients are not finite is skipped; this many in a row end the run
 # learning rate schedule, every group's rate in proportion: 'cosine' (linear warmup, cosine down to min_lr at
 # lr_decay_iters), 'wsd' (warmup, constant, linear decay to min_lr over the last decay_frac of lr_decay_iters)
 # or 'constant' (warmup, then learning_rate)
 lr_schedule = 'cosine'
-warmup_iters = 2000
-lr_decay_iters = 600000
-min_lr = 6e-5
-decay_frac = 0.2
+warmup_iters: '>= 0' = 2000
+lr_decay_iters: '>= 1' = 600000
+min_lr: '>= 0' = 6e-5
+decay_frac: 'in (0, 1]' = 0.2
 # system
-backend = 'nccl'  # DDP backend: 'nccl' for GPUs, 'gloo' for CPU
+backend: 'one of nccl, gloo, mpi' = 'nccl'  # DDP backend: 'nccl' for GPUs, 'gloo' for CPU
 device = 'auto'  # 'auto' (cuda > mps > cpu), 'cpu', 'cuda', 'cuda:1', 'mps'
 dtype = 'auto'  # 'auto' (bfloat16 on GPUs that have it natively, else float16; float32 off CUDA), 'float32', 'bfloat16', 'float16'
 compile = False  # torch.compile needs Triton on GPUs, which Windows lacks
-peak_flops = 0.0  # the device's peak FLOP/s for MFU; 0 looks it up by GPU name
-seed = 1337
+peak_flops: '>= 0' = 0.0  # the device's peak FLOP/s for MFU; 0 looks it up by GPU name
+seed: '>= 0' = 1337
 # -----------------------------------------------------------------------------
-from configurator import configure, fail, settings_in  # noqa: E402
+from configurator import check_folder, configure, declared_rules, fail, settings_in  # noqa: E402
 
-config = configure(settings_in(globals()), sys.argv[1:])
+asked = set()  # the settings the config files and the command line set
+config = configure(settings_in(globals()), sys.argv[1:], declared_rules(__file__), asked)
 globals().update(config)
+# imported once the settings are read: a mistake in them is reported at once, not after torch's two seconds
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+import torch.distributed as dist  # noqa: E402
+from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
+
+import devices  # noqa: E402
+import prepared_data  # noqa: E402
+from checkpoints import (FORMAT_VERSION, HUB_PREFIX, config_problem, fetch_from_hub, is_checkpoint_location,  # noqa: E402
+                         load_model, replace_file, save_checkpoint)
+from codec import GPT2_VOCAB_SIZE, is_dataset_name, read_meta  # noqa: E402
+from model_bio import GPT, GPTConfig  # noqa: E402
+from optimizers import (OPTIMIZERS, SCHEDULES, build_optimizers, describe, load_optimizer_state,  # noqa: E402
+                        optimizer_state, scheduled_lr, state_megabytes)
 # -----------------------------------------------------------------------------
 # GPTConfig's fields are settings of the same names (vocab_size comes from the data)
 model_keys = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']
@@ -104,23 +171,24 @@ TRAINING_ONLY = ('dropout', 'gradient_checkpointing')  # model settings that a r
 ARCHITECTURE = [k for k in model_keys if k not in TRAINING_ONLY and k != 'block_size']
 
 
-if rehearsal_iters < 0 or max_skipped_steps < 1:
-    fail(f'rehearsal_iters={rehearsal_iters} must be >= 0 and max_skipped_steps={max_skipped_steps} >= 1')
-if not learning_rate > 0 or muon_learning_rate < 0:
-    fail(f'learning_rate={learning_rate} must be > 0 and muon_learning_rate={muon_learning_rate} >= 0')
-if not all(0 <= b < 1 for b in (beta1, beta2, muon_momentum)):
-    fail(f'beta1={beta1}, beta2={beta2} and muon_momentum={muon_momentum} must each be in [0, 1)')
+# each setting's own range is declared beside its default (checked by configure); here, what relates them
 if optimizer not in OPTIMIZERS:
     fail(f"optimizer={optimizer!r} is not one of {', '.join(OPTIMIZERS)}")
-schedule_problem = check_schedule(lr_schedule, decay_frac)
-if schedule_problem:
-    fail(schedule_problem)
-if init_from == 'scratch' and use_sparse_gate and not use_bio_mlp:
-    fail('use_sparse_gate=True gates the oscillating neurons: it needs use_bio_mlp=True')
+if lr_schedule not in SCHEDULES:
+    fail(f"lr_schedule={lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
+# the model's settings (GPTConfig's fields) have their limits where a checkpoint's are checked: checkpoints.py
+model_problem = config_problem({**asdict(GPTConfig()), **{k: config[k] for k in model_keys}})
+if model_problem:
+    fail(model_problem)
+if rehearsal_iters == 1:
+    fail('rehearsal_iters=1 leaves nothing to time after the first iteration, which compiles and allocates; '
+         'rehearse at least 2 (20 gives a steadier figure)')
+if not is_dataset_name(dataset):
+    fail(f'dataset={dataset!r} must be the name of a folder in data/, such as shakespeare_char')
+if rehearsal_iters == 0:  # a rehearsal writes nothing
+    check_folder('out_dir', out_dir)
 # the data first: a missing dataset is the likeliest mistake, and the cheapest to report
 data_dir = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data', dataset)
-if task not in ('pretrain', 'finetune'):
-    fail(f"task={task!r} is not 'pretrain' or 'finetune'")
 data_files = ['.bin'] if task == 'pretrain' else ['.bin', '_mask.bin', '_offsets.npy']
 for split in ('train', 'val'):
     for suffix in data_files:
@@ -173,20 +241,21 @@ best_path = os.path.join(out_dir, 'ckpt_best.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 writes = rehearsal_iters == 0
 if writes and init_from != 'resume':
-    if os.path.isfile(ckpt_path):
+    # any checkpoint (ckpt.pt, ckpt_best.pt, one a refused rename left as .pt.tmp) or log is a run's work
+    held = sorted(name for name in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
+                  if name.endswith(('.pt', '.pt.tmp')) or name == 'log.jsonl')
+    if 'ckpt.pt' in held:
         try:  # mmap: the iteration number without reading the whole file
-            held = f" at iter {torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['iter_num']}"
+            at_iter = f" at iter {torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['iter_num']}"
         except Exception:
-            held = ''
-        fail(f'{out_dir} already holds a run ({ckpt_path}{held}); continue it with --init_from=resume, '
+            at_iter = ''
+        fail(f'{out_dir} already holds a run ({ckpt_path}{at_iter}); continue it with --init_from=resume, '
              'or start a new one with another --out_dir')
-    if os.path.isfile(log_path):
-        fail(f'{out_dir} already holds the log of a run ({log_path}) but no checkpoint to resume; '
+    if held:
+        fail(f"{out_dir} already holds a run's files ({', '.join(os.path.join(out_dir, n) for n in held)}); "
              'start the new run with another --out_dir')
 if writes and init_from == 'resume' and not os.path.isfile(ckpt_path):
     fail(f'init_from=resume but {ckpt_path} does not exist (train from scratch first, or fix out_dir)')
-if writes and master:
-    os.makedirs(out_dir, exist_ok=True)
 
 # -----------------------------------------------------------------------------
 # data: token memmaps written by data/<dataset>/prepare.py
@@ -246,13 +315,24 @@ def iteration_batches(generator):
     return [read_batch('train', where) for where in draws[rank::world_size]]
 
 
+# the token ids the data may hold: its meta.pkl's characters, else GPT-2 BPE's (every prepare script without one)
 meta_vocab_size = None
 meta_path = os.path.join(data_dir, 'meta.pkl')
 if os.path.isfile(meta_path):
-    with open(meta_path, 'rb') as f:
-        meta_vocab_size = pickle.load(f)['vocab_size']
+    try:
+        meta_vocab_size = read_meta(meta_path)['vocab_size']
+    except ValueError as e:
+        fail(str(e))
     if master:
         print(f'vocab_size = {meta_vocab_size} (from {meta_path})')
+data_vocab_size = meta_vocab_size or GPT2_VOCAB_SIZE
+# the ids a split holds, checked whole where that takes a fraction of a second (up to 2**27 tokens); a larger
+# one (OpenWebText's train, 9 GB) is trusted to the tokenizer that made it, whose range is checked against the model
+for split in ('train', 'val'):
+    tokens = np.memmap(os.path.join(data_dir, f'{split}.bin'), dtype=np.uint16, mode='r')
+    if 0 < len(tokens) <= 2 ** 27 and int(tokens.max()) >= data_vocab_size:
+        fail(f'data/{dataset}/{split}.bin holds token id {int(tokens.max())}, outside its {data_vocab_size}-token '
+             f'vocabulary; prepare the data again: python data/{dataset}/prepare.py')
 
 # -----------------------------------------------------------------------------
 # model, optimizer and the state an exact resume needs
@@ -271,12 +351,16 @@ else:
     except ValueError as e:
         fail(str(e))
     model_args = asdict(model.config)
-    asked_otherwise = [f'{k} {model_args[k]} (asked {config[k]})' for k in ARCHITECTURE if config[k] != model_args[k]]
+    asked_otherwise = [f'{k} {model_args[k]} (asked {config[k]})' for k in ARCHITECTURE
+                       if k in asked and config[k] != model_args[k]]
     for k in ARCHITECTURE:
         config[k] = globals()[k] = model_args[k]
+    if asked_otherwise and master:
+        print(f"note: the checkpoint's architecture is kept: {', '.join(asked_otherwise)}", file=sys.stderr)
     if init_from == 'resume':
-        if 'optimizer' not in checkpoint:
-            fail(f'{ckpt_path} has no optimizer state, so it cannot be resumed (start a new run from its weights instead)')
+        if not checkpoint.get('optimizer'):  # none, or the original release's empty {}
+            fail(f'{ckpt_path} has no optimizer state, so it cannot be resumed (start a new run from its weights '
+                 f'with --init_from={ckpt_path} --out_dir=...)')
         saved_optimizer = checkpoint.get('config', {}).get('optimizer', 'adamw')
         if saved_optimizer != optimizer:
             fail(f'{ckpt_path} was trained with optimizer={saved_optimizer}, asked {optimizer}: a run keeps its '
@@ -292,8 +376,6 @@ else:
             print(f'resuming from {ckpt_path} at iter {iter_num}')
             if changed:
                 print(f"resume: changed since the checkpoint: {', '.join(changed)}")
-            if asked_otherwise:
-                print(f"note: the checkpoint's architecture is kept: {', '.join(asked_otherwise)}", file=sys.stderr)
     else:
         checkpoint = None  # only its weights are wanted: free the rest
         if master:
@@ -302,6 +384,11 @@ if block_size > model.config.block_size:
     fail(f'block_size={block_size} is longer than the model context of {model.config.block_size} tokens')
 if meta_vocab_size and meta_vocab_size != model.config.vocab_size:
     fail(f'data/{dataset} has a {meta_vocab_size}-token vocabulary but the model has {model.config.vocab_size}')
+if model.config.vocab_size < data_vocab_size:
+    fail(f'data/{dataset} holds GPT-2 BPE tokens (ids up to {data_vocab_size - 1}) but the model has a '
+         f'{model.config.vocab_size}-token vocabulary; train it on the dataset it was made for')
+if freeze_layers > model.config.n_layer:
+    fail(f'freeze_layers={freeze_layers} but the model has {model.config.n_layer} layers')
 for block in model.transformer.h[:freeze_layers]:
     block.requires_grad_(False)
 if freeze_embeddings:
@@ -441,6 +528,13 @@ def log_json(record):
             f.write(json.dumps(record) + '\n')
 
 
+if master and writes:
+    os.makedirs(out_dir, exist_ok=True)  # only now: a run refused by any check above leaves no folder behind
+    if init_from != 'resume':
+        try:  # the folder is claimed: a second run started into it at the same time stops here
+            open(log_path, 'x').close()
+        except FileExistsError:
+            fail(f'{out_dir} was taken by another run started at the same time; start this one with another --out_dir')
 if master and writes and init_from == 'resume' and os.path.isfile(log_path):
     # drop what a crashed run logged after the checkpoint it is resumed from, so the log has no repeats
     kept = []
@@ -449,11 +543,11 @@ if master and writes and init_from == 'resume' and os.path.isfile(log_path):
             try:
                 if json.loads(line)['iter'] <= iter_num:
                     kept.append(line)
-            except (ValueError, KeyError):  # a line cut short by a crash
+            except (ValueError, KeyError, TypeError, RecursionError):  # a line cut short by a crash, or garbled
                 pass
     with open(log_path + '.tmp', 'w') as f:
         f.writelines(kept)
-    os.replace(log_path + '.tmp', log_path)
+    replace_file(log_path + '.tmp', log_path)
 
 if wandb_log and master and writes:
     try:
@@ -517,7 +611,7 @@ if master and peak_note:
 start_iter = iter_num
 skipped_in_a_row = 0
 stop_requested = False
-warmup_iters_rehearsed = rehearsal_iters // 5  # the first iterations compile, allocate and tune
+warmup_iters_rehearsed = max(1, rehearsal_iters // 5)  # the first iterations compile, allocate and tune: never timed
 devices.reset_peak_memory(device)
 interval_start, interval_iters = time.time(), 0
 try:

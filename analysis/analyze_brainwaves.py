@@ -6,8 +6,12 @@ The oscillating neurons' frequencies read as "brain waves": |omega| sorted into 
 Bands of |omega| (the original project's): delta [0, 0.4), theta [0.4, 0.8), alpha [0.8, 1.2),
 beta [1.2, 1.8), gamma [1.8, 3.0), other >= 3. "Band power" is the share of neurons in a band.
 Writes brainwaves.json (band shares overall and per layer, the layer-to-layer similarity of the
-omega distributions) and PNGs: band shares and per-layer heatmap, a smoothed |omega| spectrum,
-each layer's mean waveform sin(omega*t + phi), and the similarity matrix, to --out_dir.
+omega distributions: the overlap of their histograms, 1 for the same, 0 for disjoint) and PNGs: band
+shares and per-layer heatmap, a smoothed |omega| spectrum, each layer's mean waveform
+sin(omega*t + phi), and the similarity matrix, to --out_dir (default analysis_out/brainwaves).
+Checkpoints load through checkpoints.load_model: ckpt.pt, an exported folder or a hub name, the
+original release's files included. A bad argument is one 'error: ' line and exit status 2
+(configurator.one_line_errors).
 """
 import argparse
 import json
@@ -22,6 +26,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from analyze_wiggle import neuron_params  # noqa: E402
+from configurator import check_folder, one_line_errors  # noqa: E402  (analyze_wiggle put the repo root on the path)
 
 BANDS = {'delta': (0.0, 0.4), 'theta': (0.4, 0.8), 'alpha': (0.8, 1.2), 'beta': (1.2, 1.8), 'gamma': (1.8, 3.0),
          'other': (3.0, np.inf)}
@@ -40,10 +45,12 @@ def similarity(a, b, bins):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = one_line_errors(argparse.ArgumentParser(description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument('ckpt', help='a checkpoint of a WiggleGPT model: ckpt.pt, an exported folder, or a hub name hf:OWNER/REPO/FILE.pt')
     parser.add_argument('--out_dir', default='analysis_out/brainwaves')
     args = parser.parse_args()
+    check_folder('--out_dir', args.out_dir)  # before the checkpoint loads, which can take a while
     params = neuron_params(args.ckpt)
     layers_omega, layers_phi = params['omega'], params['phi']
     omega = np.concatenate(layers_omega)

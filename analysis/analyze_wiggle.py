@@ -7,8 +7,12 @@ What the oscillating neurons learned: statistics and plots of omega, phi and bas
 
 Over all hidden neurons and per layer: mean, std, min, max, percentiles, the share with
 |value| < 0.1 and the share within 0.2 of 1; the sparse gate's parameters too when the model has
-them. With --compare, the per-neuron change from the first checkpoint to the second. Writes
-wiggle_stats.json and PNGs to --out_dir.
+them. With --compare (say pretrained vs fine-tuned), the per-neuron change from the first
+checkpoint to the second. Writes wiggle_stats.json and PNGs (histograms, an omega-phi scatter,
+per-layer box plots) to --out_dir (default analysis_out/wiggle).
+Checkpoints load through checkpoints.load_model: ckpt.pt, an exported folder or a hub name, the
+original release's files included. A bad argument is one 'error: ' line and exit status 2
+(configurator.one_line_errors).
 """
 import argparse
 import json
@@ -23,7 +27,7 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoints import load_model  # noqa: E402
-from configurator import fail  # noqa: E402
+from configurator import check_folder, fail, one_line_errors  # noqa: E402
 
 PARAMS = ('omega', 'phi', 'baseline')
 GATE_PARAMS = ('gate_weight', 'gate_bias')
@@ -64,12 +68,18 @@ def histogram(ax, values, title):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = one_line_errors(argparse.ArgumentParser(description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument('ckpt', help='a checkpoint of a WiggleGPT model: ckpt.pt, an exported folder, or a hub name hf:OWNER/REPO/FILE.pt')
     parser.add_argument('--compare', help='a second checkpoint of the same shape, e.g. after fine-tuning')
     parser.add_argument('--out_dir', default='analysis_out/wiggle')
     args = parser.parse_args()
+    check_folder('--out_dir', args.out_dir)  # before the checkpoints load, which can take a while
     params = neuron_params(args.ckpt)
+    # the second checkpoint is checked before anything is written, so a mistake in it leaves no half set of plots
+    other = neuron_params(args.compare) if args.compare else None
+    if other and [len(layer) for layer in other['omega']] != [len(layer) for layer in params['omega']]:
+        fail(f'{args.compare} has a different shape from {args.ckpt}; compare checkpoints of one model')
     os.makedirs(args.out_dir, exist_ok=True)
 
     stats = {'checkpoint': args.ckpt, 'n_layers': len(params['omega']),
@@ -104,10 +114,7 @@ def main():
     fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, 'wiggle_layers.png'), dpi=110)
 
-    if args.compare:
-        other = neuron_params(args.compare)
-        if [len(layer) for layer in other['omega']] != [len(layer) for layer in params['omega']]:
-            fail(f'{args.compare} has a different shape from {args.ckpt}; compare checkpoints of one model')
+    if other:
         stats['compare'] = {'checkpoint': args.compare}
         fig, axes = plt.subplots(2, len(PARAMS), figsize=(4 * len(PARAMS), 7))
         for col, name in enumerate(PARAMS):

@@ -21,7 +21,15 @@ run; per arm and learning rate the mean and standard deviation over seeds; each 
 rate (lowest mean final val loss); at those, each arm's paired difference from the baseline per seed
 with a 95% t interval and the iterations it needs to reach the baseline's mean final val loss. It
 writes compare.json, the val curves at the best learning rates (compare_curves.png) and, with
-several learning rates, final val loss against learning rate (compare_lr.png) to --out_dir.
+several learning rates, final val loss against learning rate (compare_lr.png) to --out_dir
+(default: --runs_dir). --set key=value ... adds train_bio.py settings for every arm.
+
+A run that diverges (train_bio.py stops it for losses or weights that are not finite) counts as an
+infinite loss and the sweep goes on. Picking each arm's best rate on the val split that reports it
+flatters every arm slightly and alike; the output says so. Other arms: the sparse gate on and off,
+or muon:optimizer=muon adamw:optimizer=adamw. A bad argument, or a mistake in any arm's settings
+(checked as train_bio.py checks them), is one 'error: ' line and exit status 2 before anything
+trains.
 """
 import argparse
 import contextlib
@@ -43,7 +51,7 @@ import torch  # noqa: E402
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 import run_log  # noqa: E402
-from configurator import configure, fail, script_defaults  # noqa: E402
+from configurator import check_folder, configure, declared_rules, fail, one_line_errors, ruled, script_defaults  # noqa: E402
 # the sparse gate is part of the oscillating MLP, so the GELU arm goes without it
 DEFAULT_ARMS = ['bio:use_bio_mlp=True', 'gelu:use_bio_mlp=False,use_sparse_gate=False']
 SCALED_WITH_LR = ('min_lr', 'muon_learning_rate')  # rates that follow learning_rate in a sweep
@@ -68,7 +76,8 @@ def resolve(settings):
     captured = io.StringIO()
     try:
         with contextlib.redirect_stderr(captured):
-            return configure(script_defaults(os.path.join(REPO, 'train_bio.py')), settings)
+            train = os.path.join(REPO, 'train_bio.py')
+            return configure(script_defaults(train), settings, declared_rules(train))
     except SystemExit:
         sys.stderr.write(''.join(line for line in captured.getvalue().splitlines(True) if line.startswith('error: ')))
         raise
@@ -78,7 +87,9 @@ def parse_arms(specs):
     """{name: ['--key=value', ...]} from NAME:key=value,key=value specs."""
     arms = {}
     for spec in specs:
-        name, _, settings = spec.partition(':')
+        name, colon, settings = spec.partition(':')
+        if not colon:  # a bare name (bio, gelu) would train the config unchanged, the same in every arm
+            fail(f'arm {spec!r}: write it NAME:key=value,... (NAME: alone for the config as it is)')
         if not re.fullmatch(r'[A-Za-z0-9_]+', name) or name in arms:
             fail(f'arm {spec!r}: give each arm its own name of letters, digits and _, then :key=value,...')
         pairs = [kv for kv in settings.split(',') if kv]
@@ -155,13 +166,16 @@ def interval(values):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = one_line_errors(argparse.ArgumentParser(description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument('--config', help='the train_bio.py config every arm uses')
-    parser.add_argument('--seeds', type=int, default=3, help='seeds 1337, 1338, ... (one run per arm, rate and seed)')
+    parser.add_argument('--seeds', type=ruled(int, '>= 1'), default=3,
+                        help='seeds 1337, 1338, ... (one run per arm, rate and seed)')
     parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='more train_bio.py settings')
     parser.add_argument('--arms', nargs='+', default=DEFAULT_ARMS, metavar='NAME:KEY=VALUE,...',
                         help='the arms; the last one is the baseline (default: bio vs gelu)')
-    parser.add_argument('--lrs', nargs='+', type=float, metavar='LR', help="learning rates to sweep for every arm")
+    parser.add_argument('--lrs', nargs='+', type=ruled(float, '> 0'), metavar='LR',
+                        help='learning rates to sweep for every arm')
     parser.add_argument('--runs_dir', default='runs-compare')
     parser.add_argument('--tabulate', action='store_true', help='only report the runs already in --runs_dir')
     parser.add_argument('--out_dir', default=None, help='where the tables and plots go (default: --runs_dir)')
@@ -169,6 +183,8 @@ def main():
     out_dir = args.out_dir or args.runs_dir
     arms = parse_arms(args.arms)
     baseline = list(arms)[-1]
+    for flag, path in (('--runs_dir', args.runs_dir), ('--out_dir', out_dir)):
+        check_folder(flag, path)  # now, not once the training is done
 
     if not args.tabulate:
         if not args.config or not os.path.isfile(args.config):
@@ -176,13 +192,16 @@ def main():
         for kv in args.set:
             if '=' not in kv:
                 fail(f'--set takes key=value pairs, got {kv!r}')
-        if args.seeds < 1 or not all(0 < lr < math.inf for lr in args.lrs or []):
-            fail('--seeds must be at least 1 and every --lrs value a number above 0')
+        resolved = {}
         for name, arm_settings in arms.items():  # a mistake in any arm stops the comparison before it trains
             configured = resolve([args.config, *[f'--{kv}' for kv in args.set], *arm_settings])
             if args.lrs and not configured['learning_rate'] > 0:
                 fail(f"arm {name}: --lrs scales the config's rates by its learning_rate, which is "
                      f"{configured['learning_rate']}")
+            twin = next((other for other, settings in resolved.items() if settings == configured), None)
+            if twin:
+                fail(f'arms {twin} and {name} train with the same settings; give each arm a setting of its own')
+            resolved[name] = configured
         for seed in range(1337, 1337 + args.seeds):
             for lr in args.lrs or [None]:
                 for arm, arm_settings in arms.items():

@@ -10,6 +10,7 @@ loss is starred. Writes loss_by_iter.png, loss_by_tokens.png and loss_summary.js
 per run the best val loss and its iter, the last eval's val loss, the last logged iter, the last
 training line's loss and the last logged token count (the val entries are null for a run without
 evals). Lines that are not JSON, like the torn last line of a crashed run, are skipped.
+--out_dir defaults to analysis_out/loss. A bad argument is one 'error: ' line and exit status 2.
 """
 import argparse
 import json
@@ -24,7 +25,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_log  # noqa: E402
-from configurator import fail  # noqa: E402
+from configurator import check_folder, fail, one_line_errors  # noqa: E402
 
 TRAIN_KEYS = {'iter', 'loss', 'tokens'}
 EVAL_KEYS = {'iter', 'train_loss', 'val_loss', 'tokens'}
@@ -91,11 +92,13 @@ def plot(runs, summary, x_key, x_label, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = one_line_errors(argparse.ArgumentParser(description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument('logs', nargs='+', metavar='LOG', help='a log.jsonl, or a run directory holding one')
     parser.add_argument('--labels', nargs='+', help='one name per LOG (default: the run directory name)')
     parser.add_argument('--out_dir', default='analysis_out/loss')
     args = parser.parse_args()
+    check_folder('--out_dir', args.out_dir)
     paths = [log_path(arg) for arg in args.logs]
     if args.labels and len(args.labels) != len(paths):
         fail(f'{len(paths)} LOG arguments but {len(args.labels)} --labels; give one label per LOG, or none')

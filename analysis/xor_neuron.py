@@ -6,9 +6,11 @@ Can one neuron compute XOR? p = sigmoid(a * act(w1*x1 + w2*x2 + b) + c), trained
 A monotone activation (relu, tanh, sigmoid) makes p monotone along w1*x1 + w2*x2, so no setting
 of the weights separates XOR; the oscillating activation sin(omega*z + phi) * tanh(z) + baseline
 rises and falls, so one neuron can. Each seed trains w1, w2, b, a, c (init N(0, 1)) and the
-activation's own parameters with full-batch Adam on binary cross-entropy. Prints, per activation,
-the seeds that classify all four patterns and the mean final accuracy; writes xor.json and
-xor_boundaries.png (p over the input plane) to --out_dir.
+activation's own parameters with full-batch Adam on binary cross-entropy, for each activation:
+oscillating, gelu (not monotone: it dips below 0, which a neuron can exploit), relu, tanh and
+sigmoid. Prints, per activation, the seeds that classify all four patterns and the mean final
+accuracy; writes xor.json and xor_boundaries.png (p over the input plane) to --out_dir (default
+analysis_out/xor). A bad argument is one 'error: ' line and exit status 2.
 """
 import argparse
 import json
@@ -24,7 +26,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from configurator import fail  # noqa: E402
+from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
 from model_bio import oscillate_reference  # noqa: E402
 
 INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
@@ -97,17 +99,19 @@ def boundary_plot(trained, results, path):
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument('--seeds', type=int, default=10)
-    parser.add_argument('--steps', type=int, default=2000)
-    parser.add_argument('--lr', type=float, default=0.05)
+    parser = one_line_errors(argparse.ArgumentParser(description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument('--seeds', type=ruled(int, '>= 1'), default=10)
+    parser.add_argument('--steps', type=ruled(int, '>= 1'), default=2000)
+    parser.add_argument('--lr', type=ruled(float, '> 0'), default=0.05)
     parser.add_argument('--json', help='also write the per-activation results to this file')
     parser.add_argument('--out_dir', default='analysis_out/xor')
     args = parser.parse_args()
-    if args.seeds < 1 or args.steps < 1 or args.lr <= 0:
-        fail('--seeds and --steps must be at least 1 and --lr positive')
     if args.json and not os.path.isdir(os.path.dirname(os.path.abspath(args.json))):
         fail(f'--json {args.json}: its directory does not exist; create it or pick another path')
+    if args.json and os.path.isdir(args.json):
+        fail(f'--json {args.json} is a directory; name a file to write')
+    check_folder('--out_dir', args.out_dir)
     os.makedirs(args.out_dir, exist_ok=True)
     torch.set_num_threads(1)  # the tensors are tiny: extra threads only add hand-off time (8x slower on 2 cores)
 

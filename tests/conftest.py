@@ -1,3 +1,35 @@
+"""
+What the tests share: a scratch copy of the scripts with a tiny dataset (workdir), running a script
+as a user runs it (run_script: a subprocess from that folder), the simulated machines
+(simulated_env), and small checkpoints and hub caches to load.
+
+    python -m pytest tests                  everything, on a CPU (about 10 minutes on 2 cores)
+    python -m pytest tests -m "not slow"    without the tests that take seconds (training runs,
+                                            torchrun, the data scripts), for a quick check while
+                                            editing; it still starts every script once
+
+What a CPU cannot show is simulated in tests/simulated/, loaded at interpreter start
+(sitecustomize.py, which lists every variable) when a test sets one of its variables:
+  SIMULATED_GPUS="NVIDIA GeForce RTX 3070" (or two names): torch reports that many CUDA devices,
+      their names, capabilities and bf16 support, and validates set_device as torch does; the first
+      real CUDA tensor stops the process with the file and line that made it. Every script must get
+      that far: device setup, dtype choice, MFU peak, and torchrun's per-process GPUs.
+  SIMULATED_HUB=hub.json: datasets.load_dataset behaves as datasets >= 4 does with hub names
+      (refusing loading scripts, serving converted Parquet files from local copies).
+  SIMULATED_OOM_AFTER=N, SIMULATED_NAN_LOSSES=3,4: a CUDA out-of-memory error or NaN losses at
+      chosen points of a run.
+  SIMULATED_MISSING=lion_pytorch,bitsandbytes: those packages are not installed.
+  SIMULATED_HUB_UPLOADS=folder: export_hub.py --push_to_hub uploads into that folder.
+
+Hub names are tested with a patched hf_hub_download (in-process) and, for the scripts, with the real
+huggingface_hub reading a cache laid out as it lays one out, under HF_HUB_OFFLINE=1.
+tests/test_web_chat_browser.py drives the web chat with the keyboard in headless Chromium through
+Playwright (.ci/run installs both; the test is skipped where either is missing).
+test_settings.py and test_script_arguments.py give every script the mistakes a user makes (one
+'error: ' line, exit 2, nothing written); test_hostile_files.py gives the loaders cut-short,
+garbled and crafted checkpoints, exported folders and meta.pkl files.
+"""
+
 import json
 import os
 import pickle

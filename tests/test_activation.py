@@ -12,8 +12,8 @@ import torch
 
 import model_bio
 from bench_bio import saved_bytes
-from conftest import REPO
-from model_bio import GPT, GPTConfig, Oscillate, oscillate, oscillate_reference
+from conftest import REPO, message_lines, run_script, simulated_env
+from model_bio import GPT, BioMLP, GPTConfig, Oscillate, oscillate, oscillate_reference
 
 N = 8  # hidden neurons
 
@@ -147,20 +147,113 @@ def test_auto_falls_back_when_the_fused_kernel_cannot_compile(monkeypatch, capsy
     assert (torch._inductor.config.fx_graph_cache, torch._inductor.config.cpp.cxx) == settings
 
 
-@pytest.mark.parametrize('failing', ['forward', 'backward'])
-def test_an_error_in_running_the_fused_kernel_surfaces_as_itself(monkeypatch, failing):
-    # out of memory (or a device fault) after the kernel compiled is not a reason to stop fusing
-    def out_of_memory(*args):
-        raise torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+@pytest.fixture
+def no_kernels_yet(monkeypatch):
+    """As at the start of a run: no fused kernel made or tried yet (monkeypatch puts the module's back)."""
+    monkeypatch.setattr(model_bio, 'fused_kernels', {})
 
-    kernels = {'forward': model_bio.oscillate_forward_math, 'backward': model_bio.oscillate_backward_math}
-    kernels[failing] = out_of_memory
-    monkeypatch.setattr(model_bio, 'fused_kernels', dict(kernels))
+
+def failing_compile(fails_in):
+    """A torch.compile that fails where fusing cannot work: in the call itself ('compile', as on a Python
+    that Dynamo does not support), or in the first call of the 'forward' or 'backward' kernel."""
+    def broken(*args, **kwargs):
+        raise RuntimeError('Dynamo is not supported on Python 3.14+')
+
+    def compile(fn, **kwargs):
+        if fails_in == 'compile':
+            broken()
+        return broken if fn is model_bio.OSCILLATE_MATH[fails_in] else fn
+    return compile
+
+
+def bio_mlp_step(impl, monkeypatch):
+    """Output and gradients of a training forward+backward of a sparse-gated bio MLP whose activation
+    is large enough (FUSE_MIN_ELEMENTS) for 'auto' to fuse."""
+    monkeypatch.setattr(model_bio, 'OSCILLATION_IMPL', impl)
+    torch.manual_seed(0)
+    mlp = BioMLP(GPTConfig(n_embd=32, use_bio_mlp=True, use_sparse_gate=True))
+    out = mlp(torch.randn(model_bio.FUSE_MIN_ELEMENTS // (4 * 32), 32))
+    out.square().sum().backward()
+    return out.detach(), {name: p.grad for name, p in mlp.named_parameters()}
+
+
+@pytest.mark.parametrize('fails_in', ['compile', 'forward', 'backward'])
+def test_auto_falls_back_on_any_failure_to_make_or_first_run_a_kernel(fails_in, no_kernels_yet, monkeypatch, capsys):
+    ref_out, ref_grads = bio_mlp_step('function', monkeypatch)
+    monkeypatch.setattr(torch, 'compile', failing_compile(fails_in))
+    out, grads = bio_mlp_step('auto', monkeypatch)
+    assert capsys.readouterr().err == ('note: the fused oscillation kernel does not compile here (RuntimeError: '
+                                       'Dynamo is not supported on Python 3.14+); using the unfused one\n')
+    assert model_bio.fused_kernels == {'forward': False, 'backward': False}  # and it does not try again
+    torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+    for name in ref_grads:
+        torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0, msg=name)
+
+
+@pytest.mark.parametrize('fails_in', ['compile', 'forward', 'backward'])
+def test_fused_asked_for_by_name_raises_instead_of_falling_back(fails_in, no_kernels_yet, monkeypatch):
+    monkeypatch.setattr(torch, 'compile', failing_compile(fails_in))
+    with pytest.raises(RuntimeError, match='Dynamo is not supported'):
+        bio_mlp_step('fused', monkeypatch)
+
+
+def failing_after_first_run(failing, error):
+    """A torch.compile whose kernels run the maths, the 'forward' or 'backward' one raising error from
+    its second call on (its first, which compiles it, works)."""
+    def compile(fn, **kwargs):
+        calls = []
+
+        def kernel(*args):
+            calls.append(1)
+            if fn is model_bio.OSCILLATE_MATH[failing] and len(calls) > 1:
+                raise error
+            return fn(*args)
+        return kernel
+    return compile
+
+
+@pytest.mark.parametrize('failing', ['forward', 'backward'])
+def test_an_error_after_the_kernel_has_run_surfaces_as_itself(failing, no_kernels_yet, monkeypatch, capsys):
+    # out of memory (or a device fault) once the kernel has worked is not a reason to stop fusing
+    error = torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
+    monkeypatch.setattr(torch, 'compile', failing_after_first_run(failing, error))
     monkeypatch.setattr(model_bio, 'FUSE_MIN_ELEMENTS', 0)
     x = torch.randn(4, N, requires_grad=True)
+    oscillate(x, *params(torch.float32)).sum().backward()  # each kernel's first run works
+    kernels = dict(model_bio.fused_kernels)
     with pytest.raises(torch.OutOfMemoryError):
         oscillate(x, *params(torch.float32)).sum().backward()
-    assert model_bio.fused_kernels == kernels  # still fusing
+    assert model_bio.fused_kernels == kernels and all(kernels.values())  # still fusing
+    assert capsys.readouterr().err == ''
+
+
+@pytest.mark.parametrize('failing', ['forward', 'backward'])
+def test_auto_falls_back_when_a_recompile_fails_after_the_kernel_has_run(failing, no_kernels_yet, monkeypatch,
+                                                                          capsys):
+    # Dynamo recompiles a kernel whose guards fail (a new dtype under autocast, requires_grad differing
+    # between frozen and trained blocks); inductor failing then (here: no C++ compiler) is torch.compile's
+    # failure like one at the first call, not the run's
+    import torch._dynamo.exc
+    import torch._inductor.exc
+    error = torch._dynamo.exc.BackendCompilerFailed(model_bio.OSCILLATE_MATH[failing],
+                                                    torch._inductor.exc.InvalidCxxCompiler(), None)
+    monkeypatch.setattr(torch, 'compile', failing_after_first_run(failing, error))
+    monkeypatch.setattr(model_bio, 'FUSE_MIN_ELEMENTS', 0)
+    x = torch.randn(64, N)
+    ps = params(torch.float32, gate=True)
+    upstream = torch.randn(64, N)
+    ref_out, ref_grads = grads_of(unfused, x, ps, upstream, threshold=0.25)
+    grads_of(oscillate, x, ps, upstream, threshold=0.25)  # each kernel's first run works
+    assert all(model_bio.fused_kernels.values())
+    for _ in range(2):  # the failing call falls back, and so do later ones
+        out, grads = grads_of(oscillate, x, ps, upstream, threshold=0.25)
+        torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
+        for g, ref in zip(grads, ref_grads):
+            torch.testing.assert_close(g, ref, rtol=0, atol=0)
+    assert model_bio.fused_kernels == {'forward': False, 'backward': False}
+    assert capsys.readouterr().err == ("note: the fused oscillation kernel does not compile here "
+                                       f"(BackendCompilerFailed: backend='oscillate_{failing}_math' raised:); "
+                                       "using the unfused one\n")
 
 
 @pytest.mark.slow
@@ -189,3 +282,19 @@ def test_auto_fuses_only_activations_large_enough_to_repay_compiling(monkeypatch
     with open(os.path.join(REPO, 'config_shakespeare_char_cpu.py')) as f:
         exec(f.read(), quick_start)
     assert quick_start['batch_size'] * quick_start['block_size'] * 4 * quick_start['n_embd'] >= model_bio.FUSE_MIN_ELEMENTS
+
+
+@pytest.mark.slow
+def test_training_falls_back_where_torch_compile_is_not_supported(workdir):
+    # as on Python 3.14 with torch < 2.10, where torch.compile itself raises a RuntimeError; the quick
+    # start must train on with the unfused kernel (tests/simulated/simulated_faults.py)
+    env = simulated_env(SIMULATED_COMPILE_UNSUPPORTED=1)
+    # batch x block x 4 n_embd = 8 x 32 x 512 = 2**17 activations: large enough for 'auto' to fuse
+    proc = run_script(workdir, 'train_bio.py', '--device=cpu', '--dtype=float32', '--dataset=tiny', '--n_layer=1',
+                      '--n_head=2', '--n_embd=128', '--batch_size=8', '--block_size=32',
+                      '--gradient_accumulation_steps=1', '--max_iters=2', '--eval_iters=1', '--eval_interval=100',
+                      '--log_interval=1', '--out_dir=out', env=env)
+    assert 'iter 2: loss ' in proc.stdout
+    assert [line for line in message_lines(proc.stderr) if line.startswith('note: ')] == [
+        'note: the fused oscillation kernel does not compile here (RuntimeError: Dynamo is not supported on '
+        'Python 3.14+); using the unfused one']

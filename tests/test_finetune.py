@@ -11,8 +11,9 @@ import numpy as np
 import pytest
 import tiktoken
 import torch
+import torch.nn.functional as F
 
-from conftest import REPO, message_lines, run_script
+from conftest import REPO, message_lines, read_log, run_script
 from checkpoints import load_model, save_checkpoint
 from model_bio import GPT, GPTConfig
 
@@ -159,3 +160,47 @@ def test_finetune_resume_is_exact(chat_workdir):
     halves = torch.load(chat_workdir / 'halves' / 'ckpt.pt', weights_only=True)['model']
     for name in straight:
         assert torch.equal(straight[name], halves[name]), name
+
+
+# in a training process: the logits and targets of every loss computed with gradients (training's
+# micro-batches, not evaluation's), saved to micro_batches.pt after each
+RECORD_MICRO_BATCHES = '''
+import torch
+import torch.nn.functional as F
+
+cross_entropy, micro_batches = F.cross_entropy, []
+
+
+def recorded(logits, targets, *args, **kwargs):
+    if torch.is_grad_enabled():
+        trained = targets != -1
+        micro_batches.append((logits.detach()[trained], targets[trained]))
+        torch.save(micro_batches, 'micro_batches.pt')
+    return cross_entropy(logits, targets, *args, **kwargs)
+
+
+F.cross_entropy = recorded
+'''
+
+
+@pytest.mark.slow
+def test_the_loss_is_the_mean_over_all_trained_tokens_of_the_iteration(workdir):
+    # replies of 1 to 109 words, one conversation per micro-batch: their trained tokens differ many
+    # times over, so the mean of the micro-batches' means would be a different number
+    records = [{'messages': [{'role': 'user', 'content': f'Question {i}?'},
+                             {'role': 'assistant', 'content': ' '.join(['word'] * (1 + 12 * i))}]} for i in range(10)]
+    prepare_out, _ = prepare(workdir, '--val_fraction=0.2', records=records)
+    os.rename(prepare_out, workdir / 'data' / 'chat')
+    startup = workdir / 'startup'
+    startup.mkdir()
+    (startup / 'sitecustomize.py').write_text(RECORD_MICRO_BATCHES)
+    run_script(workdir, 'finetune_native.py', '--device=cpu', '--dtype=float32', '--dataset=chat', '--n_layer=1',
+               '--n_head=2', '--n_embd=32', '--block_size=128', '--batch_size=1', '--gradient_accumulation_steps=4',
+               '--max_iters=1', '--eval_interval=100', '--eval_conversations=1', '--log_interval=1', '--out_dir=ft',
+               env={**os.environ, 'PYTHONPATH': str(startup)})
+    micro_batches = torch.load(workdir / 'micro_batches.pt', weights_only=True)
+    counts = [len(targets) for _, targets in micro_batches]
+    assert len(counts) == 4 and max(counts) >= 3 * min(counts) > 0
+    logits, targets = (torch.cat(parts) for parts in zip(*micro_batches))
+    loss = next(r['loss'] for r in read_log(workdir / 'ft') if 'loss' in r)
+    assert loss == pytest.approx(F.cross_entropy(logits, targets).item(), rel=1e-5)

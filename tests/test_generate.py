@@ -4,13 +4,16 @@ Generation: the KV cache against full recomputation, the sampling filters, strea
     python -m pytest tests/test_generate.py              (-m "not slow": the quick ones only)
 """
 
+import os
+
 import pytest
 import torch
 import torch.nn.functional as F
 
 import generation
-from conftest import write_original_checkpoint
+from conftest import REPO, write_original_checkpoint
 from checkpoints import load_model, save_checkpoint
+from configurator import allows, declared_rules
 from generation import apply_repetition_penalty, generate_tokens, sample_next_token, stream_text
 from model_bio import GPT, GPTConfig
 
@@ -68,8 +71,14 @@ def test_cached_logits_match_full_forward():
 @pytest.mark.parametrize('positions', POSITIONS)
 def test_one_token_prompt(positions):
     model = sharp_model(**POSITIONS[positions], n_head=4)  # fewer prompt tokens than heads crashed the original
-    tokens = list(generate_tokens(model, [7], 5, temperature=0))
-    assert len(tokens) == 5 and all(0 <= t < 50 for t in tokens)
+    # the penalty keeps greedy decoding from repeating one token, so that a wrong cache would show
+    tokens = list(generate_tokens(model, [7], 8, temperature=0, repetition_penalty=3.0, penalty_window=6))
+    ids = [7]  # the same decoding by hand: the whole text through the model at each step, no cache
+    with torch.no_grad():
+        for _ in range(8):
+            logits = model(torch.tensor([ids]))[0][0, -1]
+            ids.append(int(apply_repetition_penalty(logits, ids[-6:], 3.0).argmax()))
+    assert tokens == ids[1:] and len(set(tokens)) > 5
 
 
 def test_repetition_penalty_lowers_negative_and_positive_logits():
@@ -102,6 +111,30 @@ def test_top_p_keeps_the_nucleus_only():
     seen = {sample_next_token(logits, 1.0, top_p=0.7, generator=generator) for _ in range(300)}
     assert seen == {0, 1}  # 0.5 + 0.3 covers 0.7; tokens 2 and 3 are outside
     assert sample_next_token(logits, 0) == 0
+
+
+@pytest.mark.parametrize('top_p', [1e-300, 1e-46, 1e-8])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    # 1e-300 and 1e-46 are 0 in float32: every token was masked and torch.multinomial raised
+    logits = torch.log(torch.tensor([0.2, 0.5, 0.3]))
+    generator = torch.Generator().manual_seed(0)
+    assert {sample_next_token(logits, 1.0, top_p=top_p, generator=generator) for _ in range(50)} == {1}
+
+
+@pytest.mark.parametrize('script', ['sample_bio.py', 'chat.py'])
+def test_every_repetition_penalty_a_script_allows_keeps_the_probabilities_finite(script):
+    # 1e-320 and 1e300 are 0 and inf in float32, and turned the penalised logits into inf or NaN
+    rule = declared_rules(os.path.join(REPO, script))['repetition_penalty']
+    allowed = [p for p in (1e-320, 1e-30, 1e-3, 0.01, 0.5, 2.0, 100.0, 1e3, 1e30, 1e300) if allows(rule, p)]
+    assert 0.01 in allowed and 100.0 in allowed  # the ends of the range are among those checked
+    logits = torch.tensor([-150.0, -40.0, -1e-3, 0.0, 1e-3, 30.0, 90.0])  # the size of a model's logits
+    generator = torch.Generator().manual_seed(0)
+    for penalty in allowed:
+        penalised = apply_repetition_penalty(logits.clone(), range(len(logits)), penalty)
+        for temperature in (1e-6, 1.0, 100.0):  # 1e-6: the least temperature that samples rather than takes the argmax
+            probs = F.softmax(penalised / temperature, dim=-1)
+            assert torch.isfinite(probs).all() and float(probs.sum()) == pytest.approx(1.0), (penalty, temperature)
+            assert 0 <= sample_next_token(penalised, temperature, top_p=0.9, generator=generator) < len(logits)
 
 
 def test_stream_text_holds_back_a_possible_stop_and_cuts_before_it():

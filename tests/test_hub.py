@@ -90,6 +90,27 @@ def test_an_exported_model_on_the_hub_is_its_two_files_and_a_bad_one_is_one_line
         assert '\n' not in str(raised.value)
 
 
+def test_an_exported_model_s_config_is_checked_before_its_weights_download(tmp_path, monkeypatch):
+    calls = []
+
+    def download(repo_id, filename, *, revision=None, **kwargs):
+        calls.append(filename)
+        return str(tmp_path / filename)
+
+    monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
+    (tmp_path / 'model.safetensors').write_bytes(b'gigabytes of something else')
+    for config, message in [('{"model_type": "llama"}', "does not describe a WiggleGPT model (its model_type is not 'wigglegpt')"),
+                            ('[1, 2]', "does not describe a WiggleGPT model (its model_type is not 'wigglegpt')"),
+                            ('{"model_type": ', 'is unreadable (JSONDecodeError: Expecting value: line 1 column 16 (char 15)); '
+                                               'export the model again')]:
+        (tmp_path / 'config.json').write_text(config)
+        calls.clear()
+        with pytest.raises(ValueError) as raised:
+            load_model('hf:own/llama', 'cpu')
+        assert str(raised.value) == f'the config.json of hf:own/llama {message}'
+        assert calls == ['config.json']  # the weights are never fetched
+
+
 def library_error(status, code):
     """The exception huggingface_hub itself raises for a hub reply of this status and X-Error-Code."""
     response = httpx2.Response(status, headers={'X-Error-Code': code} if code else {},
@@ -129,8 +150,14 @@ def test_scripts_take_hub_names_through_the_real_library_offline(workdir):
     hub_cache(cache, 'own/wiggle', {'ckpt_pretrain.pt': workdir / 'original.pt'}, revision='v1')
     sample = ['sample_bio.py', '--device=cpu', '--num_samples=1', '--max_new_tokens=8', '--temperature=0', '--start=ab']
     by_path = run_script(workdir, *sample, '--out_dir=.', '--ckpt=original.pt', env=hub_env(cache))
-    by_name = run_script(workdir, *sample, '--ckpt=hf:own/wiggle/ckpt_pretrain.pt@v1', env=hub_env(cache))
-    assert by_name.stdout == by_path.stdout and len(by_name.stdout.split('---')[0].strip()) == 10
+    assert len(by_path.stdout.split('---')[0].strip()) == 10
+    # by name, its dataset is the uploader's: data/tiny/meta.pkl here is not its characters, and not read
+    by_name = run_script(workdir, *sample, '--ckpt=hf:own/wiggle/ckpt_pretrain.pt@v1', env=hub_env(cache), check=False)
+    assert by_name.returncode == 2 and by_name.stdout == ''
+    assert [line for line in message_lines(by_name.stderr) if not line.startswith('note: ')] == [
+        'error: the hub checkpoint has a 50-token vocabulary but does not carry its characters, and a hub '
+        "checkpoint's are never read from data/ here: download the file and pass its local path, with its dataset "
+        'prepared in data/']
 
     run_script(workdir, 'train_bio.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=tuned',
                '--init_from=hf:own/wiggle/ckpt_pretrain.pt@v1', env=hub_env(cache))
@@ -146,6 +173,28 @@ def test_scripts_take_hub_names_through_the_real_library_offline(workdir):
         assert proc.returncode == 2 and 'is not in the local hub cache' in proc.stderr, (args, proc.stderr)
         assert len(message_lines(proc.stderr)) == 1, proc.stderr
     assert not (workdir / 'x').exists()  # nothing made before the download failed
+
+
+@pytest.mark.slow
+def test_exporting_again_keeps_a_card_edited_by_hand_unless_asked(workdir):
+    write_original_checkpoint(workdir / 'original.pt', vocab_size=50)
+    original = torch.load(workdir / 'original.pt', weights_only=True)
+    original['config'] = {'dataset': 'tiny'}  # the tiny dataset's characters decode it
+    torch.save(original, workdir / 'original.pt')
+    export = ['export_hub.py', '--out_dir=.', '--ckpt=original.pt', '--export_dir=exported']
+    run_script(workdir, *export)
+    card = (workdir / 'exported' / 'README.md').read_text()
+    (workdir / 'exported' / 'README.md').write_text('# my model\n\nNotes written by hand.\n')
+    for _ in range(2):  # the second time over a README.new.md from the first
+        proc = run_script(workdir, *export)
+        assert proc.stdout.strip() == ('exported ./original.pt to exported (model.safetensors, config.json, README.new.md); '
+                                       'README.md is kept as it was, the new card is README.new.md '
+                                       '(--overwrite_card=True replaces README.md)')
+        assert (workdir / 'exported' / 'README.md').read_text() == '# my model\n\nNotes written by hand.\n'
+        assert (workdir / 'exported' / 'README.new.md').read_text() == card
+    proc = run_script(workdir, *export, '--overwrite_card=True')
+    assert proc.stdout.strip() == 'exported ./original.pt to exported (model.safetensors, config.json, README.md)'
+    assert (workdir / 'exported' / 'README.md').read_text() == card
 
 
 @pytest.mark.slow
@@ -190,6 +239,11 @@ def test_export_writes_a_hub_folder_that_loads_back_and_pushes_where_asked(workd
     proc = run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=mine', check=False)
     assert proc.returncode == 2 and 'already holds other files (README.md)' in proc.stderr
     assert (workdir / 'mine' / 'README.md').read_text() == 'my notes' and os.listdir(workdir / 'mine') == ['README.md']
+    (workdir / 'deep').mkdir()
+    (workdir / 'deep' / 'config.json').write_text('[' * 100000)  # nested past Python's stack: not an earlier export
+    proc = run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=deep', check=False)
+    assert proc.returncode == 2 and message_lines(proc.stderr) == [
+        'error: deep already holds other files (config.json); export into a new or empty folder (--export_dir=...)']
     with open(workdir / 'run' / 'log.jsonl', 'a') as f:
         f.write('{"iter": 5, "train_lo')  # cut off by a crash: skipped
     run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=exported')
@@ -212,5 +266,8 @@ def test_export_writes_a_hub_folder_that_loads_back_and_pushes_where_asked(workd
     assert calls[1]['folder_path'] == 'push' and 'load it with --ckpt=hf:own/pushed' in proc.stdout
     assert sorted(os.listdir(uploads / 'own' / 'pushed')) == ['README.md', 'config.json', 'model.safetensors']
     assert '--ckpt=hf:own/pushed' in (uploads / 'own' / 'pushed' / 'README.md').read_text()
-    proc = run_script(workdir, 'export_hub.py', '--out_dir=run', '--push_to_hub=justaname', check=False)
-    assert proc.returncode == 2 and 'must name a hub repository as OWNER/REPO' in proc.stderr
+    for name in ('justaname', '/', 'own/', 'own/re po', 'hf:own/repo'):  # refused before anything is written
+        proc = run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=refused', f'--push_to_hub={name}',
+                          check=False)
+        assert proc.returncode == 2 and 'must name a hub repository as OWNER/REPO' in proc.stderr, name
+        assert not (workdir / 'refused').exists(), name

@@ -127,9 +127,6 @@ def test_schedules_at_warmup_end_stable_phase_and_decay_end():
     # a decay that would start inside the warmup starts when the warmup ends
     assert optimizers.scheduled_lr(10, 'wsd', 1.0, 0.0, warmup_iters=10, lr_decay_iters=20, decay_frac=0.9) == 1.0
     assert optimizers.scheduled_lr(15, 'wsd', 1.0, 0.0, warmup_iters=10, lr_decay_iters=20, decay_frac=0.9) == 0.5
-    assert optimizers.check_schedule('linear', 0.2) == "lr_schedule='linear' is not one of cosine, wsd, constant"
-    assert optimizers.check_schedule('wsd', 0.0) == 'decay_frac=0.0 must be in (0, 1]'
-    assert optimizers.check_schedule('cosine', 0.0) is None
 
 
 @pytest.mark.slow
@@ -180,12 +177,6 @@ def test_a_run_keeps_its_optimizer_and_missing_packages_are_one_line(workdir):
                           check=False, env=simulated_env(SIMULATED_MISSING=module))
         assert proc.returncode == 2 and message_lines(proc.stderr) == [
             f'error: optimizer={name} needs the {package} package: pip install {package} (or choose another optimizer)']
-    for args, message in ((['--optimizer=sgd'], "error: optimizer='sgd' is not one of adamw, muon, adafactor, lion, adamw8bit"),
-                          (['--lr_schedule=wsd', '--decay_frac=1.5'], 'error: decay_frac=1.5 must be in (0, 1]'),
-                          (['--optimizer=muon', '--muon_momentum=1.5'],
-                           'error: beta1=0.9, beta2=0.95 and muon_momentum=1.5 must each be in [0, 1)')):
-        proc = run_script(workdir, 'train_bio.py', *GELU, '--max_iters=2', '--out_dir=new', *args, check=False)
-        assert proc.returncode == 2 and message_lines(proc.stderr) == [message], proc.stderr
 
 
 @pytest.mark.slow

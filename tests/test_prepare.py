@@ -269,3 +269,25 @@ def test_training_refuses_files_that_do_not_belong_together(workdir):
         f"error: {data}/val.bin does not belong to the prepared set (manifest.json says 2,000 bytes, it has 1,998); "
         "run python data/tiny/prepare.py again"]
     assert not (workdir / "out").exists()
+
+
+def test_a_manifest_that_is_not_one_is_refused_in_one_line(tmp_path):
+    (tmp_path / "train.bin").write_bytes(b"x" * 4)
+    manifest = tmp_path / "manifest.json"
+    unreadable = f"{manifest} is unreadable (JSONDecodeError); run prepare again"
+    not_text = f"{manifest} is unreadable (UnicodeDecodeError); run prepare again"
+    too_deep = f"{manifest} is unreadable (RecursionError); run prepare again"  # past Python's stack
+    no_files = (f"{manifest} does not list its files (each a name in {tmp_path} with its size in bytes); "
+                "run prepare again")
+    for text, message in [('{"files": {"train.bin": 4', unreadable), ("\xff", not_text), ("{}", no_files),
+                          ("[]", no_files), ('{"files": ["train.bin"]}', no_files),
+                          ('{"files": {"train.bin": "4"}}', no_files), ('{"files": {"train.bin": -4}}', no_files),
+                          ('{"files": {"../train.bin": 4}}', no_files), ('{"files": {"/etc/passwd": 4}}', no_files),
+                          ('{"files": {"sub/train.bin": 4}}', no_files), ('{"files": {"..": 4}}', no_files),
+                          ("[" * 100000, too_deep), ('{"files": ' + "[" * 100000, too_deep)]:
+        manifest.write_text(text, encoding="latin-1")
+        with pytest.raises(ValueError) as raised:
+            prepared_data.check(str(tmp_path), ["train.bin"], "prepare")
+        assert str(raised.value) == message, text
+    manifest.write_text('{"files": {"train.bin": 4}}')
+    assert prepared_data.check(str(tmp_path), ["train.bin"], "prepare") is None

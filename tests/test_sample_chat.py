@@ -4,8 +4,9 @@ sample_bio.py and chat.py run as users run them.
     python -m pytest tests/test_sample_chat.py              (-m "not slow": the quick ones only)
 """
 
-import pytest
 import re
+
+import pytest
 
 from conftest import TINY, message_lines, run_script, write_bpe_checkpoint
 
@@ -115,3 +116,14 @@ def test_chat_commands_and_bad_checkpoints(workdir):
     run_script(workdir, 'train_bio.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out')
     proc = run_script(workdir, 'chat.py', '--out_dir=out', '--device=cpu', check=False, input='hi\n')
     assert proc.returncode != 0 and 'needs a GPT-2 BPE model' in proc.stderr and 'Traceback' not in proc.stderr
+
+
+@pytest.mark.slow
+def test_chat_commands_hold_values_to_the_settings_rules(workdir):
+    # /temp nan was taken (nan < 0 is False) and the next reply crashed in torch.multinomial
+    write_bpe_checkpoint(workdir / 'chat', block_size=64)
+    proc = chat(workdir, ['/temp nan', '/temp inf', '/temp -1', '/topk -1', '/topk 2.5', 'Hi', 'quit'])
+    assert proc.stdout.count('/temp needs a number >= 0 (as --temperature), e.g. /temp 0.7') == 3
+    assert proc.stdout.count('/topk needs a whole number >= 0 (as --top_k), e.g. /topk 50') == 2
+    assert '(temp' not in proc.stdout and '(topk' not in proc.stdout
+    assert proc.stdout.count('WiggleGPT: ') == 1 and 'Traceback' not in proc.stderr

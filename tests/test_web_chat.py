@@ -1,6 +1,8 @@
 """
 chat.py's web page over HTTP: the streamed reply, the history trimmed as the REPL trims it, one
-generation at a time, each bad request's status and reason, and a client leaving mid-reply.
+generation at a time, each bad request's status and reason, a client leaving mid-reply (and one
+only half-closing), the host names answered, the limit on connections, and a few hundred fuzzed
+requests.
 
     python -m pytest tests/test_web_chat.py              (-m "not slow": the quick ones only)
 """
@@ -8,8 +10,11 @@ generation at a time, each bad request's status and reason, and a client leaving
 import http.client
 import json
 import os
+import random
+import resource
 import signal
 import socket
+import struct
 import subprocess
 import sys
 import threading
@@ -21,7 +26,7 @@ import torch
 import web_chat
 from chat_template import chat_turn
 from chatbot import Chatbot
-from conftest import write_bpe_checkpoint
+from conftest import message_lines, write_bpe_checkpoint
 
 SAMPLING = dict(max_new_tokens=12, temperature=0.0, top_k=50, top_p=1.0, repetition_penalty=1.15, penalty_window=64)
 
@@ -50,13 +55,25 @@ def bot(tmp_path_factory):
 
 
 @pytest.fixture
-def server(bot):
-    server = web_chat.make_server(bot, torch.Generator().manual_seed(0), SAMPLING, '', '127.0.0.1', 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    server.server_close()
+def start(bot):
+    """start(host, allowed_hosts): a server of the chat serving in a thread, stopped after the test."""
+    servers = []
+
+    def start(host='127.0.0.1', allowed_hosts=''):
+        server = web_chat.make_server(bot, torch.Generator().manual_seed(0), SAMPLING, '', host, 0, allowed_hosts)
+        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # quick to shut down
+        servers.append(server)
+        return server
+
+    yield start
+    for server in servers:
+        server.shutdown()
+        server.server_close()
+
+
+@pytest.fixture
+def server(start):
+    return start()
 
 
 @pytest.fixture
@@ -77,7 +94,56 @@ def post(server, body, headers=None):
 
 
 def events(response):
-    return [json.loads(line) for line in response.read().decode().splitlines()]
+    return stream_events(response.read().decode())
+
+
+def stream_events(text):
+    """The events of a 200 reply (blank lines are the server's checks that a client is still there)."""
+    return [json.loads(line) for line in text.splitlines() if line.strip()]
+
+
+def exchange(server, body=b'', headers=None, line=b'POST /chat HTTP/1.1', half_close=True):
+    """A request sent as raw bytes: line, the server's Host, Content-Type: application/json, the body's
+    Content-Length and body, each header replaced by headers (str or bytes; None leaves it out), then the
+    client half-closes (it sends nothing more, which must not stop a reply). Returns (status, headers, text)
+    once the server closes; status None where no HTTP answer came."""
+    host, port = server.server_address[:2]
+    fields = {'Host': f'{web_chat.bracketed(host)}:{port}', 'Content-Type': 'application/json',
+              'Content-Length': str(len(body)), **(headers or {})}
+    head = [line] + [name.encode() + b': ' + (value if isinstance(value, bytes) else value.encode())
+                     for name, value in fields.items() if value is not None]
+    with socket.create_connection((host, port), timeout=10) as s:
+        try:  # the server may refuse and close before it has read all of a long request
+            s.sendall(b'\r\n'.join(head) + b'\r\n\r\n' + body)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+        except OSError:
+            pass
+        return parse_answer(s.makefile('rb').read())
+
+
+def parse_answer(answer):
+    """(status, {lower-case header: value}, body text) of an HTTP answer; (None, {}, text) for no answer."""
+    head, _, body = answer.partition(b'\r\n\r\n')
+    lines = head.decode('latin-1').split('\r\n')
+    if not lines[0].startswith('HTTP/1.0 '):
+        return None, {}, answer.decode(errors='replace')
+    fields = dict(line.partition(': ')[::2] for line in lines[1:])
+    return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, body.decode()
+
+
+def error_of(text):
+    """The reason of a one-line JSON error, asserting that text is one."""
+    assert text.endswith('\n') and text.count('\n') == 1, text
+    return json.loads(text)['error']
+
+
+def wait_idle(server):
+    """Wait until every connection's handler has finished (and said what it would on stderr)."""
+    for _ in range(web_chat.MAX_CONNECTIONS):
+        assert server.slots.acquire(timeout=10)
+    for _ in range(web_chat.MAX_CONNECTIONS):
+        server.slots.release()
 
 
 def test_the_page_is_served_with_the_chat_settings(server):
@@ -168,16 +234,22 @@ def test_a_long_history_is_trimmed_in_linear_time(bot):
     assert len(bot.encode(longer)) + bot.reply_room(SAMPLING['max_new_tokens']) > bot.block_size  # one more would not fit
 
 
-def test_a_failing_model_ends_the_reply_with_a_one_line_error_and_the_server_goes_on(server, bot, monkeypatch):
+@pytest.mark.parametrize('error, line', [
+    (RuntimeError('probability tensor contains either inf, nan or element < 0\nmore'),
+     'RuntimeError: probability tensor contains either inf, nan or element < 0'),
+    (MemoryError(), 'MemoryError'),  # no message: the type alone, not 'MemoryError: '
+])
+def test_a_failing_model_ends_the_reply_with_a_one_line_error_and_the_server_goes_on(server, bot, monkeypatch,
+                                                                                    error, line):
     def broken(*args, **kwargs):
-        raise RuntimeError('probability tensor contains either inf, nan or element < 0')
+        raise error
         yield
 
     with monkeypatch.context() as patched:
         patched.setattr(bot, 'reply', broken)
         _, response = post(server, {'message': 'hi'})
         got = events(response)
-    assert got == [{'error': 'the reply failed (RuntimeError: probability tensor contains either inf, nan or element < 0)'}]
+    assert got == [{'error': f'the reply failed ({line})'}]
     _, response = post(server, {'message': 'hi'})
     assert events(response)[-1]['done']
 
@@ -210,7 +282,7 @@ def test_a_client_that_leaves_stops_its_reply(server, gate):
     (b'{"message": "hi", "temperature": 1e400}', {}, 400, 'temperature must be in [0, 100]'),
     (b'{"message": "hi", "temperature": NaN}', {}, 400, 'NaN is not a number JSON allows'),
     ({'message': 'hi'}, {'Content-Type': 'text/plain'}, 415, 'with Content-Type: application/json'),
-    ({'message': 'hi'}, {'Host': 'evil.example:80'}, 403, 'answers requests to http://127.0.0.1:'),
+    ({'message': 'hi'}, {'Host': 'evil.example:80'}, 403, "does not answer to the host 'evil.example:80'"),
     ({'message': 'hi', 'history': [['only one']]}, {}, 400, 'history must be a list of [user text, reply] pairs'),
 ])
 def test_bad_requests_get_a_4xx_and_a_one_line_reason(server, gate, body, headers, status, reason):
@@ -221,20 +293,247 @@ def test_bad_requests_get_a_4xx_and_a_one_line_reason(server, gate, body, header
     assert gate.calls == 0  # nothing was generated
 
 
-def test_requests_without_a_length_or_to_unknown_places_are_refused(server):
-    host = f'Host: 127.0.0.1:{server.server_address[1]}\r\n'.encode()
-    for head, status, reason in [(b'', 411, 'needs a Content-Length header'),
-                                 (b'Content-Length: 12x\r\n', 400, "Content-Length '12x' is not a number"),
-                                 (b'Content-Length: 999999999\r\n', 413, f'at most {web_chat.MAX_BODY} are read')]:
-        with socket.create_connection(server.server_address[:2], timeout=30) as s:
-            s.sendall(b'POST /chat HTTP/1.1\r\n' + host + b'Content-Type: application/json\r\n' + head + b'\r\n')
-            reply = s.makefile('rb').read().decode()
-        assert reply.startswith(f'HTTP/1.0 {status}') and reason in reply.splitlines()[-1], reply
-    for method, path, status in [('GET', '/nope', 404), ('POST', '/other', 404)]:
-        connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
-        connection.request(method, path, b'{}')
-        response = connection.getresponse()
-        assert response.status == status and 'error' in json.loads(response.read())
+@pytest.mark.parametrize('line, headers, body, status, reason', [
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': None}, b'', 411, 'the request needs a Content-Length header',
+                 id='no-length'),
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '12x'}, b'', 400, "Content-Length '12x' is not a number of bytes",
+                 id='length-12x'),
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': b'\xb2'}, b'', 400,
+                 "Content-Length '\u00b2' is not a number of bytes", id='length-superscript-2'),
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '-1'}, b'', 400, "Content-Length '-1' is not a number of bytes",
+                 id='length-negative'),
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '999999999'}, b'', 413,
+                 f'the body is too long: at most {web_chat.MAX_BODY} bytes are read', id='length-too-long'),
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '9' * 5000}, b'', 413,
+                 f'the body is too long: at most {web_chat.MAX_BODY} bytes are read', id='length-5000-digits'),
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '20'}, b'{"message": "hi"', 400,
+                 'the body ended after 16 of its 20 bytes', id='body-shorter-than-its-length'),
+    pytest.param(b'POST /chat HTTP/1.1', {}, b'[' * 200000, 400, 'the body is nested too deeply to read', id='nested-body'),
+    pytest.param(b'POST /chat HTTP/1.1', {}, b'{"message": "hi", "top_k": ' + b'[' * 5000 + b']' * 5000 + b'}', 400,
+                 'the body is nested too deeply to read', id='nested-setting'),
+    pytest.param(b'GET /nope HTTP/1.1', {}, b'', 404, 'no page /nope; the chat is at /', id='no-page'),
+    pytest.param(b'POST /other HTTP/1.1', {}, b'{}', 404, 'no route /other; messages go to POST /chat', id='no-route'),
+    pytest.param(b'GET / HTTP/1.1', {'Host': 'evil.example'}, b'', 403, "does not answer to the host 'evil.example'",
+                 id='foreign-host'),
+    # http.server's own refusals come in the same form
+    pytest.param(b'BREW /chat HTTP/1.1', {}, b'', 501, "Unsupported method ('BREW')", id='unknown-method'),
+    pytest.param(b'POST /chat HTTP/1.1', {f'X-{i}': 'x' for i in range(101)}, b'', 431, 'Too many headers',
+                 id='too-many-headers'),
+])
+def test_malformed_requests_get_a_4xx_and_a_one_line_reason(server, gate, line, headers, body, status, reason):
+    got, _, text = exchange(server, body, headers, line)
+    assert got == status and reason in error_of(text), text
+    assert gate.calls == 0
+
+
+def test_a_body_that_does_not_come_gets_a_408(server, monkeypatch):
+    monkeypatch.setattr(web_chat.ChatHandler, 'timeout', 0.3)
+    status, _, text = exchange(server, b'', {'Content-Length': '10'}, half_close=False)
+    assert status == 408 and error_of(text) == 'the body did not arrive within 0.3 s'
+
+
+@pytest.mark.parametrize('system, message, what', [('word ' * 130, 'hi', 'system prompt'),
+                                                   ('Be brief.', 'word ' * 130, 'message')], ids=['system', 'message'])
+def test_a_conversation_too_long_for_the_context_names_what_is_too_long(server, bot, gate, system, message, what):
+    _, response = post(server, {'message': message, 'system': system})
+    room, context = bot.reply_room(SAMPLING['max_new_tokens']), bot.block_size
+    alone = bot.prompt(system, [], '' if what == 'system prompt' else message.strip(), SAMPLING['max_new_tokens'])[0]
+    over = len(bot.encode(alone)) + room - context
+    beside = {'system prompt': 'a message', 'message': 'the system prompt'}[what]
+    assert response.status == 413 and error_of(response.read().decode()) == (
+        f'the {what} is {over} tokens too long: with {beside} and {room} tokens kept for the reply it must fit '
+        f"the model's context of {context}")
+    assert gate.calls == 0
+
+
+@pytest.mark.parametrize('host, allowed_hosts, header, status', [
+    ('127.0.0.1', '', '127.0.0.1:{port}', 200),
+    ('127.0.0.1', '', 'localhost:{port}', 200),
+    ('127.0.0.1', '', 'LocalHost:{port}', 200),
+    ('127.0.0.1', '', '[::1]:{port}', 200),
+    ('127.0.0.1', '', f'{socket.gethostname()}:{{port}}', 200),
+    ('127.0.0.1', '', 'evil.example:{port}', 403),
+    ('127.0.0.1', '', '127.0.0.1', 403),  # the port may be left out on port 80 only
+    ('127.0.0.1', '', 'localhost:1', 403),
+    ('127.0.0.1', '', None, 403),
+    ('127.0.0.1', 'chat.lan, Box.LAN', 'box.lan:{port}', 200),
+    ('0.0.0.0', '', 'evil.example:{port}', 403),  # any host used to be answered off loopback
+    ('0.0.0.0', '', '0.0.0.0:{port}', 200),
+    ('0.0.0.0', '', 'localhost:{port}', 200),
+    ('0.0.0.0', 'chat.lan', 'chat.lan:{port}', 200),
+    ('0.0.0.0', 'chat.lan', 'chat.lan.evil.example:{port}', 403),
+    ('127.0.0.1', '::2, [FE80::1]', '[fe80::1]:{port}', 200),  # IPv6 literals, bracketed or not
+    ('127.0.0.1', '::2, [FE80::1]', '[::2]:{port}', 200),
+])
+def test_only_requests_to_the_servers_own_names_are_answered(start, host, allowed_hosts, header, status):
+    """DNS rebinding (another site's name pointed at this machine) is refused on every address."""
+    server = start(host, allowed_hosts)
+    port = server.server_address[1]
+    got, _, text = exchange(server, headers={'Host': header and header.format(port=port)}, line=b'GET / HTTP/1.1')
+    assert got == status, text
+    if status == 403:
+        assert 'does not answer to the host' in error_of(text)
+
+
+@pytest.mark.parametrize('host, allowed_hosts, message', [
+    ('', '', '--host is empty; give the address to listen on'),  # '' listened on every interface
+    ('127.0.0.1', 'name:8000', "--allowed_hosts names 'name:8000': give host names or addresses alone"),
+    ('127.0.0.1', 'box.lan, 192.168.1.5:80', "--allowed_hosts names '192.168.1.5:80'"),
+    ('127.0.0.1', '[::1]:8000', "--allowed_hosts names '[::1]:8000'"),
+    ('127.0.0.1', 'box.lan/chat', "--allowed_hosts names 'box.lan/chat'"),
+])
+def test_an_empty_host_or_an_allowed_host_with_a_port_is_refused_in_one_line(bot, host, allowed_hosts, message):
+    with pytest.raises(ValueError) as e:  # name:8000 used to become [name:8000]:8000, which nothing matches
+        web_chat.make_server(bot, None, SAMPLING, '', host, 0, allowed_hosts)
+    assert str(e.value).startswith(message) and '\n' not in str(e.value), str(e.value)
+
+
+def test_on_port_80_a_host_may_come_without_its_port():
+    assert {'127.0.0.1', 'localhost:80', '[::1]'} <= web_chat.host_names(['127.0.0.1'], 80, [])
+    assert '127.0.0.1' not in web_chat.host_names(['127.0.0.1'], 8080, [])
+
+
+def test_the_server_listens_on_ipv6(start):
+    if not socket.has_ipv6:
+        pytest.skip('no IPv6 on this machine')
+    server = start('::1')
+    status, _, text = exchange(server, json.dumps({'message': 'hi'}).encode())
+    assert server.address_family == socket.AF_INET6 and status == 200 and stream_events(text)[-1]['done']
+
+
+def test_a_host_that_cannot_be_listened_on_is_named_as_the_trouble(bot):
+    taken = socket.socket()
+    taken.bind(('127.0.0.1', 0))
+    taken.listen()
+    port = taken.getsockname()[1]
+    for host, port, message in [
+        ('no-such-host.invalid', 0, 'cannot listen on no-such-host.invalid ('),
+        ('192.0.2.1', 0, 'cannot listen on 192.0.2.1 (Cannot assign requested address); --host must be an address'),
+        ('127.0.0.1', port, f'cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port')]:
+        with pytest.raises(ValueError) as e:
+            web_chat.make_server(bot, None, SAMPLING, '', host, port)
+        assert str(e.value).startswith(message) and ('--port' in str(e.value)) == (host == '127.0.0.1'), str(e.value)
+    taken.close()
+
+
+def test_no_other_site_may_frame_the_page_or_any_answer(server):
+    for line, body in [(b'GET / HTTP/1.1', b''), (b'GET /nope HTTP/1.1', b''), (b'POST /chat HTTP/1.1', b'{"message": "hi"}')]:
+        status, fields, _ = exchange(server, body, line=line)
+        assert fields['x-frame-options'] == 'DENY' and fields['content-security-policy'] == "frame-ancestors 'none'", status
+
+
+def test_connections_past_the_limit_get_a_503_at_once_and_the_server_recovers(server):
+    address = server.server_address[:2]
+    idle = [socket.create_connection(address, timeout=10) for _ in range(web_chat.MAX_CONNECTIONS)]
+    try:
+        with socket.create_connection(address, timeout=5) as extra:
+            status, fields, text = parse_answer(extra.makefile('rb').read())
+        assert status == 503 and 'connections are open' in error_of(text) and fields['x-frame-options'] == 'DENY'
+    finally:
+        for connection in idle:
+            connection.close()
+    wait_idle(server)
+    _, response = post(server, {'message': 'hi'})
+    assert events(response)[-1]['done']
+
+
+def test_a_reply_is_served_past_file_descriptor_1023(server):
+    """select.select() refuses descriptors past 1023: on a busy machine every reply failed."""
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2048:
+        pytest.skip(f'at most {hard} files may be open')
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2048), hard))
+    fillers = [os.open(os.devnull, os.O_RDONLY) for _ in range(1024)]  # every descriptor below 1024 is taken
+    try:
+        assert fillers[-1] > 1023
+        _, response = post(server, {'message': 'hi'})
+        assert events(response)[-1]['done']
+    finally:
+        for fd in fillers:
+            os.close(fd)
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_a_client_that_half_closes_still_gets_its_reply(server):
+    """shutdown(SHUT_WR) after the request says the client sends nothing more, not that it stopped reading."""
+    status, _, text = exchange(server, json.dumps({'message': 'hi'}).encode())
+    got = stream_events(text)
+    assert status == 200 and got[-1]['done'] and [e for e in got if 'piece' in e]
+
+
+def test_a_client_gone_before_its_error_line_leaves_no_traceback(server, monkeypatch, capsys):
+    left = threading.Event()
+
+    def refused_after_the_client_left(handler):
+        assert left.wait(10)
+        raise web_chat.RequestError(400, 'too late')
+
+    monkeypatch.setattr(web_chat, 'read_request', refused_after_the_client_left)
+    with socket.create_connection(server.server_address[:2], timeout=10) as s:
+        s.sendall(b'POST /chat HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n' % server.server_address[1])
+        s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))  # closed with a reset
+    time.sleep(0.1)
+    left.set()
+    wait_idle(server)
+    assert 'Traceback' not in capsys.readouterr().err
+
+
+def fuzzed_requests(rng):
+    """A few hundred requests (headers, body), each a good one with one thing broken: a body truncated,
+    its bytes flipped, a setting of the wrong type, nesting past any limit, or an odd Content-Length,
+    Content-Type or Host."""
+    good = [{'message': 'hi'}, {'message': 'Hello there', 'history': [['a', 'b']], 'system': 'Be brief.',
+                                'temperature': 0.5, 'top_k': 3}]
+    odd_values = [None, True, 0, -1, 2 ** 70, 1e308, '', 'x', '\ud800', [], {}, [[]], [['a']], [['a', 1]], {'a': 1}]
+    odd_lengths = [b'', b' ', b'-1', b'+5', b'0x10', b'1e3', b'\xb2', b'\xd9\xa1', b'9' * 5000, b'99999999999', b'5, 5']
+    odd_types = [b'text/plain', b'', b'application/JSON', b'application/json; charset=latin-1', b'multipart/form-data']
+    odd_hosts = [b'', b'evil.example', b'localhost', b'localhost:0', b'[::1', b'\xff\xfe', b'x' * 5000, b'localhost.:1']
+    for _ in range(300):
+        body, headers = json.dumps(rng.choice(good)).encode(), {}
+        kind = rng.randrange(9)
+        if kind == 0:
+            body = body[:rng.randrange(len(body))]
+        elif kind == 1:
+            headers['Content-Length'] = str(len(body) + rng.randrange(1, 9))  # promises more than comes
+        elif kind == 2:
+            flipped = bytearray(body)
+            for _ in range(rng.randrange(1, 4)):
+                flipped[rng.randrange(len(flipped))] ^= 1 << rng.randrange(8)
+            body = bytes(flipped)
+        elif kind == 3:
+            fields = json.loads(body)
+            fields[rng.choice([*fields, 'extra'])] = rng.choice(odd_values)
+            body = json.dumps(fields).encode()
+        elif kind == 4:
+            depth = rng.choice([10, 900, 5000, 100000])
+            body = rng.choice([b'[' * depth, b'{"message": "hi", "history": ' + b'[' * depth + b']' * depth + b'}'])
+        elif kind == 5:
+            headers['Content-Length'] = rng.choice(odd_lengths + [str(rng.randrange(len(body)))])
+        elif kind == 6:
+            headers['Content-Type'] = rng.choice(odd_types)
+        elif kind == 7:
+            headers['Host'] = rng.choice(odd_hosts)
+        else:
+            body = rng.randbytes(rng.randrange(64))
+        yield headers, body
+
+
+def test_fuzzed_requests_get_a_4xx_line_or_a_reply_and_no_traceback(server, monkeypatch, tmp_path, capsys):
+    monkeypatch.chdir(tmp_path)
+    answers = {}
+    for headers, body in fuzzed_requests(random.Random(0)):
+        status, _, text = exchange(server, body, headers)
+        answers[status] = answers.get(status, 0) + 1
+        if status == 200:
+            got = stream_events(text)
+            assert all({'piece', 'dropped'} & set(e) for e in got[:-1]) and ('done' in got[-1] or 'error' in got[-1])
+        else:
+            assert status in range(400, 500) and error_of(text), (headers, body[:80], text)
+    assert answers[200] and len(answers) > 4  # both kinds of answer, and several refusals, were seen
+    _, response = post(server, {'message': 'still there?'})
+    assert events(response)[-1]['done']
+    wait_idle(server)
+    assert 'Traceback' not in capsys.readouterr().err and os.listdir(tmp_path) == []
 
 
 @pytest.mark.slow
@@ -263,8 +562,12 @@ def test_chat_py_serves_the_page_on_localhost_and_stops_on_ctrl_c(tmp_path):
     taken = socket.socket()
     taken.bind(('127.0.0.1', 0))
     taken.listen()
-    for port, reason in [(taken.getsockname()[1], 'cannot listen on 127.0.0.1:'), (70000, 'port=70000 is not a port number')]:
+    for args, reason in [([f'--port={taken.getsockname()[1]}'], 'error: cannot listen on 127.0.0.1:'),
+                         (['--port=70000'], 'error: port = 70000 is not allowed'),
+                         (['--host='], 'error: --host is empty'),
+                         (['--port=0', '--allowed_hosts=name:8000'], "error: --allowed_hosts names 'name:8000'")]:
         busy = subprocess.run([sys.executable, os.path.join(repo, 'chat.py'), '--out_dir=chat', '--device=cpu', '--web=True',
-                               f'--port={port}'], cwd=tmp_path, capture_output=True, text=True, timeout=120)
-        assert busy.returncode == 2 and reason in busy.stderr and 'Traceback' not in busy.stderr
+                               *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        lines = message_lines(busy.stderr)
+        assert busy.returncode == 2 and len(lines) == 1 and lines[0].startswith(reason), busy.stderr
     taken.close()

@@ -2,7 +2,7 @@
 chat.py's web page in a real browser (headless Chromium driven by Playwright), with the keyboard alone:
 a message sent with Enter, the settings changed by Tab and typing, a second message that carries the
 first exchange as history, and Clear. Skipped where Chromium or the playwright package is missing
-(apt install chromium; pip install playwright; CI has neither).
+(apt install chromium; pip install playwright; .ci/run installs both).
 
     python -m pytest tests/test_web_chat_browser.py
     WEB_CHAT_CKPT=out-finetune-synthetic/ckpt.pt WEB_CHAT_SCREENSHOTS=shots python -m pytest tests/test_web_chat_browser.py

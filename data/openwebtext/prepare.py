@@ -8,14 +8,15 @@ takes another hub dataset (owner/name, with its "text" field) or a local file in
   .json / .jsonl  one document per record, read from its "text" field
   .parquet        one document per row, its "text" column
   .txt            one document per line
-Documents whose text is empty (blank lines in a .txt) are skipped and do not count toward
---max_docs.
+--max_docs N stops after N documents, for quick trials. Documents whose text is empty (blank
+lines in a .txt) are skipped and do not count toward --max_docs. A bad argument (--val_fraction
+outside [0, 1), a negative --seed, ...) is one 'error: ' line and exit status 2.
 
 Each document becomes its tiktoken gpt2 tokens followed by the end-of-text token (50256),
-stored as np.uint16. A seeded RNG sends each document to val with probability --val_fraction,
-so the same input and seed always give the same split. If no document lands in val (tiny
-inputs), the last train document is moved there so training still has something to evaluate;
-a one-document input therefore gives an empty train.bin.
+stored as np.uint16. A seeded RNG sends each document to val with probability --val_fraction
+(default 0.0005), so the same input and seed always give the same split. If no document lands
+in val (tiny inputs), the last train document is moved there so training still has something to
+evaluate; a one-document input therefore gives an empty train.bin.
 
 The files appear together or not at all (prepared_data.commit): an interrupted run leaves the
 previous set as it was.
@@ -30,20 +31,22 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import prepared_data  # noqa: E402
-from configurator import fail  # noqa: E402
+from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
 
 HUB_DATASET = "Skylion007/openwebtext"
 OPENWEBTEXT_DOCS = 8_013_769  # documents in the whole corpus
 BATCH_DOCS = 1024  # documents tokenized together; encode_ordinary_batch spreads them over threads
 FLUSH_TOKENS = 1 << 22  # buffered tokens per split before appending to disk (8 MiB as uint16)
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = one_line_errors(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
 parser.add_argument("--dataset", default=HUB_DATASET, help="a hub dataset (owner/name) or a local .json/.jsonl/.parquet/.txt file")
-parser.add_argument("--max_docs", type=int, default=0, help="stop after this many documents (0 = all)")
+parser.add_argument("--max_docs", type=ruled(int, ">= 0"), default=0, help="stop after this many documents (0 = all)")
 parser.add_argument("--out_dir", default=os.path.dirname(os.path.abspath(__file__)))
-parser.add_argument("--val_fraction", type=float, default=0.0005)
-parser.add_argument("--seed", type=int, default=2357)
+# 0 is allowed (val then gets the last document, see above); 1 would leave train empty
+parser.add_argument("--val_fraction", type=ruled(float, "in [0, 1)"), default=0.0005)
+parser.add_argument("--seed", type=ruled(int, ">= 0"), default=2357)  # numpy's generators take no negative seed
 args = parser.parse_args()
+check_folder('--out_dir', args.out_dir)  # before the dataset opens, which can take a while
 
 
 try:

@@ -4,7 +4,9 @@ Uses input.txt beside this file, downloading it first if it is missing:
     python data/shakespeare/prepare.py
 A small corpus for pretraining a GPT-2-vocabulary model on a CPU, e.g. before trying fine-tuning.
 Both files appear together or not at all (prepared_data.commit, with their manifest.json).
+It takes no arguments; one given by mistake is an 'error: ' line and exit status 2.
 """
+import argparse
 import os
 import sys
 import urllib.request
@@ -14,7 +16,10 @@ import tiktoken
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import prepared_data  # noqa: E402
+from configurator import one_line_errors  # noqa: E402
 
+# it takes no arguments: one given by mistake (an --out_dir, say) must not pass unnoticed
+one_line_errors(argparse.ArgumentParser(description=__doc__)).parse_args()
 here = os.path.dirname(os.path.abspath(__file__))
 input_path = os.path.join(here, 'input.txt')
 if not os.path.exists(input_path):

@@ -3,7 +3,10 @@ all three together or none (prepared_data.commit, with their manifest.json).
 
 Uses input.txt from this folder when present, otherwise downloads it first.
 The first 90% of the text is train, the last 10% val; tokens are np.uint16 character ids.
+meta.pkl holds vocab_size, stoi and itos (plain data only, as codec.read_meta reads it back).
+It takes no arguments; one given by mistake is an 'error: ' line and exit status 2.
 """
+import argparse
 import os
 import pickle
 import sys
@@ -13,11 +16,14 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import prepared_data  # noqa: E402
+from configurator import one_line_errors  # noqa: E402
 
 SOURCE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # Outputs go beside the script, not into whatever directory it was started from.
 HERE = os.path.dirname(os.path.abspath(__file__))
 
+# it takes no arguments: one given by mistake (an --out_dir, say) must not pass unnoticed
+one_line_errors(argparse.ArgumentParser(description=__doc__)).parse_args()
 
 input_path = os.path.join(HERE, "input.txt")
 if not os.path.exists(input_path):

@@ -10,9 +10,9 @@ Each conversation becomes the chat template text of chat_template.chat_turn in G
 followed by <|endoftext|>, and a mask that is 1 on the tokens the model is trained to write: each
 assistant reply, its closing <|/assistant|> marker, and the final <|endoftext|> (so it learns to
 stop). System and user turns and the turn headers are 0. A conversation longer than --max_tokens
-keeps its first whole turns that fit, ending after an assistant reply (cut mid-turn only when not
-even the first exchange fits). Records without a user turn and a non-empty assistant reply are
-skipped and counted.
+(default 1024) keeps its first whole turns that fit, ending after an assistant reply (cut mid-turn
+only when not even the first exchange fits). Records without a user turn and a non-empty assistant
+reply are skipped and counted.
 
 Writes beside itself (or to --out_dir), all files together or none (prepared_data.commit):
   {train,val}.bin           uint16 tokens, conversations back to back
@@ -20,7 +20,8 @@ Writes beside itself (or to --out_dir), all files together or none (prepared_dat
   {train,val}_offsets.npy   int64 start of each conversation
   meta.json                 counts and the masked fraction
   manifest.json             every file's size, written last
-A seeded draw per conversation sends --val_fraction of them to val.
+A seeded draw per conversation sends --val_fraction of them (default 5%) to val. --max_docs N stops
+after N conversations. A bad argument is one 'error: ' line and exit status 2.
 """
 import argparse
 import json
@@ -33,7 +34,7 @@ from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import prepared_data  # noqa: E402
-from configurator import fail  # noqa: E402
+from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
 from chat_template import chat_turn  # noqa: E402  (the template lives in one place)
 from codec import EOT_ID  # noqa: E402
 
@@ -41,16 +42,19 @@ HUB_DATASET, HUB_CONFIG = 'HuggingFaceTB/smoltalk2', 'SFT'
 HUB_SPLIT = 'smoltalk_smollm3_smol_magpie_ultra_no_think'
 ROLE_NAMES = {'system': 'system', 'user': 'user', 'assistant': 'assistant', 'human': 'user', 'gpt': 'assistant'}
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+parser = one_line_errors(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
 parser.add_argument('--dataset', default=HUB_DATASET, help='a hub dataset (owner/name) or a local .json/.jsonl/.parquet file')
 parser.add_argument('--config', help=f'the hub dataset\'s config (default: {HUB_CONFIG} for {HUB_DATASET})')
 parser.add_argument('--split', help=f'the hub dataset\'s split (default: {HUB_SPLIT} for {HUB_DATASET}, else train)')
-parser.add_argument('--max_docs', type=int, default=0, help='stop after this many conversations (0 = all)')
-parser.add_argument('--max_tokens', type=int, default=1024, help='longest conversation kept, in tokens')
+parser.add_argument('--max_docs', type=ruled(int, '>= 0'), default=0, help='stop after this many conversations (0 = all)')
+# the shortest whole conversation, a one-token question and a one-token reply in the template, is 32 tokens
+parser.add_argument('--max_tokens', type=ruled(int, '>= 32'), default=1024, help='longest conversation kept, in tokens')
 parser.add_argument('--out_dir', default=os.path.dirname(os.path.abspath(__file__)))
-parser.add_argument('--val_fraction', type=float, default=0.05)
-parser.add_argument('--seed', type=int, default=2357)
+# 0 is allowed (every conversation to train); 1 would leave train empty
+parser.add_argument('--val_fraction', type=ruled(float, 'in [0, 1)'), default=0.05)
+parser.add_argument('--seed', type=ruled(int, '>= 0'), default=2357)  # numpy's generators take no negative seed
 args = parser.parse_args()
+check_folder('--out_dir', args.out_dir)  # before the dataset opens, which can take a while
 
 
 encoding = tiktoken.get_encoding('gpt2')

@@ -1,8 +1,9 @@
 """A small synthetic conversation set with short replies, for trying fine-tuning on a CPU.
 
-Writes conversations.jsonl beside itself (arithmetic, colours, counting, repeating a word; a third of
-them two exchanges long, some with a system prompt), then turns it into fine-tuning files with
-data/smoltalk/prepare.py, so the result is laid out like data/smoltalk:
+Writes conversations.jsonl beside itself (--conversations, default 3,000: arithmetic, colours,
+counting, repeating a word; a third of them two exchanges long, some with a system prompt), then
+turns it into fine-tuning files with data/smoltalk/prepare.py, so the result is laid out like
+data/smoltalk:
     python data/synthetic_chat/prepare.py
     python finetune_native.py config_finetune_synthetic.py
 Numbers up to 49 appear in training; heldout_prompts.txt asks 20 questions with larger numbers
@@ -16,12 +17,15 @@ import random
 import subprocess
 import sys
 
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
+from configurator import one_line_errors, ruled  # noqa: E402
+
 COLOURS = {'sky': 'blue', 'grass': 'green', 'snow': 'white', 'coal': 'black', 'sun': 'yellow', 'blood': 'red'}
 WORDS = ['apple', 'river', 'candle', 'mountain', 'violin', 'garden', 'pepper', 'window', 'rocket', 'forest']
 
-parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-parser.add_argument('--conversations', type=int, default=3000)
-parser.add_argument('--seed', type=int, default=1337)
+parser = one_line_errors(argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter))
+parser.add_argument('--conversations', type=ruled(int, '>= 1'), default=3000)
+parser.add_argument('--seed', type=ruled(int, '>= 0'), default=1337)  # random.Random(-n) is Random(n): no new sets
 args = parser.parse_args()
 here = os.path.dirname(os.path.abspath(__file__))
 rng = random.Random(args.seed)

@@ -6,6 +6,8 @@ folder is on PYTHONPATH (tests/conftest.py: simulated_env). Each part is switche
   SIMULATED_HUB_UPLOADS  uploads to the hub land in this folder instead (simulated_hub.py)
   SIMULATED_OOM_AFTER  out of memory after this many losses (simulated_faults.py)
   SIMULATED_NAN_LOSSES these losses, comma-separated call numbers, are NaN (simulated_faults.py)
+  SIMULATED_HELD_OPEN   NAME:N, the first N renames onto a file NAME are refused (simulated_faults.py)
+  SIMULATED_COMPILE_UNSUPPORTED  torch.compile raises, as on a Python it does not support (simulated_faults.py)
   SIMULATED_FAULT_RANK the faults happen only in the torchrun process of this RANK
   SIMULATED_MISSING    these packages, comma-separated module names, are not installed
 """
@@ -29,5 +31,12 @@ if faulty and os.environ.get('SIMULATED_OOM_AFTER'):
 if faulty and os.environ.get('SIMULATED_NAN_LOSSES'):
     import simulated_faults
     simulated_faults.nan_losses({int(n) for n in os.environ['SIMULATED_NAN_LOSSES'].split(',')})
+if faulty and os.environ.get('SIMULATED_HELD_OPEN'):
+    import simulated_faults
+    name, refusals = os.environ['SIMULATED_HELD_OPEN'].split(':')
+    simulated_faults.held_open(name, int(refusals))
+if faulty and os.environ.get('SIMULATED_COMPILE_UNSUPPORTED'):
+    import simulated_faults
+    simulated_faults.compile_unsupported()
 for module in filter(None, os.environ.get('SIMULATED_MISSING', '').split(',')):
     sys.modules[module] = None  # how Python marks a module that cannot be imported: ModuleNotFoundError
