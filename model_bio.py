@@ -8,21 +8,11 @@ tied input/output embeddings.
 
 Module and parameter names follow the original WiggleGPT release so its checkpoints load by name.
 
-GPTConfig holds the architecture; its defaults are GPT-2 small's (train_bio.py's own defaults are
-the 124M WiggleGPT's: no biases, the oscillating MLP, RMSNorm, RoPE):
-    block_size               1024    context length
-    vocab_size               50304   GPT-2's 50257 padded to a multiple of 64
-    n_layer, n_head, n_embd  12, 12, 768
-    dropout                  0.0
-    bias                     True    biases in Linear and LayerNorm layers
-    use_bio_mlp              False   the oscillating activation instead of GELU
-    use_rmsnorm              False   RMSNorm (x / sqrt(mean(x^2) + 1e-6) * weight) instead of LayerNorm
-    use_rope                 False   rotary position embeddings instead of learned ones
-    use_positions            True    False: no positional encoding at all (how the original release's
-                                     checkpoints run; see checkpoints.py)
-    gradient_checkpointing   False   recompute each block in backward to save memory
-    use_sparse_gate          False   the sparse gate below (needs use_bio_mlp)
-    bio_threshold            0.25    the gate's firing threshold
+GPTConfig (below, each field commented) holds the architecture; its defaults are GPT-2 small's, and
+train_bio.py's own defaults are the 124M WiggleGPT's (no biases, the oscillating MLP, RMSNorm, RoPE).
+use_positions=False runs with no positional encoding at all, as the original release's checkpoints
+were trained (checkpoints.py). The limits a checkpoint's or a user's settings must keep are checked
+in checkpoints.config_problem before a model is built.
 
 The sparse gate (from WiggleGPT v2, made exact): each hidden neuron has a gate_weight (init 1) and a
 gate_bias (init 0); it fires where gate_weight * x + gate_bias > bio_threshold, x being its
