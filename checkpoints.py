@@ -431,11 +431,6 @@ def read_export_config(config_path, shown_as=None):
     return config
 
 
-def is_count(value):
-    """Whether value is a whole number >= 0, or None (not recorded)."""
-    return value is None or (isinstance(value, int) and not isinstance(value, bool) and value >= 0)
-
-
 def load_export(folder, device, **overrides):
     """load_model for an exported folder; the checkpoint dict it returns has model_args, config (the
     run's settings), tokenizer, iter_num and best_val_loss, and no optimizer state."""
@@ -447,13 +442,16 @@ def load_export(folder, device, **overrides):
                          'pass a checkpoint file such as its ckpt.pt')
     config = read_export_config(config_path)
     training = config.get('training') or {}
-    if not isinstance(config.get('architecture'), dict) or not isinstance(training, dict):
-        raise ValueError(f'{config_path} is malformed: it needs an "architecture" object (and "training", if any, an object)')
-    settings, best_val_loss = training.get('settings', {}), training.get('best_val_loss')
-    if (not isinstance(settings, dict) or not is_count(training.get('iter_num')) or not is_count(training.get('tokens'))
-            or not (best_val_loss is None or (isinstance(best_val_loss, (int, float)) and not isinstance(best_val_loss, bool)))):
-        raise ValueError(f'{config_path} is malformed: "training" may hold settings (an object), iter_num and tokens '
-                         '(whole numbers) and best_val_loss (a number)')
+    if (not isinstance(config.get('architecture'), dict) or not isinstance(training, dict)
+            or not isinstance(training.get('settings', {}), dict)):
+        raise ValueError(f'{config_path} is malformed: it needs an "architecture" object (and "training", if any, an '
+                         'object whose "settings" are an object)')
+    # the run's progress, checked as a checkpoint file's is (None: not recorded)
+    progress = {'config': training.get('settings', {}), 'iter_num': training.get('iter_num') or 0,
+                'tokens': training.get('tokens') or 0, 'best_val_loss': training.get('best_val_loss')}
+    if progress['best_val_loss'] is None:
+        progress['best_val_loss'] = float('inf')
+    check_progress(config_path, progress)
     try:
         with safe_open(weights_path, 'pt') as f:  # the header alone: names and shapes, no tensor yet
             shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
@@ -470,8 +468,6 @@ def load_export(folder, device, **overrides):
     if 'transformer.wte.weight' in state_dict:
         state_dict[TIED_COPY] = state_dict['transformer.wte.weight']
     model = build_model(weights_path, model_config, state_dict, device)
-    checkpoint = {'model_args': asdict(model.config), 'config': settings, 'tokenizer': config.get('tokenizer'),
-                  'iter_num': training.get('iter_num') or 0, 'tokens': training.get('tokens') or 0,
-                  'format_version': config.get('format_version'),
-                  'best_val_loss': float('inf') if best_val_loss is None else best_val_loss}
+    checkpoint = {'model_args': asdict(model.config), 'tokenizer': config.get('tokenizer'),
+                  'format_version': config.get('format_version'), **progress}
     return model, checkpoint

@@ -25,12 +25,12 @@ taken, e.g. --ckpt=wigglegpt-shakespeare.
 import json
 import math
 import os
-import re
 import sys
 
 from checkpoints import (EXPORT_CONFIG, EXPORT_MODEL_TYPE, EXPORT_WEIGHTS, HUB_PREFIX, checkpoint_location,
                          error_line, export_model, load_model)
 from codec import tokenizer_facts
+from prepared_data import HUB_NAME
 from run_log import read_log
 
 out_dir = 'out'
@@ -47,7 +47,7 @@ CARD, NEW_CARD = 'README.md', 'README.new.md'
 source = checkpoint_location(out_dir, ckpt)
 export_dir = export_dir or os.path.join(out_dir, 'hub')
 # checked in full before anything is written: a name the hub refuses would stop the upload after the export
-if push_to_hub and not re.fullmatch(r'[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+', push_to_hub):
+if push_to_hub and not HUB_NAME.fullmatch(push_to_hub):
     fail(f'push_to_hub={push_to_hub!r} must name a hub repository as OWNER/REPO (letters, digits, "-", "_" and "." in each)')
 # the folder is written into only if it is new, empty or an earlier export: never over other files
 if os.path.isfile(export_dir):

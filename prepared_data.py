@@ -25,7 +25,7 @@ import time
 MANIFEST = 'manifest.json'
 STAGING = '.preparing'
 LOCAL_FORMATS = {'.json': 'json', '.jsonl': 'json', '.txt': 'text', '.parquet': 'parquet'}
-HUB_NAME = re.compile(r'[\w.-]+/[\w.-]+')
+HUB_NAME = re.compile(r'[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+')  # owner/name, as the hub spells repositories (ASCII)
 SCRIPT_REFUSED = 'Dataset scripts are no longer supported'  # what datasets >= 4 says of a loading script
 
 

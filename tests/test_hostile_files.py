@@ -291,8 +291,11 @@ def test_mutated_exported_folders_load_or_fail_in_one_line(tmp_path):
     cases.append(('the good folder', load_and_codec(folder)))
     results = check_each(cases)
     assert len(results) > 250 and results['the good folder'] == 'loaded'
-    assert results['training settings a list'].endswith('is malformed: "training" may hold settings (an object), '
-                                                        'iter_num and tokens (whole numbers) and best_val_loss (a number)')
+    assert results['training settings a list'].endswith('is malformed: it needs an "architecture" object (and '
+                                                        '"training", if any, an object whose "settings" are an object)')
+    # the run's progress is checked as a checkpoint file's is (check_progress)
+    assert results['training iter_num a string'].endswith("is malformed: its iter_num is not a whole number from 0 "
+                                                          "to 2**63 ('x')")
     assert results["tokenizer {'type': 'characters'}"].endswith(
         'config.json: the tokenizer\'s "chars" must be a list of single characters, at most 40 (the vocabulary); '
         'export the model again')
