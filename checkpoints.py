@@ -6,6 +6,8 @@ path or from the HuggingFace hub by name:
 
     hf:OWNER/REPO/FILE.pt[@REVISION]    a checkpoint file in a hub repository (.pt or .pth)
     hf:OWNER/REPO[/FOLDER][@REVISION]   an exported model in a hub repository (or one of its folders)
+    gpt2, gpt2-medium, gpt2-large, gpt2-xl
+                                        OpenAI's GPT-2 (openai-community/<name> on the hub)
 
 load_model(ckpt_path, device) is the one loader every script uses, wherever it takes a checkpoint:
 --ckpt of sample_bio.py, chat.py and export_hub.py, init_from of training and fine-tuning, the
@@ -25,6 +27,16 @@ dataset's meta.pkl (codec.read_meta): unpickled as plain data only, only from da
 checkpoint names a plain dataset name, and never for a hub checkpoint (an exported folder carries its
 characters in config.json). A missing, unreadable, foreign or malformed file raises ValueError with a
 one-line message, which the scripts print as their error.
+
+OpenAI's GPT-2 loads from the layout its hub repository holds, read through huggingface_hub alone
+(no transformers): config.json, then model.safetensors, whose names carry no `transformer.` prefix,
+whose attention and MLP matrices are stored (in, out) (GPT-2's Conv1D) and are transposed here, whose
+lm_head is wte, and whose h.N.attn.bias / masked_bias mask buffers are dropped. It becomes the GELU
+model with biases, LayerNorm (eps 1e-5), learned positions, vocab_size 50257 and gelu_tanh=True (GELU
+in its tanh approximation, GPT-2's 'gelu_new'), so it computes what GPT-2 computes. A folder of that
+layout (transformers' save_pretrained of a GPT-2, or hf:OWNER/REPO of one) loads the same way; a
+GPT-2 variant this model does not compute (another activation, epsilon, MLP width, attention scaling)
+is refused in one line. The names are reserved: a local folder called gpt2 is ./gpt2.
 
 The original release's checkpoints (compile prefixes, a tensor best_val_loss, no format_version)
 load too. Its RoPE rotated nothing (the angle came from the head index, and q and k were turned
@@ -52,7 +64,7 @@ from dataclasses import asdict, fields
 
 import torch
 
-from codec import MAX_VOCAB_SIZE, check_tokenizer
+from codec import GPT2_TOKENIZER, GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, check_tokenizer
 from model_bio import GPT, GPTConfig
 
 
@@ -107,8 +119,18 @@ def save_checkpoint(checkpoint, path, copy_to=None):
 HUB_PREFIX = 'hf:'
 EXPORT_CONFIG, EXPORT_WEIGHTS = 'config.json', 'model.safetensors'  # an exported model's files (export_hub.py)
 EXPORT_MODEL_TYPE = 'wigglegpt'
+GPT2_NAMES = ('gpt2', 'gpt2-medium', 'gpt2-large', 'gpt2-xl')  # OpenAI's, by the names nanoGPT takes them
+GPT2_OWNER = 'openai-community'  # the hub account that holds them
+GPT2_MODEL_TYPE = 'gpt2'  # a transformers GPT-2's config.json says so
+# GPT-2's Conv1D stores these (in, out), nn.Linear (out, in)
+GPT2_CONV1D = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
 CHECKPOINT_SUFFIXES = ('.pt', '.pth')  # a hub path ending so is a checkpoint file; any other, an exported model's folder
 TIED_COPY = 'lm_head.weight'  # the same tensor as transformer.wte.weight: an export stores it once, under that name
+
+
+def is_hub_name(name):
+    """Whether name is downloaded from the hub: hf:... or one of OpenAI's GPT-2 names."""
+    return name.startswith(HUB_PREFIX) or name in GPT2_NAMES
 
 
 def checkpoint_location(out_dir, ckpt):
@@ -116,14 +138,14 @@ def checkpoint_location(out_dir, ckpt):
     a path or exported folder of its own that out_dir does not hold (a bare file name stays in out_dir)."""
     in_out_dir = os.path.join(out_dir, ckpt)
     own_path = os.path.isdir(ckpt) or os.path.dirname(ckpt) != ''
-    if ckpt.startswith(HUB_PREFIX) or (own_path and os.path.exists(ckpt) and not os.path.exists(in_out_dir)):
+    if is_hub_name(ckpt) or (own_path and os.path.exists(ckpt) and not os.path.exists(in_out_dir)):
         return ckpt
     return in_out_dir
 
 
 def is_checkpoint_location(location):
     """Whether location can name a checkpoint: a hub name, or an existing file or folder."""
-    return location.startswith(HUB_PREFIX) or os.path.exists(location)
+    return is_hub_name(location) or os.path.exists(location)
 
 
 def parse_hub_name(name):
@@ -144,9 +166,10 @@ def error_line(error):
 
 
 def fetch_from_hub(name):
-    """The local path of a hub checkpoint (a file) or exported model (a folder), downloaded through
-    huggingface_hub into its cache (with its progress bar; HF_HUB_OFFLINE=1 takes the cache alone)."""
-    repo_id, path, revision = parse_hub_name(name)
+    """The local path of a hub checkpoint (a file) or exported model (a folder; GPT-2's for its names),
+    downloaded through huggingface_hub into its cache (with its progress bar; HF_HUB_OFFLINE=1 takes the
+    cache alone)."""
+    repo_id, path, revision = parse_hub_name(name if name not in GPT2_NAMES else f'{HUB_PREFIX}{GPT2_OWNER}/{name}')
     try:
         import huggingface_hub
         from huggingface_hub import errors
@@ -186,13 +209,13 @@ def fetch_from_hub(name):
 def load_model(ckpt_path, device, **overrides):
     """Build the model a checkpoint describes and load its weights; returns (model, checkpoint dict).
 
-    ckpt_path is a ckpt.pt file, an exported model's folder, or a hub name (hf:...) of either.
+    ckpt_path is a ckpt.pt file, an exported model's folder, a hub name (hf:...) of either, or a GPT-2 name.
     overrides replace settings that do not change the weights (dropout, gradient_checkpointing).
 
     A missing, unreadable, foreign or malformed file raises ValueError with a one-line message; its
     settings are checked, and its model known to be no bigger than its weights, before anything is built.
     """
-    from_hub = ckpt_path.startswith(HUB_PREFIX)
+    from_hub = is_hub_name(ckpt_path)
     if from_hub:
         ckpt_path = fetch_from_hub(ckpt_path)
     if os.path.isdir(ckpt_path):
@@ -342,6 +365,8 @@ def config_problem(settings):
         return f'RoPE needs an even head size (n_embd / n_head is {head_size})'
     if settings['use_sparse_gate'] and not settings['use_bio_mlp']:
         return 'use_sparse_gate=True needs use_bio_mlp=True'
+    if settings['gelu_tanh'] and settings['use_bio_mlp']:
+        return 'gelu_tanh=True is a setting of the GELU MLP (use_bio_mlp=False)'
     return None
 
 
@@ -418,29 +443,31 @@ def export_model(model, checkpoint, tokenizer, folder):
 
 
 def read_export_config(config_path, shown_as=None):
-    """An exported model's config.json as a dict, once it says it describes a WiggleGPT model; errors name
-    it shown_as (a hub name's, say), else by its path."""
+    """An exported model's config.json as a dict, once it says it describes a WiggleGPT model (or a GPT-2);
+    errors name it shown_as (a hub name's, say), else by its path."""
     shown_as = shown_as or config_path
     try:
         with open(config_path, encoding='utf-8') as f:
             config = json.load(f)
     except (OSError, ValueError, RecursionError) as e:  # not JSON, not UTF-8, or nested past Python's stack
         raise ValueError(f'{shown_as} is unreadable ({error_line(e)}); export the model again') from None
-    if not isinstance(config, dict) or config.get('model_type') != EXPORT_MODEL_TYPE:
-        raise ValueError(f'{shown_as} does not describe a WiggleGPT model (its model_type is not {EXPORT_MODEL_TYPE!r})')
+    if not isinstance(config, dict) or config.get('model_type') not in (EXPORT_MODEL_TYPE, GPT2_MODEL_TYPE):
+        raise ValueError(f'{shown_as} does not describe a WiggleGPT model or a GPT-2 (its model_type is not '
+                         f'{EXPORT_MODEL_TYPE!r} or {GPT2_MODEL_TYPE!r})')
     return config
 
 
 def load_export(folder, device, **overrides):
     """load_model for an exported folder; the checkpoint dict it returns has model_args, config (the
     run's settings), tokenizer, iter_num and best_val_loss, and no optimizer state."""
-    from safetensors import safe_open
     from safetensors.torch import load_file
     config_path, weights_path = os.path.join(folder, EXPORT_CONFIG), os.path.join(folder, EXPORT_WEIGHTS)
     if not (os.path.isfile(config_path) and os.path.isfile(weights_path)):
         raise ValueError(f'{folder} is a folder without an exported model ({EXPORT_CONFIG} and {EXPORT_WEIGHTS}); '
                          'pass a checkpoint file such as its ckpt.pt')
     config = read_export_config(config_path)
+    if config['model_type'] == GPT2_MODEL_TYPE:
+        return load_gpt2(config_path, weights_path, config, device, overrides)
     training = config.get('training') or {}
     if (not isinstance(config.get('architecture'), dict) or not isinstance(training, dict)
             or not isinstance(training.get('settings', {}), dict)):
@@ -452,12 +479,7 @@ def load_export(folder, device, **overrides):
     if progress['best_val_loss'] is None:
         progress['best_val_loss'] = float('inf')
     check_progress(config_path, progress)
-    try:
-        with safe_open(weights_path, 'pt') as f:  # the header alone: names and shapes, no tensor yet
-            shapes = {name: f.get_slice(name).get_shape() for name in f.keys()}
-    except Exception as e:
-        raise ValueError(f'{weights_path} is not a readable safetensors file ({error_line(e)}); export the model again') from None
-    held = sum(math.prod(shape) for shape in shapes.values())  # a safetensors file's tensors never overlap
+    held = sum(math.prod(shape) for shape in safetensors_shapes(weights_path).values())
     model_config = checked_config(config_path, {**config['architecture'], **overrides}, held)
     if config.get('tokenizer') is not None:
         check_tokenizer(config['tokenizer'], model_config.vocab_size, config_path)
@@ -470,4 +492,61 @@ def load_export(folder, device, **overrides):
     model = build_model(weights_path, model_config, state_dict, device)
     checkpoint = {'model_args': asdict(model.config), 'tokenizer': config.get('tokenizer'),
                   'format_version': config.get('format_version'), **progress}
+    return model, checkpoint
+
+
+def safetensors_shapes(weights_path):
+    """{name: shape} of a safetensors file's tensors, from its header alone (no tensor is read); the
+    tensors of such a file never overlap, so their sizes add up to what it holds."""
+    from safetensors import safe_open
+    try:
+        with safe_open(weights_path, 'pt') as f:
+            return {name: f.get_slice(name).get_shape() for name in f.keys()}
+    except Exception as e:
+        raise ValueError(f'{weights_path} is not a readable safetensors file ({error_line(e)}); export the model again') from None
+
+
+# what a transformers GPT-2 config.json may say (its defaults first) for this model to compute the same
+GPT2_AS_COMPUTED = {'activation_function': ('gelu_new', 'gelu_pytorch_tanh'), 'layer_norm_epsilon': (1e-5,),
+                    'scale_attn_weights': (True,), 'scale_attn_by_inverse_layer_idx': (False,),
+                    'add_cross_attention': (False,), 'tie_word_embeddings': (True,)}
+
+
+def load_gpt2(config_path, weights_path, config, device, overrides):
+    """load_export for a folder laid out as OpenAI's GPT-2 on the hub (the module docstring says how)."""
+    from safetensors import safe_open
+    shapes = safetensors_shapes(weights_path)
+    stored_as = {}  # our name -> the file's, for every weight kept
+    for name in shapes:
+        ours = 'transformer.' + name.removeprefix('transformer.')
+        if not ours.endswith(('.attn.bias', '.attn.masked_bias')) and name != TIED_COPY:  # masks; the tied lm_head
+            stored_as[ours] = name
+    held = sum(math.prod(shapes[name]) for name in stored_as.values())
+    # transformers' defaults where config.json leaves a field out
+    architecture = {'vocab_size': config.get('vocab_size', GPT2_VOCAB_SIZE), 'block_size': config.get('n_positions', 1024),
+                    'n_layer': config.get('n_layer', 12), 'n_head': config.get('n_head', 12),
+                    'n_embd': config.get('n_embd', 768), 'bias': True, 'use_bio_mlp': False, 'gelu_tanh': True,
+                    'use_rmsnorm': False, 'use_rope': False, 'use_positions': True}
+    model_config = checked_config(config_path, {**architecture, **overrides}, held)
+    allowed = {**GPT2_AS_COMPUTED, 'n_inner': (None, 4 * model_config.n_embd)}
+    for key, values in allowed.items():
+        value = config.get(key, values[0])
+        # by type too: true is not 1, and a list is no value at all
+        if not any(type(value) is type(v) and value == v for v in values):
+            raise ValueError(f'{config_path} describes a GPT-2 this model does not compute: its {key} is {shown(value)}, '
+                             f'not {" or ".join(repr(v) for v in values)}')
+    check_tokenizer(GPT2_TOKENIZER, model_config.vocab_size, config_path)
+    try:
+        with safe_open(weights_path, 'pt') as f:
+            state_dict = {ours: f.get_tensor(name) for ours, name in stored_as.items()}
+    except Exception as e:
+        raise ValueError(f'{weights_path} is not a readable safetensors file ({error_line(e)})') from None
+    for name, tensor in state_dict.items():
+        if name.endswith(GPT2_CONV1D) and tensor.dim() == 2:
+            state_dict[name] = tensor.t()
+    if 'transformer.wte.weight' in state_dict:
+        state_dict[TIED_COPY] = state_dict['transformer.wte.weight']
+    model = build_model(weights_path, model_config, state_dict, device)
+    checkpoint = {'model_args': asdict(model.config), 'tokenizer': GPT2_TOKENIZER, 'config': {}, 'iter_num': 0,
+                  'tokens': 0, 'best_val_loss': float('inf')}
     return model, checkpoint

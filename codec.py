@@ -14,6 +14,7 @@ import re
 
 EOT_ID = 50256  # GPT-2's <|endoftext|>, which ends every document and conversation
 GPT2_VOCAB_SIZE = EOT_ID + 1  # the tokens of GPT-2's BPE: a model with fewer cannot use it
+GPT2_TOKENIZER = {'type': 'tiktoken', 'encoding': 'gpt2', 'eot_id': EOT_ID}  # GPT-2 BPE's facts (tokenizer_facts)
 MAX_VOCAB_SIZE = 2 ** 21  # far above any real vocabulary; a file claiming more would only exhaust memory
 DATASET_NAME = re.compile(r'[A-Za-z0-9_.-]+')  # one folder of data/: no separator can lead out of it
 DATA_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'data')
@@ -90,7 +91,7 @@ def tokenizer_facts(checkpoint):
     if checkpoint.get('tokenizer') is not None:  # an exported model states them (checked as it loaded)
         return checkpoint['tokenizer']
     vocab_size = checkpoint['model_args']['vocab_size']
-    gpt2 = {'type': 'tiktoken', 'encoding': 'gpt2', 'eot_id': EOT_ID}
+    gpt2 = GPT2_TOKENIZER
     if checkpoint.get('from_hub'):
         if vocab_size < GPT2_VOCAB_SIZE:
             raise ValueError(f'the hub checkpoint has a {vocab_size}-token vocabulary but does not carry its characters, '
@@ -129,6 +130,10 @@ def load_codec(checkpoint):
 
         return encode, lambda ids: ''.join(itos[i] for i in ids)
     import tiktoken
-    enc = tiktoken.get_encoding(facts['encoding'])
+    try:
+        enc = tiktoken.get_encoding(facts['encoding'])
+    except Exception as e:  # its files are downloaded at first use: offline, that fails deep in requests
+        raise ValueError(f'GPT-2\'s BPE files could not be loaded ({type(e).__name__}); tiktoken downloads them once '
+                         'when online, or reads them from TIKTOKEN_CACHE_DIR') from None
     # ids past the vocabulary (vocab_size is padded to 50304) are no text: an untrained model may sample them
     return (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'})), lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])

@@ -62,6 +62,7 @@ class GPTConfig:
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms
     use_bio_mlp: bool = False  # oscillating activation instead of GELU
+    gelu_tanh: bool = False  # GELU in its tanh approximation, as OpenAI's GPT-2 computes it ('gelu_new')
     use_rmsnorm: bool = False
     use_rope: bool = False  # rotary position embeddings instead of learned ones
     use_positions: bool = True  # False: no positional encoding at all, as the original release's no-op RoPE
@@ -335,7 +336,7 @@ class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
-        self.gelu = nn.GELU()
+        self.gelu = nn.GELU(approximate='tanh' if config.gelu_tanh else 'none')
         self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
@@ -422,8 +423,9 @@ class GPT(nn.Module):
         """An empty key/value cache for forward(kv_cache=...): one [keys, values] per layer, filled as it runs."""
         return [[] for _ in self.transformer.h]
 
-    def forward(self, idx, targets=None, kv_cache=None):
-        """Logits (and the loss with targets; -1 targets are ignored); only the last position's without targets.
+    def forward(self, idx, targets=None, kv_cache=None, all_positions=False):
+        """Logits (and the loss with targets; -1 targets are ignored); without targets only the last
+        position's, unless all_positions (evaluation scores every token).
 
         With kv_cache (from new_kv_cache) idx continues the cached tokens: the first call fills the
         cache from a whole context, later calls add one token each.
@@ -445,7 +447,7 @@ class GPT(nn.Module):
                 x = block(x, rope, None if kv_cache is None else kv_cache[i])
         x = self.transformer.ln_f(x)
         if targets is None:
-            return self.lm_head(x[:, [-1], :]), None  # only the last position is needed to sample
+            return self.lm_head(x if all_positions else x[:, [-1], :]), None  # sampling needs the last position alone
         logits = self.lm_head(x)
         # the mean over targets that are not -1; 0 (not nan) when a batch has none
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,

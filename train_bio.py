@@ -86,7 +86,7 @@ from dataclasses import asdict, fields
 # -----------------------------------------------------------------------------
 # defaults: the 124M WiggleGPT on OpenWebText
 out_dir = 'out'
-init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a checkpoint (path or hf: name) to start a new run from its weights
+init_from = 'scratch'  # 'scratch', 'resume' (from out_dir/ckpt.pt), or a checkpoint (path, hf: name, gpt2...) to start a new run from its weights
 task: 'one of pretrain, finetune' = 'pretrain'  # 'pretrain': token streams; 'finetune': whole conversations, loss on the assistant's tokens only
 eval_interval: '>= 1' = 2000
 eval_iters: '>= 1' = 200
@@ -108,6 +108,7 @@ n_embd = 768
 dropout = 0.0
 bias = False
 use_bio_mlp = True
+gelu_tanh = False  # the GELU MLP (use_bio_mlp=False) in GPT-2's tanh approximation; OpenAI's weights (init_from='gpt2') carry it
 use_rmsnorm = True
 use_rope = True
 use_positions = True  # False trains with no positional encoding (NoPE)
@@ -157,7 +158,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import devices  # noqa: E402
 import prepared_data  # noqa: E402
-from checkpoints import (FORMAT_VERSION, HUB_PREFIX, config_problem, fetch_from_hub, is_checkpoint_location,  # noqa: E402
+from checkpoints import (FORMAT_VERSION, config_problem, fetch_from_hub, is_checkpoint_location, is_hub_name,  # noqa: E402
                          load_model, replace_file, save_checkpoint)
 from codec import GPT2_VOCAB_SIZE, is_dataset_name, read_meta  # noqa: E402
 from model_bio import GPT, GPTConfig  # noqa: E402
@@ -229,9 +230,10 @@ if master:
 source = None
 if init_from not in ('scratch', 'resume'):
     if not is_checkpoint_location(init_from):
-        fail(f"init_from={init_from!r} is not 'scratch', 'resume', a checkpoint (file or exported folder) or a hub name hf:OWNER/REPO/FILE.pt")
+        fail(f"init_from={init_from!r} is not 'scratch', 'resume', a checkpoint (file or exported folder), a hub name "
+             "hf:OWNER/REPO/FILE.pt or one of OpenAI's gpt2, gpt2-medium, gpt2-large, gpt2-xl")
     try:
-        source = fetch_from_hub(init_from) if init_from.startswith(HUB_PREFIX) else init_from
+        source = fetch_from_hub(init_from) if is_hub_name(init_from) else init_from
     except ValueError as e:
         fail(str(e))
 
@@ -351,6 +353,11 @@ else:
     except ValueError as e:
         fail(str(e))
     model_args = asdict(model.config)
+    if init_from != 'resume' and 'use_bio_mlp' in asked and use_bio_mlp != model_args['use_bio_mlp']:
+        # the two MLPs hold different weights: a new run asking for the other one is not what it would get
+        has, other = ('the oscillating MLP', 'GELU') if model_args['use_bio_mlp'] else ('a GELU MLP', 'the oscillating one')
+        fail(f'{init_from} has {has}, so use_bio_mlp={use_bio_mlp} cannot start from its weights; leave use_bio_mlp '
+             f'out (the checkpoint keeps its MLP) or train {other} from scratch')
     asked_otherwise = [f'{k} {model_args[k]} (asked {config[k]})' for k in ARCHITECTURE
                        if k in asked and config[k] != model_args[k]]
     for k in ARCHITECTURE:

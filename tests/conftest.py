@@ -161,3 +161,33 @@ def hub_cache(cache_dir, repo_id, files, revision='main'):
     with open(os.path.join(repo, 'refs', revision), 'w') as f:
         f.write(commit)
     return commit
+
+
+def write_gpt2_hub(cache_dir, name='gpt2', seed=0, **config):
+    """A small random GPT-2 made by transformers, laid out in cache_dir as the hub holds OpenAI's
+    (openai-community/<name>: config.json and a model.safetensors without the `transformer.` prefix,
+    Conv1D weights stored (in, out), no lm_head, and each block's attn.bias / attn.masked_bias buffers),
+    so that --ckpt=<name> loads it with HF_HUB_CACHE=cache_dir and HF_HUB_OFFLINE=1. Returns the
+    transformers GPT2LMHeadModel, in eval mode and float32."""
+    transformers = pytest.importorskip('transformers')
+    from safetensors.torch import save_file
+    settings = dict(n_layer=2, n_head=2, n_embd=32, n_positions=64, vocab_size=50257, initializer_range=0.2)
+    settings.update(config)
+    torch.manual_seed(seed)
+    model = transformers.GPT2LMHeadModel(transformers.GPT2Config(**settings)).eval()
+    with torch.no_grad():  # LayerNorms and biases start at 1 and 0: moved, so that every weight's place is tested
+        for p in model.parameters():
+            p.add_(0.1 * torch.randn_like(p))
+    weights = {k.removeprefix('transformer.'): v.contiguous() for k, v in model.state_dict().items()
+               if k != 'lm_head.weight'}
+    length = settings['n_positions']
+    for i in range(settings['n_layer']):
+        weights[f'h.{i}.attn.bias'] = torch.tril(torch.ones(length, length)).view(1, 1, length, length)
+        weights[f'h.{i}.attn.masked_bias'] = torch.tensor(-1e4)
+    staging = os.path.join(cache_dir, 'staging-' + name)
+    os.makedirs(staging)
+    save_file(weights, os.path.join(staging, 'model.safetensors'), metadata={'format': 'pt'})
+    model.config.to_json_file(os.path.join(staging, 'config.json'))
+    hub_cache(cache_dir, f'openai-community/{name}', {f: os.path.join(staging, f) for f in ('config.json', 'model.safetensors')})
+    shutil.rmtree(staging)
+    return model

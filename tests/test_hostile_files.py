@@ -307,6 +307,63 @@ def test_mutated_exported_folders_load_or_fail_in_one_line(tmp_path):
     assert 'config.json is unreadable (RecursionError: ' in results['config.json nested 100,000 deep']
 
 
+def gpt2_folder(folder):
+    """A small GPT-2 laid out as OpenAI's is on the hub (no prefix, Conv1D weights (in, out), mask buffers, no
+    lm_head), made from this repository's model; returns (its config.json contents, its weights)."""
+    from safetensors.torch import save_file
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=8, block_size=8, vocab_size=50257, gelu_tanh=True))
+    conv1d = ('attn.c_attn.weight', 'attn.c_proj.weight', 'mlp.c_fc.weight', 'mlp.c_proj.weight')
+    weights = {k.removeprefix('transformer.'): (v.t() if k.endswith(conv1d) else v).contiguous()
+               for k, v in model.state_dict().items() if k != 'lm_head.weight'}
+    weights['h.0.attn.bias'] = torch.ones(1, 1, 8, 8).tril()
+    config = {'model_type': 'gpt2', 'activation_function': 'gelu_new', 'vocab_size': 50257, 'n_positions': 8,
+              'n_layer': 1, 'n_head': 2, 'n_embd': 8, 'n_inner': None, 'layer_norm_epsilon': 1e-5}
+    folder.mkdir()
+    save_file(weights, str(folder / 'model.safetensors'))
+    (folder / 'config.json').write_text(json.dumps(config))
+    return config, weights
+
+
+def test_mutated_gpt2_folders_load_or_fail_in_one_line(tmp_path):
+    from safetensors.torch import save_file
+    good, weights = gpt2_folder(tmp_path / 'gpt2')
+    configs = {f'{key}={value!r}': dict(good, **{key: value}) for value in BAD_VALUES
+               for key in ('vocab_size', 'n_positions', 'n_layer', 'n_head', 'n_embd', 'n_inner', 'activation_function',
+                           'layer_norm_epsilon', 'scale_attn_weights', 'scale_attn_by_inverse_layer_idx',
+                           'tie_word_embeddings')}
+    configs['vocab_size=50000'] = dict(good, vocab_size=50000)
+    weight_sets = {'no wte': {k: v for k, v in weights.items() if k != 'wte.weight'},
+                   'no c_fc bias': {k: v for k, v in weights.items() if k != 'h.0.mlp.c_fc.bias'},
+                   'c_attn stored (out, in)': dict(weights, **{'h.0.attn.c_attn.weight': weights['h.0.attn.c_attn.weight'].t().contiguous()}),
+                   'c_fc a vector': dict(weights, **{'h.0.mlp.c_fc.weight': torch.zeros(8 * 32)}),
+                   'an extra block': dict(weights, **{'h.1.ln_1.weight': torch.ones(8)}),
+                   'wte of integers': dict(weights, **{'wte.weight': torch.zeros(50257, 8, dtype=torch.int64)}),
+                   'with the transformer. prefix and lm_head': {**{'transformer.' + k: v for k, v in weights.items()},
+                                                                'lm_head.weight': weights['wte.weight'].clone()}}
+    cases = []
+    for i, (label, config) in enumerate(configs.items()):
+        case = tmp_path / f'config{i}'
+        case.mkdir()
+        os.symlink(tmp_path / 'gpt2' / 'model.safetensors', case / 'model.safetensors')
+        (case / 'config.json').write_text(json.dumps(config))
+        cases.append((label, load_and_codec(case)))
+    for i, (label, contents) in enumerate(weight_sets.items()):
+        case = tmp_path / f'weights{i}'
+        case.mkdir()
+        save_file(contents, str(case / 'model.safetensors'))
+        (case / 'config.json').write_text(json.dumps(good))
+        cases.append((label, load_and_codec(case)))
+    cases.append(('the good folder', load_and_codec(tmp_path / 'gpt2')))
+    results = check_each(cases)
+    assert results['the good folder'] == 'loaded' and results['with the transformer. prefix and lm_head'] == 'loaded'
+    assert "its activation_function is 'x', not 'gelu_new' or 'gelu_pytorch_tanh'" in results["activation_function='x'"]
+    assert 'its n_inner is 2.5, not None or 32' in results['n_inner=2.5']
+    assert 'GPT-2 BPE needs 50257 tokens but the model has 50000' in results['vocab_size=50000']
+    assert 'its transformer.h.0.attn.c_attn.weight is [8, 24]' in results['c_attn stored (out, in)']
+    assert "it has 'transformer.h.1.ln_1.weight', which that model has no place for" in results['an extra block']
+
+
 def test_a_meta_pkl_is_read_as_plain_data_and_checked(tmp_path):
     marker = tmp_path / 'ran'
     write_evil_meta(tmp_path / 'evil', marker)

@@ -99,8 +99,8 @@ def test_an_exported_model_s_config_is_checked_before_its_weights_download(tmp_p
 
     monkeypatch.setattr(huggingface_hub, 'hf_hub_download', download)
     (tmp_path / 'model.safetensors').write_bytes(b'gigabytes of something else')
-    for config, message in [('{"model_type": "llama"}', "does not describe a WiggleGPT model (its model_type is not 'wigglegpt')"),
-                            ('[1, 2]', "does not describe a WiggleGPT model (its model_type is not 'wigglegpt')"),
+    foreign = "does not describe a WiggleGPT model or a GPT-2 (its model_type is not 'wigglegpt' or 'gpt2')"
+    for config, message in [('{"model_type": "llama"}', foreign), ('[1, 2]', foreign),
                             ('{"model_type": ', 'is unreadable (JSONDecodeError: Expecting value: line 1 column 16 (char 15)); '
                                                'export the model again')]:
         (tmp_path / 'config.json').write_text(config)
