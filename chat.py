@@ -46,7 +46,7 @@ from chatbot import Chatbot
 from checkpoints import checkpoint_location
 
 out_dir = 'out-wigglegpt-finetune-native'
-ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt', an exported folder), or a hub name: hf:OWNER/REPO/FILE.pt
+ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt', an exported folder), a hub name hf:OWNER/REPO/FILE.pt, or gpt2...
 system = ''  # an optional system prompt, kept at the start of every conversation
 max_new_tokens: '>= 1' = 512
 temperature: '>= 0' = 0.7  # 0 is greedy

@@ -7,7 +7,8 @@ the assistant's words only (its replies, their closing <|/assistant|> and the fi
 
 This is train_bio.py with task='finetune': the same loop, checkpoints (ckpt.pt, ckpt_best.pt),
 log.jsonl, exact resume, Ctrl-C and NaN safety, DDP. What fine-tuning changes:
-- init_from is the pretrained checkpoint to start from (the original release's files work too);
+- init_from is the pretrained checkpoint to start from (the original release's files, and OpenAI's
+  gpt2 ... gpt2-xl by name, work too);
 - batches hold whole conversations from data/<dataset>/ (train.bin, train_mask.bin, train_offsets.npy),
   one per row, padded; the loss is the mean over the tokens whose mask is 1;
 - freeze_layers / freeze_embeddings keep the first blocks / the embeddings as they are;

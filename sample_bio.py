@@ -4,7 +4,7 @@ Sample text from a trained WiggleGPT checkpoint:
 `start` may be FILE:prompt.txt to read the prompt from a file. Text is printed as it is generated.
 
 Settings: out_dir; ckpt (ckpt.pt or ckpt_best.pt in out_dir, or a path, exported folder or hub name
-of its own); start; num_samples; max_new_tokens; temperature (0 is greedy); top_k; top_p;
+of its own, or OpenAI's gpt2 ... gpt2-xl); start; num_samples; max_new_tokens; temperature (0 is greedy); top_k; top_p;
 repetition_penalty; seed; device; dtype; compile (generation.py says how they act).
 Character-level checkpoints decode through their dataset's meta.pkl (an exported folder carries
 its characters), others through GPT-2's BPE. The settings are echoed on stderr, so
@@ -22,7 +22,7 @@ from codec import load_codec
 from generation import generate_tokens, stream_text
 
 out_dir = 'out'
-ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt', an exported folder), or a hub name: hf:OWNER/REPO/FILE.pt
+ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt', an exported folder), a hub name hf:OWNER/REPO/FILE.pt, or gpt2...
 start = '\n'  # prompt text, or FILE:path
 num_samples: '>= 1' = 3
 max_new_tokens: '>= 1' = 500

@@ -57,8 +57,10 @@ CPU (in float32 with every optimizer and schedule, in float16 with AdamW). Setti
 weights' shapes alone (gradient_checkpointing, dropout, batch size, schedule, eval settings, dtype,
 compile, ...) come from the command line, listed on one line; the architecture comes from the
 checkpoint. So a run that ran out of memory resumes with --gradient_checkpointing=True.
-init_from=path/to/ckpt.pt (or an exported folder, or a hub name hf:...) starts a new run from a
-checkpoint's weights, in either format (checkpoints.py).
+init_from=path/to/ckpt.pt (or an exported folder, a hub name hf:..., or OpenAI's gpt2, gpt2-medium,
+gpt2-large, gpt2-xl) starts a new run from a checkpoint's weights, in any of those formats
+(checkpoints.py). A new run that asks for the other MLP than the checkpoint's (use_bio_mlp=True from
+GPT-2) is refused: the two hold different weights.
 
 Ctrl-C or SIGTERM finishes the iteration, saves it and exits (a second Ctrl-C quits without
 saving); running out of GPU memory is one line saying what to lower.
