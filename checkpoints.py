@@ -137,10 +137,22 @@ def checkpoint_location(out_dir, ckpt):
     """Where a script's --out_dir/--ckpt pair points: out_dir/ckpt, or ckpt itself where it is a hub name, or
     a path or exported folder of its own that out_dir does not hold (a bare file name stays in out_dir)."""
     in_out_dir = os.path.join(out_dir, ckpt)
+    note_local_gpt2(ckpt, 'ckpt', (in_out_dir, ckpt))
     own_path = os.path.isdir(ckpt) or os.path.dirname(ckpt) != ''
     if is_hub_name(ckpt) or (own_path and os.path.exists(ckpt) and not os.path.exists(in_out_dir)):
         return ckpt
     return in_out_dir
+
+
+def note_local_gpt2(name, setting, places):
+    """Say so where a GPT-2 name is also a local file or folder (the first of places that exists): the name
+    means OpenAI's model, and the local one needs a path."""
+    for place in places:
+        if name in GPT2_NAMES and os.path.exists(place):
+            path = place if os.path.dirname(place) else os.path.join('.', place)
+            print(f"note: {name} names OpenAI's GPT-2 (from the hub); for the local {path}, pass --{setting}={path}",
+                  file=sys.stderr)
+            return
 
 
 def is_checkpoint_location(location):
@@ -338,6 +350,13 @@ def load_checkpoint_file(ckpt_path, device, overrides):
 SIZE_LIMITS = {'vocab_size': MAX_VOCAB_SIZE, 'block_size': 2 ** 16, 'n_layer': 1024, 'n_head': 1024, 'n_embd': 2 ** 16}
 
 
+# GPTConfig's fields that a checkpoint decides, so that a run started from one takes them from it: all
+# but vocab_size (from the data), those no weight depends on (a resume may change them), and block_size
+# (also the training window, which may be shorter than the model's context)
+TRAINING_ONLY = ('dropout', 'gradient_checkpointing')
+ARCHITECTURE = tuple(f.name for f in fields(GPTConfig) if f.name not in ('vocab_size', 'block_size', *TRAINING_ONLY))
+
+
 def setting_problem(name, value, default):
     """What is wrong with value for the GPTConfig field name (whose default gives its type), or None."""
     if isinstance(default, bool):
@@ -352,12 +371,15 @@ def setting_problem(name, value, default):
     return None if math.isfinite(value) else 'is not a finite number'
 
 
-def config_problem(settings):
-    """The first thing wrong with settings (a value for each GPTConfig field), or None."""
+def config_problem(settings, relations=True):
+    """The first thing wrong with settings (a value for each GPTConfig field), or None; relations=False
+    holds each setting to its own range alone (a run that takes its architecture from a checkpoint)."""
     for f in fields(GPTConfig):
         problem = setting_problem(f.name, settings[f.name], f.default)
         if problem:
             return f'{f.name}={settings[f.name]!r:.40} {problem}'
+    if not relations:
+        return None
     head_size, rest = divmod(settings['n_embd'], settings['n_head'])
     if rest:
         return f"n_embd={settings['n_embd']} is not a multiple of n_head={settings['n_head']}"
@@ -519,8 +541,11 @@ def load_gpt2(config_path, weights_path, config, device, overrides):
     stored_as = {}  # our name -> the file's, for every weight kept
     for name in shapes:
         ours = 'transformer.' + name.removeprefix('transformer.')
-        if not ours.endswith(('.attn.bias', '.attn.masked_bias')) and name != TIED_COPY:  # masks; the tied lm_head
-            stored_as[ours] = name
+        if ours.endswith(('.attn.bias', '.attn.masked_bias')) or name == TIED_COPY:  # masks; the tied lm_head
+            continue
+        if ours in stored_as:
+            raise ValueError(f'{weights_path} holds {stored_as[ours]} twice (also as {name}); which one is meant is unknown')
+        stored_as[ours] = name
     held = sum(math.prod(shapes[name]) for name in stored_as.values())
     # transformers' defaults where config.json leaves a field out
     architecture = {'vocab_size': config.get('vocab_size', GPT2_VOCAB_SIZE), 'block_size': config.get('n_positions', 1024),

@@ -40,8 +40,10 @@ _BAD = object()  # marks a value that does not fit the setting's type
 
 
 def settings_in(namespace: dict) -> dict:
-    """The settings among a script's globals: its public names that hold an int, float, bool or str."""
-    return {k: v for k, v in namespace.items() if not k.startswith('_') and isinstance(v, (int, float, bool, str))}
+    """The settings among a script's globals: its public names that hold an int, float, bool or str, but
+    for constants (names in capitals, such as those a script imports)."""
+    return {k: v for k, v in namespace.items()
+            if not k.startswith('_') and not k.isupper() and isinstance(v, (int, float, bool, str))}
 
 
 def script_defaults(path: str) -> dict:

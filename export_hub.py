@@ -9,6 +9,9 @@ uploaded, as hf:OWNER/REPO:
     python sample_bio.py --ckpt=hf:OWNER/REPO
 Exporting again over an earlier export keeps its README.md, which may have been edited by hand, and
 writes the new card beside it as README.new.md (never uploaded); --overwrite_card=True replaces it.
+The eval_results.json that eval_bio.py keeps in an exported folder stays there too, and its results
+are the card's Evaluation table (eval_bio.py refreshes that table alone in README.md as it evaluates),
+as long as the export writes the same weights again; over an export of other weights it is removed.
 
 Settings: out_dir and ckpt pick the checkpoint as for sample_bio.py (ckpt.pt or ckpt_best.pt in
 out_dir, or a path or hub name of its own); export_dir is the folder to write (default
@@ -27,9 +30,10 @@ import math
 import os
 import sys
 
-from checkpoints import (EXPORT_CONFIG, EXPORT_MODEL_TYPE, EXPORT_WEIGHTS, HUB_PREFIX, checkpoint_location,
-                         error_line, export_model, load_model)
+from checkpoints import (EXPORT_CONFIG, EXPORT_MODEL_TYPE, EXPORT_WEIGHTS, TIED_COPY, checkpoint_location, error_line,
+                         export_model, is_hub_name, load_model)
 from codec import tokenizer_facts
+from eval_results import RESULTS_FILE, card_section, read_results
 from prepared_data import HUB_NAME
 from run_log import read_log
 
@@ -58,7 +62,7 @@ if os.path.isdir(export_dir) and set(os.listdir(export_dir)) - {'.cache'}:
             earlier_export = json.load(f).get('model_type') == EXPORT_MODEL_TYPE
     except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested past Python's stack
         earlier_export = False
-    others = sorted(set(os.listdir(export_dir)) - {EXPORT_CONFIG, EXPORT_WEIGHTS, CARD, NEW_CARD, '.cache'})
+    others = sorted(set(os.listdir(export_dir)) - {EXPORT_CONFIG, EXPORT_WEIGHTS, CARD, NEW_CARD, RESULTS_FILE, '.cache'})
     if not earlier_export or others:
         fail(f'{export_dir} already holds other files ({", ".join(others or os.listdir(export_dir))}); '
              'export into a new or empty folder (--export_dir=...)')
@@ -70,8 +74,32 @@ except ValueError as e:
     fail(str(e))
 log_path = os.path.join(os.path.dirname(os.path.abspath(source)), 'log.jsonl')
 evals = []
-if not source.startswith(HUB_PREFIX) and os.path.isfile(log_path):
+if not is_hub_name(source) and os.path.isfile(log_path):
     evals = [r for r in read_log(log_path) if {'iter', 'train_loss', 'val_loss'} <= r.keys()]
+
+
+def holds_weights_of(folder, model):
+    """Whether the export in folder holds exactly model's weights (it was made from the same checkpoint)."""
+    import torch
+    from safetensors import safe_open
+    weights = {k: v for k, v in model.state_dict().items() if k != TIED_COPY}
+    try:
+        with safe_open(os.path.join(folder, EXPORT_WEIGHTS), 'pt') as f:
+            return set(f.keys()) == set(weights) and all(torch.equal(f.get_tensor(k), weights[k]) for k in weights)
+    except Exception:  # unreadable, or another model: not these weights
+        return False
+
+
+# an earlier export's evaluations (eval_bio.py) describe its weights: kept, in the card too, where the export
+# writes the same weights again, and dropped where it writes others
+results_path = os.path.join(export_dir, RESULTS_FILE)
+try:
+    eval_results = read_results(results_path)
+except ValueError as e:
+    fail(str(e))
+stale_results = bool(eval_results) and not holds_weights_of(export_dir, model)
+if stale_results:
+    eval_results = {}
 
 
 def model_card():
@@ -118,6 +146,8 @@ def model_card():
         lines += [f'Best val loss {float(best):.4f} (no log.jsonl was found beside the checkpoint).']
     else:
         lines += ['No results were recorded with the checkpoint.']
+    if eval_results:
+        lines += ['', card_section(eval_results)]
     hub_name = f'hf:{push_to_hub}' if push_to_hub else 'hf:OWNER/REPO'
     lines += ['', '## Use', '',
               'With the WiggleGPT repository (its `requirements.txt` installed):', '', '```',
@@ -134,6 +164,10 @@ card = model_card()  # before any file is written: a failure here leaves no half
 card_name = NEW_CARD if os.path.isfile(os.path.join(export_dir, CARD)) and not overwrite_card else CARD
 try:
     export_model(model, checkpoint, tokenizer, export_dir)
+    if stale_results:
+        os.remove(results_path)
+        print(f'note: {results_path} measured the weights exported before, not these: removed (run eval_bio.py '
+              'again)', file=sys.stderr)
     with open(os.path.join(export_dir, card_name), 'w', encoding='utf-8') as f:
         f.write(card)
 except OSError as e:

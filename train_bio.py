@@ -160,8 +160,9 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import devices  # noqa: E402
 import prepared_data  # noqa: E402
-from checkpoints import (FORMAT_VERSION, config_problem, fetch_from_hub, is_checkpoint_location, is_hub_name,  # noqa: E402
-                         load_model, replace_file, save_checkpoint)
+from checkpoints import (ARCHITECTURE, FORMAT_VERSION, TRAINING_ONLY, config_problem, fetch_from_hub,  # noqa: E402
+                         is_checkpoint_location, is_hub_name, load_model, note_local_gpt2, replace_file,
+                         save_checkpoint)
 from codec import GPT2_VOCAB_SIZE, is_dataset_name, read_meta  # noqa: E402
 from model_bio import GPT, GPTConfig  # noqa: E402
 from optimizers import (OPTIMIZERS, SCHEDULES, build_optimizers, describe, load_optimizer_state,  # noqa: E402
@@ -169,9 +170,6 @@ from optimizers import (OPTIMIZERS, SCHEDULES, build_optimizers, describe, load_
 # -----------------------------------------------------------------------------
 # GPTConfig's fields are settings of the same names (vocab_size comes from the data)
 model_keys = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']
-TRAINING_ONLY = ('dropout', 'gradient_checkpointing')  # model settings that a resume may change: no weight depends on them
-# what a checkpoint decides: the model it holds (block_size is also the training window, which may be shorter)
-ARCHITECTURE = [k for k in model_keys if k not in TRAINING_ONLY and k != 'block_size']
 
 
 # each setting's own range is declared beside its default (checked by configure); here, what relates them
@@ -180,7 +178,9 @@ if optimizer not in OPTIMIZERS:
 if lr_schedule not in SCHEDULES:
     fail(f"lr_schedule={lr_schedule!r} is not one of {', '.join(SCHEDULES)}")
 # the model's settings (GPTConfig's fields) have their limits where a checkpoint's are checked: checkpoints.py
-model_problem = config_problem({**asdict(GPTConfig()), **{k: config[k] for k in model_keys}})
+# (from a checkpoint its architecture is taken, so how the asked settings relate does not matter)
+model_problem = config_problem({**asdict(GPTConfig()), **{k: config[k] for k in model_keys}},
+                               relations=init_from == 'scratch')
 if model_problem:
     fail(model_problem)
 if rehearsal_iters == 1:
@@ -228,17 +228,6 @@ if master:
     print(f"device {devices.describe(device)}, {dtype}{' with a GradScaler' if dtype == 'float16' else ''}"
           f"{f', {world_size} processes' if ddp else ''}")
 
-# a checkpoint to start from is found (downloaded, for a hub name) before the run's folder is made
-source = None
-if init_from not in ('scratch', 'resume'):
-    if not is_checkpoint_location(init_from):
-        fail(f"init_from={init_from!r} is not 'scratch', 'resume', a checkpoint (file or exported folder), a hub name "
-             "hf:OWNER/REPO/FILE.pt or one of OpenAI's gpt2, gpt2-medium, gpt2-large, gpt2-xl")
-    try:
-        source = fetch_from_hub(init_from) if is_hub_name(init_from) else init_from
-    except ValueError as e:
-        fail(str(e))
-
 # a run's folder is never overwritten: a new run needs a folder without one, a run goes on with resume
 ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 best_path = os.path.join(out_dir, 'ckpt_best.pt')
@@ -260,6 +249,18 @@ if writes and init_from != 'resume':
              'start the new run with another --out_dir')
 if writes and init_from == 'resume' and not os.path.isfile(ckpt_path):
     fail(f'init_from=resume but {ckpt_path} does not exist (train from scratch first, or fix out_dir)')
+# a checkpoint to start from is found (downloaded, for a hub name: gigabytes, so once the folder is known to be
+# free) before the run's folder is made
+source = None
+if init_from not in ('scratch', 'resume'):
+    note_local_gpt2(init_from, 'init_from', (init_from,))
+    if not is_checkpoint_location(init_from):
+        fail(f"init_from={init_from!r} is not 'scratch', 'resume', a checkpoint (file or exported folder), a hub name "
+             "hf:OWNER/REPO/FILE.pt or one of OpenAI's gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    try:
+        source = fetch_from_hub(init_from) if is_hub_name(init_from) else init_from
+    except ValueError as e:
+        fail(str(e))
 
 # -----------------------------------------------------------------------------
 # data: token memmaps written by data/<dataset>/prepare.py

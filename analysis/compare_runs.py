@@ -7,6 +7,7 @@ By default bio vs GELU; each arm may be swept over learning rates and is then ju
     python analysis/compare_runs.py --config config_shakespeare_char_cpu.py --lrs 1e-3 3e-3 \\
         --arms muon:optimizer=muon adamw:optimizer=adamw
     python analysis/compare_runs.py --tabulate --runs_dir runs-compare       (existing runs only)
+    python analysis/compare_runs.py --evals wiggle.json gpt2.json --labels wiggle gpt2   (eval_bio.py results)
 
 An arm is NAME:key=value[,key=value...] (train_bio.py settings); the last arm is the baseline the
 others are measured against. Default: bio:use_bio_mlp=True gelu:use_bio_mlp=False,use_sparse_gate=False.
@@ -30,6 +31,15 @@ flatters every arm slightly and alike; the output says so. Other arms: the spars
 or muon:optimizer=muon adamw:optimizer=adamw. A bad argument, or a mistake in any arm's settings
 (checked as train_bio.py checks them), is one 'error: ' line and exit status 2 before anything
 trains.
+
+--evals RESULTS ...: no training and no runs, only eval_bio.py's results files side by side: one
+column per file (named by --labels, else by the file's ckpt), one row per metric any file holds
+(val.loss, bpb.bpb, hellaswag.acc_norm, harness.arc_easy.acc, ...; '-' where a file lacks it). Where
+the files measured different data (a task's dataset, split, source, bytes or n differ) a line below
+the table names those rows: their tasks' numbers do not compare. Printed, and written to --out_dir
+(default analysis_out/evals) as compare_evals.md and compare_evals.json. A results file that is
+missing, not JSON, over 1 MB, or holds anything but a finite number where a metric belongs is one
+'error: ' line.
 """
 import argparse
 import contextlib
@@ -46,10 +56,10 @@ import matplotlib
 
 matplotlib.use('Agg')
 import matplotlib.pyplot as plt  # noqa: E402
-import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
+import eval_results  # noqa: E402
 import run_log  # noqa: E402
 from configurator import check_folder, configure, declared_rules, fail, one_line_errors, ruled, script_defaults  # noqa: E402
 # the sparse gate is part of the oscillating MLP, so the GELU arm goes without it
@@ -61,6 +71,8 @@ T_95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2
 DIVERGED = 'diverged.txt'  # in a run's folder: train_bio.py stopped it for losses or weights that were not finite
 OPTIMISM = ('note: each best learning rate is picked on the same val split its loss is reported on, which '
             'flatters every arm slightly and alike')
+# a task's fields that say what it measured: where they differ between files, the files measured different data
+SAME_DATA = ('dataset', 'split', 'source', 'bytes', 'n')
 
 
 def read_evals(run_dir):
@@ -114,13 +126,18 @@ def run_settings(args, arm_settings, lr, seed, run_dir):
 def train(settings, run_dir):
     """Run train_bio.py with these settings: from scratch, or on from the checkpoint an unfinished run left.
     A run folder whose checkpoint was trained with other settings is never touched."""
+    import torch  # here, not above: --evals, --tabulate and plot_loss.py (which imports this file) start without it
     resume = []
     ckpt_path = os.path.join(run_dir, 'ckpt.pt')
     if os.path.isfile(ckpt_path):
+        from checkpoints import ARCHITECTURE
         saved = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
-        # settings the saved run did not know yet, init_from and the folder's name are not compared
-        differing = [f'{k} {saved["config"][k]!r} -> {v!r}' for k, v in resolve(settings).items()
-                     if k in saved['config'] and v != saved['config'][k] and k not in ('init_from', 'out_dir')]
+        asked = resolve(settings)
+        # settings the saved run did not know yet, init_from and the folder's name are not compared, nor the
+        # architecture of a run started from a checkpoint's weights: that is the checkpoint's
+        ignored = ('init_from', 'out_dir', *(ARCHITECTURE if asked['init_from'] != 'scratch' else ()))
+        differing = [f'{k} {saved["config"][k]!r} -> {v!r}' for k, v in asked.items()
+                     if k in saved['config'] and v != saved['config'][k] and k not in ignored]
         if differing:
             fail(f"{run_dir} holds a run with other settings ({', '.join(differing)}); pass another --runs_dir, "
                  'or move that folder away')
@@ -165,6 +182,65 @@ def interval(values):
     return {'values': values, 'mean': mean, 'std': std, 'ci95': [mean - half, mean + half]}
 
 
+def read_eval_results(path):
+    """(ckpt, {row: value}) of an eval_bio.py results file, its tasks flattened into rows such as val.loss,
+    hellaswag.acc_norm and harness.arc_easy.acc; anything but such a file ends the script with one 'error: ' line."""
+    if not os.path.isfile(path):
+        problem = 'not a file' if os.path.exists(path) else 'no such file'
+        fail(f'{path}: {problem}; pass a results file written by eval_bio.py')
+    try:
+        results = eval_results.read_results(path)
+    except ValueError as e:
+        fail(str(e))
+    rows = eval_results.flat_rows(results)
+    if not rows:
+        fail(f'{path} holds no results (val, bpb, hellaswag or harness); pass a results file written by eval_bio.py')
+    return results.get('ckpt', path), rows
+
+
+def cell(value):
+    """A table's cell: '-' where a file lacks the row, floats to 4 decimals, counts and names as they are."""
+    if value is None:
+        return '-'
+    return f'{value:.4f}' if isinstance(value, float) else str(value)
+
+
+def compare_evals(paths, labels, out_dir):
+    """eval_bio.py's results files side by side, one column each: printed, and written as Markdown and JSON."""
+    if labels and len(labels) != len(paths):
+        fail(f'{len(paths)} --evals files but {len(labels)} --labels; give one label per file, or none')
+    results = [read_eval_results(path) for path in paths]
+    labels = labels or [ckpt for ckpt, _ in results]
+    if len(set(labels)) < len(labels):
+        fail(f'two results files are both labelled {max(labels, key=labels.count)!r}; name them apart with --labels')
+    # every row any file holds, in the files' order, eval_bio.py's own tasks before the harness's
+    rank = {task: i for i, task in enumerate(eval_results.TASKS)}
+    names = sorted(dict.fromkeys(name for _, rows in results for name in rows),
+                   key=lambda name: rank.get(name.split('.')[0], len(rank)))
+    table = {name: [rows.get(name) for _, rows in results] for name in names}
+    differing = [name for name, values in table.items()
+                 if name.rsplit('.', 1)[1] in SAME_DATA and len({v for v in values if v is not None}) > 1]
+    note = ('note: measured on different data, so these tasks do not compare: '
+            + '; '.join(f"{name} {' vs '.join(map(cell, table[name]))}" for name in differing))
+
+    header = ['metric', *labels]
+    lines = [header] + [[name, *map(cell, values)] for name, values in table.items()]
+    widths = [max(len(line[i]) for line in lines) for i in range(len(header))]
+    for line in lines:
+        print('  '.join([line[0].ljust(widths[0])] + [text.rjust(width) for text, width in zip(line[1:], widths[1:])]))
+    markdown = ['| ' + ' | '.join(text.replace('|', '\\|') for text in line) + ' |' for line in lines]
+    markdown.insert(1, '|---|' + '---:|' * len(labels))
+    if differing:
+        print(note)
+        markdown += ['', note]
+    os.makedirs(out_dir, exist_ok=True)
+    with open(os.path.join(out_dir, 'compare_evals.md'), 'w', encoding='utf-8') as f:
+        f.write('\n'.join(markdown) + '\n')
+    with open(os.path.join(out_dir, 'compare_evals.json'), 'w', encoding='utf-8') as f:
+        json.dump({'columns': labels, 'files': paths, 'rows': table, 'different_data': differing}, f, indent=2)
+    print(f'wrote {out_dir}/compare_evals.md and {out_dir}/compare_evals.json')
+
+
 def main():
     parser = one_line_errors(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
@@ -178,8 +254,19 @@ def main():
                         help='learning rates to sweep for every arm')
     parser.add_argument('--runs_dir', default='runs-compare')
     parser.add_argument('--tabulate', action='store_true', help='only report the runs already in --runs_dir')
-    parser.add_argument('--out_dir', default=None, help='where the tables and plots go (default: --runs_dir)')
+    parser.add_argument('--out_dir', default=None,
+                        help='where the tables and plots go (default: --runs_dir; with --evals: analysis_out/evals)')
+    parser.add_argument('--evals', nargs='+', metavar='RESULTS',
+                        help="eval_bio.py's results files: only their table, side by side; nothing trains")
+    parser.add_argument('--labels', nargs='+', help="with --evals: one column name per file (default: its ckpt)")
     args = parser.parse_args()
+    if args.labels and not args.evals:
+        fail('--labels names the --evals files; give it with --evals')
+    if args.evals:
+        out_dir = args.out_dir or os.path.join('analysis_out', 'evals')
+        check_folder('--out_dir', out_dir)
+        compare_evals(args.evals, args.labels, out_dir)
+        return
     out_dir = args.out_dir or args.runs_dir
     arms = parse_arms(args.arms)
     baseline = list(arms)[-1]

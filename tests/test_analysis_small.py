@@ -1,5 +1,5 @@
 """
-plot_loss.py and xor_neuron.py run as users run them.
+plot_loss.py (with eval_bio.py's results as reference lines) and xor_neuron.py run as users run them.
 
     python -m pytest tests/test_analysis_small.py              (-m "not slow": the quick ones only)
 """
@@ -11,6 +11,9 @@ import subprocess
 import sys
 
 import matplotlib.image
+import numpy as np
+
+from conftest import message_lines, run_script
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PLOT_LOSS = os.path.join(REPO, 'analysis', 'plot_loss.py')
@@ -57,6 +60,39 @@ def test_plot_loss_summary_matches_the_logs(tmp_path):
     assert summary['ft'] == {'best_val_loss': None, 'best_val_iter': None, 'final_val_loss': None,
                              'final_iter': ft_train[-1][0], 'final_train_loss': ft_train[-1][1],
                              'tokens': ft_train[-1][2]}
+
+
+def test_plot_loss_draws_eval_results_as_reference_lines(tmp_path):
+    write_log(tmp_path / 'run' / 'log.jsonl', [(5, 3.9, 500), (10, 3.1, 1000)], [(0, 4.2, 4.25, 0), (10, 3.0, 3.05, 1000)])
+    gpt2 = {'ckpt': 'gpt2', 'val': {'loss': 3.12, 'tokens': 1000, 'dataset': 'openwebtext', 'split': 'val'},
+            'hellaswag': {'acc': 0.29, 'acc_norm': 0.31, 'n': 10042}}
+    (tmp_path / 'gpt2.json').write_text(json.dumps(gpt2))
+    run_script(tmp_path, PLOT_LOSS, 'run', '--out_dir', 'plain')
+    proc = run_script(tmp_path, PLOT_LOSS, 'run', '--evals', 'gpt2.json', '--out_dir', 'out')
+    assert 'gpt2: val 3.1200 measured by eval_bio.py (gpt2.json)' in proc.stdout.splitlines()
+    summary = json.loads((tmp_path / 'out' / 'loss_summary.json').read_text())
+    plain = json.loads((tmp_path / 'plain' / 'loss_summary.json').read_text())
+    assert summary == {**plain, 'gpt2': {'val_loss': 3.12, 'dataset': 'openwebtext', 'split': 'val',
+                                         'eval_file': 'gpt2.json'}}
+    for png in ('loss_by_iter.png', 'loss_by_tokens.png'):
+        assert_png(tmp_path / 'out' / png)
+        # the reference line (and its legend entry) are drawn: the plot differs from the run's alone
+        assert not np.array_equal(matplotlib.image.imread(tmp_path / 'out' / png),
+                                  matplotlib.image.imread(tmp_path / 'plain' / png)), png
+
+
+@pytest.mark.slow
+def test_plot_loss_eval_results_it_cannot_draw_are_one_line_errors(tmp_path):
+    write_log(tmp_path / 'run' / 'log.jsonl', [(5, 3.9, 500)], [(0, 4.2, 4.25, 0)])
+    (tmp_path / 'noval.json').write_text(json.dumps({'ckpt': 'gpt2', 'hellaswag': {'acc': 0.29, 'acc_norm': 0.3, 'n': 9}}))
+    val = {'loss': 3.1, 'tokens': 100, 'dataset': 'openwebtext', 'split': 'val'}
+    (tmp_path / 'same.json').write_text(json.dumps({'ckpt': 'run', 'val': val}))
+    for name, message in (('noval.json', 'noval.json has no val loss to draw; run eval_bio.py with its val task'),
+                          ('same.json', "same.json measured 'run', which labels another line too; plot them apart, "
+                                        'or rename the run with --labels')):
+        proc = run_script(tmp_path, PLOT_LOSS, 'run', '--evals', name, '--out_dir', 'out', check=False)
+        assert proc.returncode == 2 and message_lines(proc.stderr) == ['error: ' + message], proc.stderr
+    assert not (tmp_path / 'out').exists()
 
 
 @pytest.mark.slow

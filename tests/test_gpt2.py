@@ -93,14 +93,16 @@ def test_scripts_take_gpt2_by_name(gpt2_hub, workdir):
     bpe_workdir(workdir)
     conversations, _ = prepare(workdir, '--val_fraction=0.2')
     os.rename(conversations, workdir / 'data' / 'chat')
+    (workdir / 'out' / 'gpt2').mkdir(parents=True)  # a local folder of that name: the name still means OpenAI's
     prompt = 'The meaning of life is'
     train = ['--device=cpu', '--dtype=float32', '--dataset=bpe', '--block_size=32', '--batch_size=2',
-             '--gradient_accumulation_steps=1', '--max_iters=4', '--eval_interval=4', '--eval_iters=1',
-             '--warmup_iters=1', '--lr_decay_iters=4', '--learning_rate=1e-3']
+             '--gradient_accumulation_steps=1', '--eval_iters=1', '--warmup_iters=1', '--lr_decay_iters=6',
+             '--learning_rate=1e-3', '--max_iters=4', '--eval_interval=4']
     runs = {
         'sample': ('sample_bio.py', '--ckpt=gpt2', f'--start={prompt}', '--temperature=0', '--num_samples=1',
                    '--max_new_tokens=12', '--device=cpu', '--dtype=float32'),
-        'train': ('train_bio.py', '--init_from=gpt2', '--out_dir=from-gpt2', *train),
+        # its own architecture asked (gelu_tanh on, where train_bio's default MLP is the oscillating one)
+        'train': ('train_bio.py', '--init_from=gpt2', '--out_dir=from-gpt2', '--gelu_tanh=True', *train),
         'finetune': ('finetune_native.py', *FINETUNE, '--init_from=gpt2', '--max_iters=2', '--eval_interval=2'),
         'bio': ('train_bio.py', '--init_from=gpt2', '--use_bio_mlp=True', '--out_dir=bio', *train),
         'medium': ('sample_bio.py', '--ckpt=gpt2-medium', '--device=cpu'),
@@ -115,6 +117,7 @@ def test_scripts_take_gpt2_by_name(gpt2_hub, workdir):
                                    pad_token_id=50256)
     assert procs['sample'].returncode == 0, procs['sample'].stderr
     assert procs['sample'].stdout == enc.decode(greedy[0].tolist()) + '\n---------------\n'
+    assert "note: gpt2 names OpenAI's GPT-2 (from the hub); for the local out/gpt2, pass --ckpt=out/gpt2" in procs['sample'].stderr
 
     assert procs['train'].returncode == 0, procs['train'].stderr
     assert 'starting from the weights of gpt2' in procs['train'].stdout
@@ -123,6 +126,11 @@ def test_scripts_take_gpt2_by_name(gpt2_hub, workdir):
     # it trained from GPT-2's weights: the position table moved little from them
     wpe = hf_model.transformer.wpe.weight
     assert (saved['model']['transformer.wpe.weight'] - wpe).abs().max() < 0.05
+    resumed = run_script(workdir, 'train_bio.py', '--init_from=resume', '--out_dir=from-gpt2', *train[:-2],
+                         '--max_iters=6', '--eval_interval=6', env=env)
+    assert 'resuming from from-gpt2/ckpt.pt at iter 4' in resumed.stdout
+    saved = torch.load(workdir / 'from-gpt2' / 'ckpt.pt', weights_only=True)
+    assert saved['iter_num'] == 6 and saved['model_args']['gelu_tanh'] and not saved['model_args']['use_bio_mlp']
 
     assert procs['finetune'].returncode == 0, procs['finetune'].stderr
     tuned = torch.load(workdir / 'ft' / 'ckpt.pt', weights_only=True)

@@ -333,6 +333,7 @@ def test_mutated_gpt2_folders_load_or_fail_in_one_line(tmp_path):
                            'layer_norm_epsilon', 'scale_attn_weights', 'scale_attn_by_inverse_layer_idx',
                            'tie_word_embeddings')}
     configs['vocab_size=50000'] = dict(good, vocab_size=50000)
+    configs['scale_attn_weights=1'] = dict(good, scale_attn_weights=1)  # JSON's 1 is no true
     weight_sets = {'no wte': {k: v for k, v in weights.items() if k != 'wte.weight'},
                    'no c_fc bias': {k: v for k, v in weights.items() if k != 'h.0.mlp.c_fc.bias'},
                    'c_attn stored (out, in)': dict(weights, **{'h.0.attn.c_attn.weight': weights['h.0.attn.c_attn.weight'].t().contiguous()}),
@@ -340,7 +341,8 @@ def test_mutated_gpt2_folders_load_or_fail_in_one_line(tmp_path):
                    'an extra block': dict(weights, **{'h.1.ln_1.weight': torch.ones(8)}),
                    'wte of integers': dict(weights, **{'wte.weight': torch.zeros(50257, 8, dtype=torch.int64)}),
                    'with the transformer. prefix and lm_head': {**{'transformer.' + k: v for k, v in weights.items()},
-                                                                'lm_head.weight': weights['wte.weight'].clone()}}
+                                                                'lm_head.weight': weights['wte.weight'].clone()},
+                   'wte twice': dict(weights, **{'transformer.wte.weight': weights['wte.weight'] + 1})}
     cases = []
     for i, (label, config) in enumerate(configs.items()):
         case = tmp_path / f'config{i}'
@@ -359,6 +361,8 @@ def test_mutated_gpt2_folders_load_or_fail_in_one_line(tmp_path):
     assert results['the good folder'] == 'loaded' and results['with the transformer. prefix and lm_head'] == 'loaded'
     assert "its activation_function is 'x', not 'gelu_new' or 'gelu_pytorch_tanh'" in results["activation_function='x'"]
     assert 'its n_inner is 2.5, not None or 32' in results['n_inner=2.5']
+    assert 'its scale_attn_weights is 1, not True' in results['scale_attn_weights=1']
+    assert 'holds transformer.wte.weight twice (also as wte.weight)' in results['wte twice']
     assert 'GPT-2 BPE needs 50257 tokens but the model has 50000' in results['vocab_size=50000']
     assert 'its transformer.h.0.attn.c_attn.weight is [8, 24]' in results['c_attn stored (out, in)']
     assert "it has 'transformer.h.1.ln_1.weight', which that model has no place for" in results['an extra block']

@@ -29,6 +29,8 @@ CASES = [
     ('train_bio.py', ['--init_from=resume', '--out_dir=empty'],
      'error: init_from=resume but empty/ckpt.pt does not exist (train from scratch first, or fix out_dir)'),
     ('train_bio.py', ['--use_sparse_gate=True'], 'error: use_sparse_gate=True needs use_bio_mlp=True'),
+    ('train_bio.py', ['--use_bio_mlp=True', '--gelu_tanh=True'],
+     'error: gelu_tanh=True is a setting of the GELU MLP (use_bio_mlp=False)'),
     ('train_bio.py', ['--optimizer=sgd'], "error: optimizer='sgd' is not one of adamw, muon, adafactor, lion, adamw8bit"),
     ('train_bio.py', ['--lr_schedule=wsd', '--decay_frac=1.5'],
      'error: decay_frac = 1.5 is not allowed: it must be in (0, 1]'),
