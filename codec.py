@@ -109,6 +109,9 @@ def tokenizer_facts(checkpoint):
             raise ValueError(f'{meta_path} has {len(itos)} characters but the checkpoint only {vocab_size} tokens: '
                              f'it is another preparation; run python data/{dataset}/prepare.py again')
         return {'type': 'characters', 'chars': [itos[i] for i in range(len(itos))]}
+    if vocab_size < GPT2_VOCAB_SIZE and dataset is None:
+        raise ValueError(f'the checkpoint has a {vocab_size}-token vocabulary but names no dataset whose meta.pkl '
+                         'holds its characters')
     if vocab_size < GPT2_VOCAB_SIZE:
         raise ValueError(f'the checkpoint has a {vocab_size}-token vocabulary but '
                          f'{meta_path} is missing (run data/{dataset}/prepare.py again)')

@@ -45,7 +45,9 @@ earlier results for the same --ckpt is merged (a task run again replaces its old
 checkpoint is refused. An exported folder (export_hub.py) also keeps its results: they are merged into
 its eval_results.json, and its README.md gets them as the table between the markers of its Evaluation
 section (added at its end if missing; the rest of the card, edited by hand or not, stays as it is).
-Files are written whole or not at all (a temp file, then a rename). Every mistake in the settings, or in
+Scores are computed in float32 unless --dtype says otherwise (the harness scores GPT-2 so); batches
+made up differently round differently, by about 1e-5 nats in float32. An exported folder in the hub's
+cache (a download) is not written into. Files are written whole or not at all (a temp file, then a rename). Every mistake in the settings, or in
 a file given, is one line `error: ...` and exit status 2, before anything is written.
 """
 
@@ -53,6 +55,7 @@ import json
 import math
 import os
 import re
+import signal
 import sys
 import time
 import urllib.request
@@ -81,7 +84,7 @@ harness_tasks = ''  # comma-separated lm-evaluation-harness tasks (pip install l
 harness_include_path = ''  # a folder of lm-evaluation-harness task YAMLs (its --include_path)
 out = ''  # a JSON file for the results; '' prints them only
 device = 'auto'
-dtype = 'auto'
+dtype = 'float32'  # as the harness scores GPT-2; 'auto' (bfloat16 on most GPUs) is faster, its scores ~1e-2 off
 # -----------------------------------------------------------------------------
 from configurator import check_folder, configure, declared_rules, fail, settings_in  # noqa: E402
 
@@ -220,7 +223,7 @@ def read_text_tokens(path, encode, max_tokens):
     if not os.path.isfile(path):
         raise ValueError(f'--text_path={path} is {"a folder" if os.path.isdir(path) else "not found"}; name a text file')
     try:
-        with open(path, encoding='utf-8') as f:
+        with open(path, encoding='utf-8', newline='') as f:  # its bytes as they are: \r\n stays two characters
             text = f.read()
     except UnicodeDecodeError as e:
         raise ValueError(f'--text_path={path} is not UTF-8 text (byte {e.start} is {e.object[e.start:e.start + 1]!r}); '
@@ -351,24 +354,44 @@ def harness_model(model, encode, decode, start_id, batch_size, autocast):
             return totals
 
         def generate_until(self, requests, disable_tqdm=False):
-            from generation import generate_tokens, stream_text
+            from generation import generate_tokens
             generator = torch.Generator(device=next(model.parameters()).device).manual_seed(GENERATION_SEED)
             texts = []
             for context, gen_kwargs in tqdm([request.args for request in requests], desc='generate', unit='request'):
                 settings = normalize_gen_kwargs(gen_kwargs, 256)
-                stops = handle_stop_sequences(settings['until'], end_text)
+                stops = [stop for stop in handle_stop_sequences(settings['until'], end_text) if stop]
                 prompt = encode(context) or ([start_id] if start_id is not None else [])
                 if not prompt:
                     raise ValueError('a generate_until request has an empty context, and a character model has no '
                                      'start token to generate from')
-                temperature = settings['temperature'] if settings['do_sample'] else 0.0
+                # sampling at 1.0 where a task asks for it without a temperature, as transformers' generate does
+                temperature = settings.get('temperature', 1.0) if settings['do_sample'] else 0.0
+                ids = []
                 with autocast:
-                    tokens = generate_tokens(model, prompt, settings['max_gen_toks'], temperature=temperature,
-                                             top_k=None, generator=generator)
-                    texts.append(''.join(stream_text(tokens, decode, stops)))
+                    for token in generate_tokens(model, prompt, settings['max_gen_toks'], temperature=temperature,
+                                                 top_k=None, generator=generator):
+                        ids.append(token)
+                        if any(stop in decode(ids) for stop in stops):
+                            break
+                # as the harness cuts a generation: before each stop string in turn (a partial one at the end stays)
+                text = decode(ids)
+                for stop in stops:
+                    text = text.split(stop)[0]
+                texts.append(text)
             return texts
 
     return WiggleGPTHarnessModel()
+
+
+def same_checkpoint(a, b):
+    """Whether two --ckpt values name the same checkpoint (a local path however it is spelled)."""
+    return a == b or (not is_hub_name(a) and not is_hub_name(b) and os.path.abspath(a) == os.path.abspath(b))
+
+
+def in_hub_cache(folder):
+    """Whether folder is a snapshot in huggingface_hub's cache (models--OWNER--NAME/snapshots/COMMIT/...)."""
+    parts = os.path.abspath(folder).split(os.sep)
+    return any(part == 'snapshots' and i > 0 and parts[i - 1].startswith('models--') for i, part in enumerate(parts))
 
 
 def harness_results(evaluation):
@@ -388,6 +411,8 @@ def harness_results(evaluation):
 if __name__ == '__main__':
     given = set()
     globals().update(configure(DEFAULTS, sys.argv[1:], declared_rules(__file__), given))
+    # Ctrl-C is one line, not a traceback (results files are written whole or not at all)
+    signal.signal(signal.SIGINT, lambda signum, frame: fail('interrupted (Ctrl-C)'))
     # -------------------------------------------------------------------------
     # every setting checked, and every file read that can be, before the model loads
     task_list = list(dict.fromkeys(t.strip() for t in tasks.split(',') if t.strip()))
@@ -418,15 +443,22 @@ if __name__ == '__main__':
             previous = read_results(out)
         except ValueError as e:
             fail(str(e))
-        if previous.get('ckpt', ckpt) != ckpt:
+        if not same_checkpoint(previous.get('ckpt', ckpt), ckpt):
             fail(f"{out} holds the results of another checkpoint ({previous['ckpt']!r:.80}); write these to "
                  'another --out')
-    # an exported folder keeps its own results (its card shows them)
-    export_folder = ckpt if os.path.isdir(ckpt) and not is_hub_name(ckpt) else None
-    folder_results = {}
+    # an exported folder keeps its own results (its card shows them), unless it is a download in the hub's
+    # cache, whose files are links into its store
+    export_folder = ckpt if os.path.isdir(ckpt) and not is_hub_name(ckpt) and not in_hub_cache(ckpt) else None
+    folder_results, card = {}, ''
     if export_folder:
+        card_path = os.path.join(export_folder, 'README.md')
         try:
             folder_results = read_results(os.path.join(export_folder, RESULTS_FILE))
+            if os.path.exists(card_path):  # read now: a card that cannot be rewritten stops the run before it starts
+                with open(card_path, encoding='utf-8', newline='') as f:
+                    card = f.read()
+        except (OSError, UnicodeDecodeError) as e:  # UnicodeDecodeError before ValueError: it is one
+            fail(f'{card_path} cannot be read as text ({error_line(e)}); move it away, or evaluate a copy of the folder')
         except ValueError as e:
             fail(str(e))
     harness_manager = None
@@ -515,20 +547,17 @@ if __name__ == '__main__':
     if harness_list:
         print(harness_speed)
     try:
-        if out:
-            write_json(out, {'ckpt': ckpt, **merged({k: v for k, v in previous.items() if k != 'ckpt'}, results)})
-            print(f'wrote {out}', file=sys.stderr)
-        if export_folder:
+        if export_folder:  # the card first: results recorded in the folder must be what its card shows
             folder_results = merged(folder_results, results)
-            write_json(os.path.join(export_folder, RESULTS_FILE), folder_results)
             card_path = os.path.join(export_folder, 'README.md')
-            card = ''
-            if os.path.isfile(card_path):
-                with open(card_path, encoding='utf-8') as f:
-                    card = f.read()
-            with open(card_path + '.tmp', 'w', encoding='utf-8') as f:
+            with open(card_path + '.tmp', 'w', encoding='utf-8', newline='') as f:
                 f.write(with_card_section(card, card_section(folder_results)))
             os.replace(card_path + '.tmp', card_path)
+            write_json(os.path.join(export_folder, RESULTS_FILE), folder_results)
             print(f'recorded the results in {export_folder} ({RESULTS_FILE}, README.md)', file=sys.stderr)
-    except (OSError, UnicodeDecodeError) as e:
+        if out:
+            os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
+            write_json(out, {'ckpt': ckpt, **merged({k: v for k, v in previous.items() if k != 'ckpt'}, results)})
+            print(f'wrote {out}', file=sys.stderr)
+    except OSError as e:
         fail(f'could not write the results ({error_line(e)})')

@@ -153,8 +153,10 @@ def card_section(results):
 
 def with_card_section(card, section):
     """card (a README.md's text) with its eval_bio.py section replaced by section, or section added at its end."""
-    start = card.find(CARD_START)
-    end = card.find(CARD_END, start)
-    if start >= 0 and end >= 0:
+    # the last start marker before the first end marker: one whose end marker was deleted by hand is left,
+    # with the text after it, as it is
+    end = card.find(CARD_END)
+    start = card.rfind(CARD_START, 0, end) if end >= 0 else -1
+    if start >= 0:
         return card[:start] + section + card[end + len(CARD_END):]
     return card.rstrip('\n') + ('\n\n' if card.strip() else '') + section + '\n'

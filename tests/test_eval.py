@@ -202,6 +202,27 @@ def test_harness_cleaning_as_its_hellaswag_utils_define_it():
             assert eval_bio.harness_clean(text) == harness_clean(text)
 
 
+def test_the_pieces_of_the_harness_definition(gpt2):
+    """What the 20-item comparison cannot tell apart: the continuation's ids are the whole text's past the
+    context's; acc_norm divides by characters, not bytes; a tie goes to the first choice; <|endoftext|> has
+    the 13 bytes of its name; a greedy continuation is reported as one."""
+    enc = tiktoken.get_encoding('gpt2')
+    context, continuation = eval_bio.encode_pair(enc.encode, 'hello wor', 'ld peace', 50256)
+    assert (context, continuation) == (enc.encode('hello wor'), enc.encode('hello world peace')[len(enc.encode('hello wor')):])
+    assert continuation != enc.encode('ld peace')
+    items = [('c', ['éééé', 'aaaaa'], 1), ('c', ['x', 'y'], 0)]
+    # by characters -1.1 < -1.0, so the second choice; by UTF-8 bytes (8 and 5) it would be the first
+    assert eval_bio.hellaswag_accuracy(items, [[-4.4, -5.0], [-1.0, -1.0]]) == {'acc': 0.5, 'acc_norm': 1.0, 'n': 2}
+    assert eval_bio.token_bytes({'type': 'tiktoken', 'encoding': 'gpt2'})[50256] == len('<|endoftext|>'.encode())
+    model, _ = gpt2
+    prompt = enc.encode('The meaning of life is')
+    with torch.no_grad():
+        greedy = [int(model(torch.tensor([prompt]))[0][0, -1].argmax())]
+    other = [(greedy[0] + 1) % 50257]
+    (_, is_greedy), (_, not_greedy) = eval_bio.score_continuations(model, [(prompt, greedy), (prompt, other)], nullcontext())
+    assert is_greedy and not not_greedy
+
+
 @pytest.mark.slow
 def test_hellaswag_scores_each_choice_as_the_harness_defines_it(folder, runs, gpt2):
     """Per item and choice: one forward over the whole context + continuation (cut from the left to 65 tokens),
@@ -474,7 +495,11 @@ def test_an_exported_folder_keeps_its_results_in_its_card(folder, runs):
     # the card edited by hand around the table: the next evaluation replaces the table alone
     edited = card.replace('# my model', '# my model, edited') + 'A footnote.\n'
     (exported / 'README.md').write_text(edited, encoding='utf-8')
-    run_script(folder, 'eval_bio.py', '--ckpt=exported', '--tasks=bpb', '--text_path=text.txt', '--max_tokens=100')
+    # --out holding this checkpoint's earlier results (spelled as a path of its own) gains the new task
+    (folder / 'earlier.json').write_text(json.dumps({'ckpt': './exported', 'val': first['val']}))
+    run_script(folder, 'eval_bio.py', '--ckpt=exported', '--tasks=bpb', '--text_path=text.txt', '--max_tokens=100',
+               '--out=earlier.json')
+    assert json.loads((folder / 'earlier.json').read_text()).keys() == {'ckpt', 'val', 'bpb'}
     results = json.loads((exported / 'eval_results.json').read_text())
     assert results['val'] == first['val'] and results['bpb']['tokens'] == 99
     card = (exported / 'README.md').read_text(encoding='utf-8')
@@ -495,3 +520,15 @@ def test_an_exported_folder_keeps_its_results_in_its_card(folder, runs):
     assert f'note: {os.path.join("exported", "eval_results.json")} measured the weights exported before' in proc.stderr
     assert not (exported / 'eval_results.json').exists()
     assert eval_results.CARD_START not in (exported / 'README.md').read_text(encoding='utf-8')
+
+
+def test_a_card_s_hand_edits_and_the_hub_s_cache_are_left_alone():
+    # a start marker whose end marker was deleted by hand: the text after it is kept, every time
+    card = '# model\n' + eval_results.CARD_START + '\nImportant notes.\n'
+    for results in ({'val': {'loss': 1.0, 'tokens': 9, 'dataset': 'a', 'split': 'val'}},
+                    {'val': {'loss': 2.0, 'tokens': 9, 'dataset': 'a', 'split': 'val'}}):
+        card = eval_results.with_card_section(card, eval_results.card_section(results))
+        assert 'Important notes.' in card and card.count(eval_results.CARD_END) == 1
+    assert 'loss 2.0000' in card and 'loss 1.0000' not in card
+    assert eval_bio.in_hub_cache(os.path.join('hub', 'models--me--wiggle', 'snapshots', 'ea50', 'sub'))
+    assert not eval_bio.in_hub_cache(os.path.join('exports', 'snapshots', 'wiggle'))
