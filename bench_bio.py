@@ -12,8 +12,10 @@ part 'steps' (the default) measures, each round running every variant once in a 
   time and bytes kept for backward, for each implementation of model_bio.py and for GELU.
 - step: a whole training step (forward, backward, AdamW) of the config's model, bio vs GELU,
   eager, with the unfused activation, and compiled: tokens/s, MFU on GPUs, and peak memory on
-  CUDA (bytes kept for backward on CPU). The GELU step is timed twice, under two names (gelu and
-  gelu_twin): twin / GELU shows how far from 1 a ratio strays by chance on this machine.
+  CUDA (bytes kept for backward on CPU). bio is the config's bio_variant; --bio_variants=v3,v2,v1
+  adds a row for each other one listed (bio_v2, bio_v1: WiggleGPT's earlier MLPs, lineage.py),
+  eager and compiled, measured in the same rounds. The GELU step is timed twice, under two names
+  (gelu and gelu_twin): twin / GELU shows how far from 1 a ratio strays by chance on this machine.
 - optim: the optimizer step alone (on fixed random gradients) of each optimizer of optimizers.py
   for the config's model: median ms per step and the bytes of its state, side by side; an optimizer
   whose package is not installed is listed as such.
@@ -26,14 +28,19 @@ part 'whole' times what a user waits for: whole_pairs pairs of train_bio.py runs
 the wall clock from start to exit (startup, data, compiling, training), and reports the median
 bio / GELU ratio of the pairs with their range.
 The ratios in the JSON (bio / GELU; below 1 is faster or leaner) are act_saved_bytes_ratio,
-act_time_ratio_eager, act_time_ratio_unfused, act_time_ratio_compiled, step_time_ratio_eager and
-step_time_ratio_compiled, with step_twin_ratio_eager and step_twin_ratio_compiled beside them;
+act_time_ratio_eager, act_time_ratio_unfused, act_time_ratio_compiled, step_time_ratio_eager,
+step_time_ratio_compiled and step_memory_ratio, with step_twin_ratio_eager and
+step_twin_ratio_compiled beside them; for each added variant (v2, say) step_time_ratio_eager_v2,
+step_time_ratio_compiled_v2 and step_memory_ratio_v2, each against the same GELU rows;
 whole_run_time_ratio (with whole_run_ratio_range).
 
 --part also takes act, step, optim or sample to run that part alone (--part=optim: the optimizers).
 The bench's own settings, beside train_bio.py's: part, rounds (40), act_calls (10), sample_repeats
 (3), new_tokens (500), whole_pairs (5), whole_iters (400), bench_compiled (True; False where
-torch.compile cannot build, e.g. GPUs on Windows) and bench_out (a JSON file for the figures).
+torch.compile cannot build, e.g. GPUs on Windows), bio_variants ('': the config's bio_variant alone)
+and bench_out (a JSON file for the figures).
+
+    python bench_bio.py config_shakespeare_char_cpu.py --part=step --bio_variants=v3,v2,v1
 """
 
 import json
@@ -68,6 +75,7 @@ BENCH_SETTINGS = dict(
     whole_pairs=5,  # whole runs: this many bio, GELU pairs
     whole_iters=400,  # iterations of each whole run (in place of the config's max_iters)
     bench_compiled=True,  # also time torch.compile'd variants (False where it cannot compile, e.g. GPUs on Windows)
+    bio_variants='',  # the training step of these bio MLPs too, e.g. 'v3,v2,v1' ('' is the config's bio_variant alone)
     bench_out='',  # write the figures to this JSON file
 )
 
@@ -160,17 +168,21 @@ def bench_activation(cfg, device, autocast):
     return results
 
 
-def bench_step(cfg, device, autocast, dtype):
+def bench_step(cfg, device, autocast, dtype, bio_variants):
     vocab_size = config_model(cfg).vocab_size
     B, T = cfg['batch_size'], cfg['block_size']
     torch.manual_seed(0)
     x = torch.randint(0, vocab_size, (B, T), device=device)
     y = torch.randint(0, vocab_size, (B, T), device=device)
     scaler = devices.grad_scaler(device, dtype)
+    # bio is the config's bio_variant, as before variants could be listed; each other variant its own row
+    variant_of = {'bio': cfg['bio_variant'], **{f'bio_{v}': v for v in bio_variants if v != cfg['bio_variant']}}
+    arms = {arm: dict(use_bio_mlp=True, bio_variant=v, use_sparse_gate=cfg['use_sparse_gate'] and v == 'v3')
+            for arm, v in variant_of.items()}  # the sparse gate is v3's; v2 and v1 have their event layer
+    arms['gelu'] = dict(use_bio_mlp=False, bio_variant='v3', use_sparse_gate=False)
     models, variants = {}, {}
-    for arm, bio in (('bio', True), ('gelu', False)):
-        model = GPT(config_model(cfg, use_bio_mlp=bio, use_sparse_gate=bio and cfg['use_sparse_gate'],
-                                 dropout=0.0)).to(device)
+    for arm, changes in arms.items():
+        model = GPT(config_model(cfg, dropout=0.0, **changes)).to(device)
         optimizer, = build_optimizers(model, 'adamw', 1e-4, 0.1, 0.9, 0.95, 0.0, 0.95, device.type)
         for compiled in ((False, True) if cfg['bench_compiled'] else (False,)):
             run_model = torch.compile(model) if compiled else model
@@ -184,7 +196,7 @@ def bench_step(cfg, device, autocast, dtype):
                 optimizer.zero_grad(set_to_none=True)
             name = arm + ('_compiled' if compiled else '')
             variants[name], models[name] = step, model
-        if bio:  # the unfused autograd function, as where nothing compiles (e.g. CUDA on Windows)
+        if arm == 'bio':  # the unfused autograd function, as where nothing compiles (e.g. CUDA on Windows)
             variants['bio_unfused'], models['bio_unfused'] = with_impl('function', variants['bio']), model
     # the GELU step timed a second time under another name: how far twin / GELU strays from 1 is
     # how far any ratio here can stray by chance alone
@@ -200,12 +212,12 @@ def bench_step(cfg, device, autocast, dtype):
             devices.reset_peak_memory(device)
             fn()
             memory[name] = devices.peak_memory(device)[0]
-        elif name in ('bio', 'gelu'):
+        elif name in arms:
             memory[name] = saved_bytes(lambda: models[name](x, y))
     times = median_times(variants, device, cfg['rounds'], 1)
     peak, _ = devices.peak_flops(device)
-    print(f"\ntraining step: batch {B} x {T} tokens, {dtype}")
-    results = {'tokens_per_step': B * T, 'time_s': times, 'memory_bytes': memory,
+    print(f"\ntraining step: batch {B} x {T} tokens, {dtype}; bio is bio_variant {cfg['bio_variant']}")
+    results = {'tokens_per_step': B * T, 'bio_variant': cfg['bio_variant'], 'time_s': times, 'memory_bytes': memory,
                'memory_kind': 'peak allocated' if device.type == 'cuda' else 'kept for backward', 'mfu': {}}
     for name in variants:
         tokens_per_s = B * T / times[name]
@@ -218,6 +230,11 @@ def bench_step(cfg, device, autocast, dtype):
         suffix = '_compiled' if mode == 'compiled' else ''
         results[f'step_time_ratio_{mode}'] = times['bio' + suffix] / times['gelu' + suffix]
         results[f'step_twin_ratio_{mode}'] = times['gelu_twin' + suffix] / times['gelu' + suffix]
+        for arm, v in list(variant_of.items())[1:]:
+            results[f'step_time_ratio_{mode}_{v}'] = times[arm + suffix] / times['gelu' + suffix]
+    results['step_memory_ratio'] = memory['bio'] / memory['gelu']
+    for arm, v in list(variant_of.items())[1:]:
+        results[f'step_memory_ratio_{v}'] = memory[arm] / memory['gelu']
     return results
 
 
@@ -275,9 +292,10 @@ def bench_whole_runs(cfg, train_defaults):
     # the runs get the training settings as the bench resolved them (config files may hold bench
     # settings too, which train_bio.py would refuse), whole_iters in place of max_iters
     settings = [f'--{k}={v}' for k, v in cfg.items() if k in train_defaults and v != train_defaults[k]
-                and k not in ('max_iters', 'out_dir', 'use_bio_mlp', 'use_sparse_gate')]
-    arms = {'bio': ['--use_bio_mlp=True', f"--use_sparse_gate={cfg['use_sparse_gate']}"],
-            'gelu': ['--use_bio_mlp=False', '--use_sparse_gate=False']}  # the gate needs the oscillating MLP
+                and k not in ('max_iters', 'out_dir', 'use_bio_mlp', 'use_sparse_gate', 'bio_variant')]
+    arms = {'bio': ['--use_bio_mlp=True', f"--use_sparse_gate={cfg['use_sparse_gate']}",
+                    f"--bio_variant={cfg['bio_variant']}"],
+            'gelu': ['--use_bio_mlp=False', '--use_sparse_gate=False']}  # the gate and the variants are the bio MLP's
     times = {arm: [] for arm in arms}
     print(f"\nwhole runs of train_bio.py {' '.join(settings)}: {cfg['whole_iters']} iterations, "
           f"{cfg['whole_pairs']} pairs (bio, GELU)")
@@ -310,6 +328,9 @@ def main():
     parts = {'steps': ('act', 'step', 'optim', 'sample')}.get(cfg['part'], (cfg['part'],))
     if not set(parts) <= {'act', 'step', 'optim', 'sample', 'whole'}:
         fail(f"part={cfg['part']!r} is not one of 'steps', 'act', 'step', 'optim', 'sample', 'whole'")
+    bio_variants = [v.strip() for v in cfg['bio_variants'].split(',') if v.strip()]
+    if not set(bio_variants) <= {'v3', 'v2', 'v1'}:
+        fail(f"bio_variants={cfg['bio_variants']!r} must list bio variants out of v3, v2, v1, e.g. 'v3,v2,v1'")
     counts = ('rounds', 'act_calls', 'sample_repeats', 'new_tokens', 'whole_pairs', 'whole_iters')
     if min(cfg[k] for k in counts) < 1:
         fail(f"{', '.join(counts)} must each be at least 1")
@@ -328,7 +349,7 @@ def main():
         if 'act' in parts:
             report['act'] = bench_activation(cfg, device, autocast)
         if 'step' in parts:
-            report['step'] = bench_step(cfg, device, autocast, dtype)
+            report['step'] = bench_step(cfg, device, autocast, dtype, bio_variants)
         if 'optim' in parts:
             report['optim'] = bench_optimizers(cfg, device)
         if 'sample' in parts:

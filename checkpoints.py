@@ -347,7 +347,9 @@ def load_checkpoint_file(ckpt_path, device, overrides):
 
 # the most each size may be: far above any model trained here (block_size 1024), far below what exhausts
 # memory or time (RoPE's tables, which no file holds, grow with block_size; each layer takes time to build)
-SIZE_LIMITS = {'vocab_size': MAX_VOCAB_SIZE, 'block_size': 2 ** 16, 'n_layer': 1024, 'n_head': 1024, 'n_embd': 2 ** 16}
+SIZE_LIMITS = {'vocab_size': MAX_VOCAB_SIZE, 'block_size': 2 ** 16, 'n_layer': 1024, 'n_head': 1024, 'n_embd': 2 ** 16,
+               'bio_compartments': 1024}
+CHOICES = {'bio_variant': ('v3', 'v2', 'v1'), 'gelu_params_like': ('', 'v3', 'v2', 'v1')}  # settings naming one of a few
 
 
 # GPTConfig's fields that a checkpoint decides, so that a run started from one takes them from it: all
@@ -361,6 +363,8 @@ def setting_problem(name, value, default):
     """What is wrong with value for the GPTConfig field name (whose default gives its type), or None."""
     if isinstance(default, bool):
         return None if isinstance(value, bool) else 'is not true or false'
+    if isinstance(default, str):
+        return None if isinstance(value, str) and value in CHOICES[name] else f"is not one of {', '.join(map(repr, CHOICES[name]))}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f'is a {type(value).__name__}, not a number'
     if isinstance(default, int):
@@ -387,6 +391,14 @@ def config_problem(settings, relations=True):
         return f'RoPE needs an even head size (n_embd / n_head is {head_size})'
     if settings['use_sparse_gate'] and not settings['use_bio_mlp']:
         return 'use_sparse_gate=True needs use_bio_mlp=True'
+    if settings['use_sparse_gate'] and settings['bio_variant'] != 'v3':
+        return f"use_sparse_gate=True is v3's gate; bio_variant={settings['bio_variant']} has its event layer instead"
+    if settings['bio_variant'] != 'v3' and not settings['use_bio_mlp']:
+        return f"bio_variant={settings['bio_variant']} is a bio MLP: it needs use_bio_mlp=True"
+    if settings['gelu_params_like'] and settings['use_bio_mlp']:
+        return f"gelu_params_like={settings['gelu_params_like']} widens the GELU MLP: it needs use_bio_mlp=False"
+    if settings['bio_variant'] == 'v1' and settings['bio_compartments'] > settings['n_embd']:
+        return f"bio_compartments={settings['bio_compartments']} is more than n_embd={settings['n_embd']} inputs to share"
     if settings['gelu_tanh'] and settings['use_bio_mlp']:
         return 'gelu_tanh=True is a setting of the GELU MLP (use_bio_mlp=False)'
     return None

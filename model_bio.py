@@ -14,6 +14,10 @@ use_positions=False runs with no positional encoding at all, as the original rel
 were trained (checkpoints.py). The limits a checkpoint's or a user's settings must keep are checked
 in checkpoints.config_problem before a model is built.
 
+WiggleGPT's earlier MLPs are one setting away: bio_variant='v2' or 'v1' (lineage.py says what they
+compute). gelu_params_like='v3'/'v2'/'v1' widens the GELU control's hidden layer to as many parameters
+as that bio MLP holds, so that a comparison can tell more parameters from the mechanism.
+
 The sparse gate (from WiggleGPT v2, made exact): each hidden neuron has a gate_weight (init 1) and a
 gate_bias (init 0); it fires where gate_weight * x + gate_bias > bio_threshold, x being its
 pre-activation, and outputs exactly 0 elsewhere. The step has no gradient, so backward uses the
@@ -51,6 +55,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
+import lineage  # the earlier bio MLPs (v1, v2); it uses this module's activation in turn
+
 
 @dataclass
 class GPTConfig:
@@ -67,8 +73,11 @@ class GPTConfig:
     use_rope: bool = False  # rotary position embeddings instead of learned ones
     use_positions: bool = True  # False: no positional encoding at all, as the original release's no-op RoPE
     gradient_checkpointing: bool = False
-    use_sparse_gate: bool = False  # only with use_bio_mlp
-    bio_threshold: float = 0.25  # firing threshold of the sparse gate
+    use_sparse_gate: bool = False  # only with use_bio_mlp, bio_variant v3
+    bio_threshold: float = 0.25  # firing threshold of the sparse gate (and of v1/v2's event layer)
+    bio_variant: str = 'v3'  # the bio MLP: 'v3' (BioMLP), or the earlier 'v2' and 'v1' (lineage.py)
+    bio_compartments: int = 2  # v1: dendritic compartments per MLP
+    gelu_params_like: str = ''  # the GELU MLP widened to as many parameters as bio_variant 'v3', 'v2' or 'v1' has
 
 
 class RMSNorm(nn.Module):
@@ -319,7 +328,7 @@ class SparseGate(nn.Module):
         self.gate_weight = nn.Parameter(torch.ones(n))
         self.gate_bias = nn.Parameter(torch.zeros(n))
         # running count of silent outputs, kept on the device so training never waits on the host
-        self.register_buffer('zeros_seen', torch.zeros((), dtype=torch.int64), persistent=False)
+        self.register_buffer('silent_seen', torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer('outputs_seen', torch.zeros((), dtype=torch.int64), persistent=False)
 
     def forward(self, x, activation):
@@ -327,17 +336,29 @@ class SparseGate(nn.Module):
         out = oscillate(x, activation.omega, activation.phi, activation.baseline,
                         self.gate_weight, self.gate_bias, self.threshold)
         if self.training:
-            self.zeros_seen += (out == 0).sum()
+            self.silent_seen += (out == 0).sum()
             self.outputs_seen += out.numel()
         return out
+
+
+def matched_width(config):
+    """The GELU MLP's hidden width whose parameters come nearest those of the bio MLP config.gelu_params_like
+    names (its c_fc and c_proj hold width * (2 n_embd + bias) + n_embd * bias)."""
+    from dataclasses import replace
+    with torch.device('meta'):  # counted without allocating (v1 at GPT-2 size is 800M)
+        like = lineage.make_mlp(replace(config, use_bio_mlp=True, bio_variant=config.gelu_params_like,
+                                        use_sparse_gate=False))
+    target = sum(p.numel() for p in like.parameters())
+    return max(1, round((target - config.n_embd * config.bias) / (2 * config.n_embd + config.bias)))
 
 
 class MLP(nn.Module):
     def __init__(self, config):
         super().__init__()
-        self.c_fc = nn.Linear(config.n_embd, 4 * config.n_embd, bias=config.bias)
+        hidden = matched_width(config) if config.gelu_params_like else 4 * config.n_embd
+        self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.gelu = nn.GELU(approximate='tanh' if config.gelu_tanh else 'none')
-        self.c_proj = nn.Linear(4 * config.n_embd, config.n_embd, bias=config.bias)
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
@@ -366,7 +387,7 @@ class Block(nn.Module):
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
-        self.mlp = BioMLP(config) if config.use_bio_mlp else MLP(config)
+        self.mlp = lineage.make_mlp(config) if config.use_bio_mlp else MLP(config)
 
     def forward(self, x, rope=None, kv_cache=None):
         x = x + self.attn(self.ln_1(x), rope, kv_cache)
@@ -379,6 +400,8 @@ class GPT(nn.Module):
         assert config.vocab_size is not None and config.block_size is not None
         if config.use_sparse_gate and not config.use_bio_mlp:
             raise ValueError('use_sparse_gate=True needs use_bio_mlp=True')
+        if config.use_sparse_gate and config.bio_variant != 'v3':
+            raise ValueError("use_sparse_gate=True is v3's gate; v1 and v2 have their event layer instead")
         self.config = config
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),
@@ -455,20 +478,22 @@ class GPT(nn.Module):
         return logits, loss
 
     def sparse_gates(self):
-        return [m for m in self.modules() if isinstance(m, SparseGate)]
+        """The modules that count silent neurons: v3's sparse gates, v1/v2's event layers."""
+        return [m for m in self.modules() if hasattr(m, 'silent_seen')]
 
     def read_sparsity(self):
-        """Share of exact zeros among gated outputs since the last read (None without gates)."""
+        """Share of silent outputs since the last read (None without gates): exact zeros of v3's gate, voltages
+        at or below the threshold in v1/v2's event layer."""
         gates = self.sparse_gates()
         if not gates:
             return None
-        zeros = sum(g.zeros_seen for g in gates)
+        silent = sum(g.silent_seen for g in gates)
         total = sum(g.outputs_seen for g in gates)
         for g in gates:
-            g.zeros_seen.zero_()
+            g.silent_seen.zero_()
             g.outputs_seen.zero_()
         total = total.item()
-        return zeros.item() / total if total else None
+        return silent.item() / total if total else None
 
     def flops_per_token(self):
         """Forward + backward FLOPs per token: 6 per parameter plus attention's score/value products."""

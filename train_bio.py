@@ -116,6 +116,9 @@ use_rope = True
 use_positions = True  # False trains with no positional encoding (NoPE)
 use_sparse_gate = False
 bio_threshold = 0.25
+bio_variant = 'v3'  # the bio MLP: 'v3' (today's), or WiggleGPT's earlier 'v2' and 'v1' (lineage.py)
+bio_compartments = 2  # v1's dendritic compartments
+gelu_params_like = ''  # 'v3', 'v2' or 'v1': the GELU MLP (use_bio_mlp=False) as wide as that bio MLP's parameters make it
 gradient_checkpointing = False
 freeze_layers: '>= 0' = 0  # fine-tuning: the first N blocks keep their weights
 freeze_embeddings = False  # also keep the token (and position) embeddings; wte is tied to lm_head, so it stays too

@@ -5,11 +5,15 @@ What the oscillating neurons learned: statistics and plots of omega, phi and bas
     python analysis/analyze_wiggle.py pretrained/ckpt.pt --compare finetuned/ckpt.pt
     python analysis/analyze_wiggle.py hf:edeneldith/WiggleGPT/ckpt_pretrain.pt --compare hf:edeneldith/WiggleGPT/ckpt_finetune.pt
 
-Over all hidden neurons and per layer: mean, std, min, max, percentiles, the share with
-|value| < 0.1 and the share within 0.2 of 1; the sparse gate's parameters too when the model has
-them. With --compare (say pretrained vs fine-tuned), the per-neuron change from the first
-checkpoint to the second. Writes wiggle_stats.json and PNGs (histograms, an omega-phi scatter,
-per-layer box plots) to --out_dir (default analysis_out/wiggle).
+Each oscillating activation of the MLPs is reported on its own, named by where it sits in a block
+(its parameters' names): mlp.activation (every bio MLP), and mlp.event.activation (the event layer of
+bio_variant v2 and v1, lineage.py). For each, over all its neurons and per layer: mean, std, min,
+max, percentiles, the share with |value| < 0.1 and the share within 0.2 of 1; the sparse gate's
+gate_weight and gate_bias with the activation they gate (v3's mlp.activation). With --compare (say
+pretrained vs fine-tuned), the per-neuron change from the first checkpoint to the second. Writes
+wiggle_stats.json ({'n_layers', 'n_neurons', 'activations': {name: {'n_neurons', 'omega', ...}},
+'compare': {'activations': ...}}) and PNGs (histograms, omega-phi scatters, per-layer box plots; a
+row or panel per activation) to --out_dir (default analysis_out/wiggle).
 Checkpoints load through checkpoints.load_model: ckpt.pt, an exported folder or a hub name, the
 original release's files included. A bad argument is one 'error: ' line and exit status 2
 (configurator.one_line_errors).
@@ -28,6 +32,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoints import load_model  # noqa: E402
 from configurator import check_folder, fail, one_line_errors  # noqa: E402
+from model_bio import OscillatingActivation  # noqa: E402
 
 PARAMS = ('omega', 'phi', 'baseline')
 GATE_PARAMS = ('gate_weight', 'gate_bias')
@@ -35,19 +40,31 @@ PERCENTILES = (1, 5, 25, 50, 75, 95, 99)
 
 
 def neuron_params(ckpt_path):
-    """{name: [per-layer numpy arrays]} for the activation (and gate) parameters of a checkpoint."""
+    """{activation: {parameter: [per-layer numpy arrays]}} for each oscillating activation of a checkpoint's
+    MLPs, named by where it sits in a block ('mlp.activation', 'mlp.event.activation'); a sparse gate's
+    parameters go with the activation it gates."""
     try:
         model, _ = load_model(ckpt_path, 'cpu')
     except ValueError as e:
         fail(str(e))
-    layers = [block.mlp for block in model.transformer.h]
-    if not hasattr(layers[0], 'activation'):
+    mlps = [block.mlp for block in model.transformer.h]
+    sites = [name for name, module in mlps[0].named_modules() if isinstance(module, OscillatingActivation)]
+    if not sites:
         fail(f'{ckpt_path} has no oscillating neurons (a GELU model, use_bio_mlp=False)')
-    params = {name: [getattr(mlp.activation, name).detach().float().numpy() for mlp in layers] for name in PARAMS}
-    if getattr(layers[0], 'sparse_gate', None) is not None:
-        params.update({name: [getattr(mlp.sparse_gate, name).detach().float().numpy() for mlp in layers]
-                       for name in GATE_PARAMS})
+    params = {}
+    for site in sites:
+        activations = [mlp.get_submodule(site) for mlp in mlps]
+        params[f'mlp.{site}'] = {name: [getattr(a, name).detach().float().numpy() for a in activations]
+                                 for name in PARAMS}
+    if getattr(mlps[0], 'sparse_gate', None) is not None:
+        params['mlp.activation'].update({name: [getattr(mlp.sparse_gate, name).detach().float().numpy() for mlp in mlps]
+                                         for name in GATE_PARAMS})
     return params
+
+
+def shapes(params):
+    """Each activation's neurons per layer: two checkpoints compare neuron by neuron only where these agree."""
+    return {site: [len(layer) for layer in values['omega']] for site, values in params.items()}
 
 
 def describe(values):
@@ -78,56 +95,72 @@ def main():
     params = neuron_params(args.ckpt)
     # the second checkpoint is checked before anything is written, so a mistake in it leaves no half set of plots
     other = neuron_params(args.compare) if args.compare else None
-    if other and [len(layer) for layer in other['omega']] != [len(layer) for layer in params['omega']]:
+    if other and shapes(other) != shapes(params):
         fail(f'{args.compare} has a different shape from {args.ckpt}; compare checkpoints of one model')
     os.makedirs(args.out_dir, exist_ok=True)
 
-    stats = {'checkpoint': args.ckpt, 'n_layers': len(params['omega']),
-             'n_neurons': int(sum(len(layer) for layer in params['omega']))}
-    for name, layers in params.items():
-        stats[name] = describe(np.concatenate(layers))
-        stats[name]['per_layer'] = [describe(layer) for layer in layers]
-    print(f"{stats['n_neurons']:,} neurons in {stats['n_layers']} layers ({args.ckpt})")
-    for name in params:
-        s = stats[name]
-        print(f"  {name:12s} mean {s['mean']:+.4f}  std {s['std']:.4f}  min {s['min']:+.4f}  max {s['max']:+.4f}  "
-              f"|x|<0.1 {s['share_abs_below_0.1']:.1%}  within 0.2 of 1 {s['share_within_0.2_of_1']:.1%}")
+    sites = list(params)
+    n_layers = len(params[sites[0]]['omega'])
+    stats = {'checkpoint': args.ckpt, 'n_layers': n_layers, 'activations': {}}
+    for site, values in params.items():
+        stats['activations'][site] = {'n_neurons': int(sum(len(layer) for layer in values['omega']))}
+        for name, layers in values.items():
+            stats['activations'][site][name] = describe(np.concatenate(layers))
+            stats['activations'][site][name]['per_layer'] = [describe(layer) for layer in layers]
+    stats['n_neurons'] = sum(s['n_neurons'] for s in stats['activations'].values())
+    print(f"{stats['n_neurons']:,} neurons in {n_layers} layers ({args.ckpt})")
+    for site, values in params.items():
+        print(f"{site}: {stats['activations'][site]['n_neurons']:,} neurons")
+        for name in values:
+            s = stats['activations'][site][name]
+            print(f"  {name:12s} mean {s['mean']:+.4f}  std {s['std']:.4f}  min {s['min']:+.4f}  max {s['max']:+.4f}  "
+                  f"|x|<0.1 {s['share_abs_below_0.1']:.1%}  within 0.2 of 1 {s['share_within_0.2_of_1']:.1%}")
 
-    omega, phi = np.concatenate(params['omega']), np.concatenate(params['phi'])
-    fig, axes = plt.subplots(1, len(params), figsize=(4 * len(params), 3.5))
-    for ax, (name, layers) in zip(axes, params.items()):
-        histogram(ax, np.concatenate(layers), name)
+    # a row of histograms per activation, each panel named as its parameter is in the checkpoint
+    columns = max(len(values) for values in params.values())
+    fig, axes = plt.subplots(len(sites), columns, figsize=(4 * columns, 3.5 * len(sites)), squeeze=False)
+    for row, (site, values) in zip(axes, params.items()):
+        for ax, (name, layers) in zip(row, values.items()):
+            histogram(ax, np.concatenate(layers), f'{site}.{name}')
+        for ax in row[len(values):]:
+            ax.axis('off')
     fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, 'wiggle_hist.png'), dpi=110)
 
-    fig, ax = plt.subplots(figsize=(5, 5))
-    ax.scatter(omega, phi, s=1, alpha=0.3)
-    ax.set_xlabel('omega (frequency)')
-    ax.set_ylabel('phi (phase)')
+    fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 5), squeeze=False)
+    for ax, (site, values) in zip(axes[0], params.items()):
+        ax.scatter(np.concatenate(values['omega']), np.concatenate(values['phi']), s=1, alpha=0.3)
+        ax.set_title(site)
+        ax.set_xlabel('omega (frequency)')
+        ax.set_ylabel('phi (phase)')
+    fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, 'wiggle_scatter.png'), dpi=110)
 
-    fig, axes = plt.subplots(len(PARAMS), 1, figsize=(max(6, stats['n_layers']), 8), sharex=True)
-    for ax, name in zip(axes, PARAMS):
-        ax.boxplot(params[name], showfliers=False)
-        ax.set_ylabel(name)
+    rows = [(site, name) for site in sites for name in PARAMS]
+    fig, axes = plt.subplots(len(rows), 1, figsize=(max(6, n_layers), 2.7 * len(rows)), sharex=True)
+    for ax, (site, name) in zip(axes, rows):
+        ax.boxplot(params[site][name], showfliers=False)
+        ax.set_ylabel(f'{site}.{name}', fontsize=8)
     axes[-1].set_xlabel('layer')
     fig.tight_layout()
     fig.savefig(os.path.join(args.out_dir, 'wiggle_layers.png'), dpi=110)
 
     if other:
-        stats['compare'] = {'checkpoint': args.compare}
-        fig, axes = plt.subplots(2, len(PARAMS), figsize=(4 * len(PARAMS), 7))
-        for col, name in enumerate(PARAMS):
-            before, after = np.concatenate(params[name]), np.concatenate(other[name])
+        stats['compare'] = {'checkpoint': args.compare, 'activations': {site: {} for site in sites}}
+        fig, axes = plt.subplots(2 * len(sites), len(PARAMS), figsize=(4 * len(PARAMS), 7 * len(sites)))
+        for row, (site, name) in enumerate(rows):
+            top, col = 2 * (row // len(PARAMS)), row % len(PARAMS)
+            before, after = np.concatenate(params[site][name]), np.concatenate(other[site][name])
             delta = np.abs(after - before)
-            stats['compare'][name] = {'mean_abs_delta': float(delta.mean()), 'max_abs_delta': float(delta.max()),
-                                      'share_changed_over_0.1': float(np.mean(delta > 0.1))}
-            print(f"  {name:12s} mean |delta| {delta.mean():.5f}  max |delta| {delta.max():.5f}  "
+            stats['compare']['activations'][site][name] = {
+                'mean_abs_delta': float(delta.mean()), 'max_abs_delta': float(delta.max()),
+                'share_changed_over_0.1': float(np.mean(delta > 0.1))}
+            print(f"  {site + '.' + name:29s} mean |delta| {delta.mean():.5f}  max |delta| {delta.max():.5f}  "
                   f"changed > 0.1: {np.mean(delta > 0.1):.2%}")
-            histogram(axes[0, col], after - before, f'{name}: change')
-            axes[1, col].scatter(before, after, s=1, alpha=0.3)
-            axes[1, col].set_xlabel('before')
-            axes[1, col].set_ylabel('after')
+            histogram(axes[top, col], after - before, f'{site}.{name}: change')
+            axes[top + 1, col].scatter(before, after, s=1, alpha=0.3)
+            axes[top + 1, col].set_xlabel('before')
+            axes[top + 1, col].set_ylabel('after')
         fig.tight_layout()
         fig.savefig(os.path.join(args.out_dir, 'wiggle_compare.png'), dpi=110)
 

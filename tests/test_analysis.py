@@ -10,6 +10,7 @@ import json
 import math
 import os
 import statistics
+from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib.image
 import numpy as np
@@ -29,8 +30,9 @@ def assert_png(path):
 
 
 def write_model(path, seed=0, omega_shift=0.0, layer1_moved=0, **overrides):
-    """A checkpoint of a random model whose omegas spread over every band; layer1_moved > 0 makes layer 1 a copy
-    of layer 0 with that many omegas moved far out of layer 0's range."""
+    """A checkpoint of a random model whose omegas spread over every band (a v2/v1 event layer's over fewer, so
+    that its report cannot pass for the first activation's); layer1_moved > 0 makes layer 1 a copy of layer 0
+    with that many omegas moved far out of layer 0's range."""
     torch.manual_seed(seed)
     args = dict(MODEL, **overrides)
     model = GPT(GPTConfig(**args))
@@ -39,6 +41,9 @@ def write_model(path, seed=0, omega_shift=0.0, layer1_moved=0, **overrides):
             if args['use_bio_mlp']:
                 omega = block.mlp.activation.omega  # spread over every band, negative values included
                 omega.copy_(torch.linspace(-0.5, 4.0, len(omega))[torch.randperm(len(omega))] + omega_shift)
+            if hasattr(block.mlp, 'event'):
+                omega = block.mlp.event.activation.omega
+                omega.copy_(torch.linspace(0.0, 2.0, len(omega))[torch.randperm(len(omega))] - omega_shift)
         if layer1_moved:
             layer0, layer1 = (block.mlp.activation.omega for block in model.transformer.h[:2])
             layer1.copy_(layer0)
@@ -49,6 +54,26 @@ def write_model(path, seed=0, omega_shift=0.0, layer1_moved=0, **overrides):
     return model.state_dict()
 
 
+def layers_of(state, name, n_layer=2):
+    """A parameter of every block's MLP (e.g. 'event.activation.omega'), concatenated, as float64 numpy."""
+    return torch.cat([state[f'transformer.h.{i}.mlp.{name}'] for i in range(n_layer)]).double().numpy()
+
+
+def assert_stats_match(stats, values):
+    for stat, expected in (('mean', values.mean()), ('std', values.std()), ('min', values.min()),
+                           ('max', values.max()), ('share_abs_below_0.1', np.mean(np.abs(values) < 0.1))):
+        assert math.isclose(stats[stat], expected, rel_tol=1e-6, abs_tol=1e-9), stat
+
+
+def assert_bands_match(bands, omega):
+    edges = {'delta': (0, 0.4), 'theta': (0.4, 0.8), 'alpha': (0.8, 1.2), 'beta': (1.2, 1.8), 'gamma': (1.8, 3.0),
+             'other': (3.0, np.inf)}
+    omega = np.abs(omega)
+    for band, (lo, hi) in edges.items():
+        assert math.isclose(bands[band], np.mean((omega >= lo) & (omega < hi)), abs_tol=1e-12), band
+    assert math.isclose(sum(bands.values()), 1.0)
+
+
 @pytest.mark.slow
 def test_analyze_wiggle_numbers_match_the_state_dict(tmp_path):
     state = write_model(tmp_path / 'a' / 'ckpt.pt', use_sparse_gate=True)
@@ -56,21 +81,51 @@ def test_analyze_wiggle_numbers_match_the_state_dict(tmp_path):
     run_script(tmp_path, os.path.join(ANALYSIS, 'analyze_wiggle.py'), 'a/ckpt.pt', '--compare', 'b/ckpt.pt',
                '--out_dir', 'out')
     stats = json.loads((tmp_path / 'out' / 'wiggle_stats.json').read_text())
-    assert stats['n_neurons'] == 2 * 4 * 32
+    assert stats['n_neurons'] == 2 * 4 * 32 and list(stats['activations']) == ['mlp.activation']
+    activation = stats['activations']['mlp.activation']
     for name in ('omega', 'phi', 'baseline', 'gate_weight'):
         key = 'activation' if name in ('omega', 'phi', 'baseline') else 'sparse_gate'
-        values = torch.cat([state[f'transformer.h.{i}.mlp.{key}.{name}'] for i in range(2)]).double().numpy()
-        for stat, expected in (('mean', values.mean()), ('std', values.std()), ('min', values.min()),
-                               ('max', values.max()), ('share_abs_below_0.1', np.mean(np.abs(values) < 0.1))):
-            assert math.isclose(stats[name][stat], expected, rel_tol=1e-6, abs_tol=1e-9), (name, stat)
+        assert_stats_match(activation[name], layers_of(state, f'{key}.{name}'))
     layer0 = state['transformer.h.0.mlp.activation.omega'].double().numpy()
-    assert math.isclose(stats['omega']['per_layer'][0]['mean'], layer0.mean(), rel_tol=1e-6)
-    delta = (torch.cat([shifted[f'transformer.h.{i}.mlp.activation.omega'] for i in range(2)])
-             - torch.cat([state[f'transformer.h.{i}.mlp.activation.omega'] for i in range(2)])).abs()
-    assert math.isclose(stats['compare']['omega']['mean_abs_delta'], delta.mean().item(), rel_tol=1e-5)
-    assert stats['compare']['phi']['max_abs_delta'] == 0.0
+    assert math.isclose(activation['omega']['per_layer'][0]['mean'], layer0.mean(), rel_tol=1e-6)
+    delta = np.abs(layers_of(shifted, 'activation.omega') - layers_of(state, 'activation.omega'))
+    compared = stats['compare']['activations']['mlp.activation']
+    assert math.isclose(compared['omega']['mean_abs_delta'], delta.mean(), rel_tol=1e-5)
+    assert compared['phi']['max_abs_delta'] == 0.0
     for png in ('wiggle_hist.png', 'wiggle_scatter.png', 'wiggle_layers.png', 'wiggle_compare.png'):
         assert_png(tmp_path / 'out' / png)
+
+
+@pytest.mark.slow
+def test_a_v2_model_s_two_oscillating_activations_are_each_reported(tmp_path):
+    # v2's MLP oscillates twice: after c_fc (mlp.activation) and in its event layer (mlp.event.activation)
+    state = write_model(tmp_path / 'a' / 'ckpt.pt', bio_variant='v2')
+    shifted = write_model(tmp_path / 'b' / 'ckpt.pt', omega_shift=0.05, bio_variant='v2')
+    scripts = [('analyze_wiggle.py', 'a/ckpt.pt', '--compare', 'b/ckpt.pt', '--out_dir', 'wiggle'),
+               ('analyze_brainwaves.py', 'a/ckpt.pt', '--out_dir', 'waves')]
+    with ThreadPoolExecutor(2) as pool:
+        list(pool.map(lambda args: run_script(tmp_path, os.path.join(ANALYSIS, args[0]), *args[1:],
+                                              env={**os.environ, 'OMP_NUM_THREADS': '1'}), scripts))
+    stats = json.loads((tmp_path / 'wiggle' / 'wiggle_stats.json').read_text())
+    assert list(stats['activations']) == ['mlp.activation', 'mlp.event.activation']
+    assert stats['n_neurons'] == 2 * (2 * 4 * 32)
+    for site in stats['activations']:
+        for name in ('omega', 'phi', 'baseline'):
+            assert_stats_match(stats['activations'][site][name], layers_of(state, f'{site[4:]}.{name}'))
+    # the event layer's omegas moved the other way: each activation is compared with its own
+    for site, sign in (('mlp.activation', 1), ('mlp.event.activation', -1)):
+        delta = layers_of(shifted, f'{site[4:]}.omega') - layers_of(state, f'{site[4:]}.omega')
+        assert np.allclose(delta * sign, 0.05, atol=1e-6)
+        assert math.isclose(stats['compare']['activations'][site]['omega']['mean_abs_delta'], np.abs(delta).mean(),
+                            rel_tol=1e-5)
+    waves = json.loads((tmp_path / 'waves' / 'brainwaves.json').read_text())
+    assert list(waves['activations']) == ['mlp.activation', 'mlp.event.activation']
+    for site, report in waves['activations'].items():
+        assert_bands_match(report['bands'], layers_of(state, f'{site[4:]}.omega'))
+    assert waves['activations']['mlp.event.activation']['bands']['other'] == 0.0  # its omegas stop at 2
+    for png in ('wiggle/wiggle_hist.png', 'wiggle/wiggle_compare.png', 'waves/brainwaves_bands.png',
+                'waves/brainwaves_similarity.png'):
+        assert_png(tmp_path / png)
 
 
 @pytest.mark.slow
@@ -87,14 +142,12 @@ def test_brainwaves_band_shares_match_the_state_dict(tmp_path):
     state = write_model(tmp_path / 'a' / 'ckpt.pt', layer1_moved=32)  # a quarter of layer 1's 128 neurons
     run_script(tmp_path, os.path.join(ANALYSIS, 'analyze_brainwaves.py'), 'a/ckpt.pt', '--out_dir', 'out')
     report = json.loads((tmp_path / 'out' / 'brainwaves.json').read_text())
-    omega = torch.cat([state[f'transformer.h.{i}.mlp.activation.omega'] for i in range(2)]).abs().numpy()
-    edges = {'delta': (0, 0.4), 'theta': (0.4, 0.8), 'alpha': (0.8, 1.2), 'beta': (1.2, 1.8), 'gamma': (1.8, 3.0),
-             'other': (3.0, np.inf)}
-    for band, (lo, hi) in edges.items():
-        assert math.isclose(report['bands'][band], np.mean((omega >= lo) & (omega < hi)), abs_tol=1e-12), band
-    assert sum(report['bands'].values()) == 1.0 and all(s > 0 for s in report['bands'].values())
+    assert list(report['activations']) == ['mlp.activation'] and report['n_neurons'] == 2 * 4 * 32
+    activation = report['activations']['mlp.activation']
+    assert_bands_match(activation['bands'], layers_of(state, 'activation.omega'))
+    assert all(s > 0 for s in activation['bands'].values())
     # the layers share 3/4 of their omegas exactly; the moved quarter lies where layer 0 has none
-    assert np.allclose(report['layer_similarity'], [[1.0, 0.75], [0.75, 1.0]], atol=1e-12)
+    assert np.allclose(activation['layer_similarity'], [[1.0, 0.75], [0.75, 1.0]], atol=1e-12)
     for png in ('brainwaves_bands.png', 'brainwaves_spectrum.png', 'brainwaves_waveforms.png',
                 'brainwaves_similarity.png'):
         assert_png(tmp_path / 'out' / png)

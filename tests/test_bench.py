@@ -57,6 +57,26 @@ def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
 
 
 @pytest.mark.slow
+def test_each_bio_variant_s_step_is_timed_beside_gelu(workdir):
+    # the config's own variant is the bio row; each other one listed gets its row, against the same GELU rows
+    (workdir / 'config_bench_tiny.py').write_text(TINY_CONFIG + "bio_variant = 'v2'\n")
+    proc = run_script(workdir, 'bench_bio.py', 'config_bench_tiny.py', '--device=cpu', '--part=step', '--rounds=1',
+                      '--bench_compiled=False', '--bio_variants=v3,v2,v1', '--bench_out=bench.json', timeout=600)
+    report = json.loads((workdir / 'bench.json').read_text())
+    step = report['step']
+    assert step['bio_variant'] == 'v2' and 'bio is bio_variant v2' in proc.stdout
+    assert set(step['time_s']) == {'bio', 'bio_unfused', 'bio_v3', 'bio_v1', 'gelu', 'gelu_twin'}
+    memory = step['memory_bytes']
+    # what backward keeps grows along the lineage: v1's dendrites and v2's event layer above v3's one activation
+    assert memory['bio_v1'] > memory['bio'] > memory['bio_v3'] > memory['gelu'] > 0
+    for v, row in (('v3', 'bio_v3'), ('v1', 'bio_v1')):
+        assert report[f'step_time_ratio_eager_{v}'] == step['time_s'][row] / step['time_s']['gelu']
+        assert report[f'step_memory_ratio_{v}'] == memory[row] / memory['gelu']
+        assert f'step_memory_ratio_{v} = ' in proc.stdout and re.search(rf'{row} .* ms .* MiB kept', proc.stdout)
+    assert report['step_memory_ratio'] == memory['bio'] / memory['gelu']
+
+
+@pytest.mark.slow
 def test_whole_runs_are_timed_as_processes_of_the_config(workdir):
     # whole runs of train_bio.py with the config and the overrides that are not the bench's own
     # the config also holds a bench setting (which train_bio.py would refuse) and the sparse gate

@@ -127,6 +127,21 @@ def test_param_counts_of_the_124m_config():
     assert gated - bio == 2 * 3072 * 12
 
 
+def test_param_counts_of_the_lineage():
+    # seed 002's small v2 and seed 000's v1 setup: 4 layers, 6 heads, 384 wide, no biases (no position embedding counted)
+    small = dict(n_layer=4, n_head=6, n_embd=384, vocab_size=50304, bias=False, use_bio_mlp=True)
+    assert GPT(GPTConfig(**small, bio_variant='v2')).get_num_params() == 45_309_312  # seed 002's "45.31M"
+    assert GPT(GPTConfig(**small, bio_variant='v1', bio_compartments=2)).get_num_params() == 83_058_064  # not seed 000's 89M
+    # at GPT-2's size the H x H matrices dominate (seed 004's blow-ups); counted without allocating
+    with torch.device('meta'):
+        counts = {v: GPT(GPTConfig(bias=False, use_bio_mlp=True, bio_variant=v)).get_num_params() for v in ('v2', 'v1')}
+    assert counts == {'v2': 350_300_928, 'v1': 803_285_808}
+    # the parameter-matched GELU control: as many parameters as each bio MLP, to within one hidden neuron
+    for variant, bio in (('v3', 26_416_512), ('v2', 45_309_312), ('v1', 83_058_064)):
+        gelu = GPT(GPTConfig(**{**small, 'use_bio_mlp': False}, gelu_params_like=variant))
+        assert abs(gelu.get_num_params() - bio) <= 2 * 384 and isinstance(gelu.transformer.h[0].mlp.gelu, torch.nn.GELU)
+
+
 def test_loss_ignores_minus_one_targets():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
