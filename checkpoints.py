@@ -409,6 +409,17 @@ def is_plain_tensor(value):
     return isinstance(value, torch.Tensor) and value.layout == torch.strided and value.device.type == 'cpu'
 
 
+def mlp_matrix_weights(config):
+    """The weights of one layer's MLP matrices, a bound that needs no model: v1's and v2's H x H matrices
+    are most of theirs (lineage.py), the GELU MLP's (widened by gelu_params_like) are the bio MLP's it matches."""
+    n, hidden = config.n_embd, 4 * config.n_embd
+    kind = config.bio_variant if config.use_bio_mlp else (config.gelu_params_like or 'v3')
+    if kind == 'v1':
+        k = config.bio_compartments
+        return k * -(-n // k) * hidden + 2 * k * hidden ** 2 + 2 * hidden ** 2 + hidden * n
+    return 2 * n * hidden + (2 * hidden ** 2 if kind == 'v2' else 0)
+
+
 def checked_config(source, model_args, held):
     """The GPTConfig that model_args describe, once each setting is checked and the model is known to need
     no more weights than the held numbers source stores, so that building it allocates no more.
@@ -421,13 +432,14 @@ def checked_config(source, model_args, held):
     if problem:
         raise ValueError(f'{source} describes no buildable model: {problem}')
     config = GPTConfig(**settings)
-    # the fewest weights such a model has: its embedding, each layer's attention (4 n_embd^2), learned positions
-    fewest = config.vocab_size * config.n_embd + 4 * config.n_layer * config.n_embd ** 2
+    # the fewest weights such a model has: its embedding, each layer's attention (4 n_embd^2) and MLP matrices,
+    # learned positions
+    fewest = config.vocab_size * config.n_embd + config.n_layer * (4 * config.n_embd ** 2 + mlp_matrix_weights(config))
     if config.use_positions and not config.use_rope:
         fewest += config.block_size * config.n_embd
     if fewest > held:
         raise ValueError(f'{source} does not match the model its settings describe: they make at least {fewest:,} '
-                         f'weights (vocab_size, n_embd, n_layer, block_size), it holds {held:,}')
+                         f'weights (vocab_size, n_embd, n_layer, the MLP, block_size), it holds {held:,}')
     return config
 
 

@@ -132,6 +132,7 @@ def test_mutated_checkpoint_files_load_or_fail_in_one_line(tmp_path):
             'a weight stored once, viewed huge': {'model': dict(weights, **{wte: torch.zeros(1).expand(10 ** 6, 16)}),
                                                   'model_args': dict(SMALL, vocab_size=10 ** 6)},
             'a long context claimed': {'model_args': dict(SMALL, block_size=10 ** 12)},
+            'v2 claimed of v3 weights': {'model_args': dict(SMALL, bio_variant='v2')},
             'an odd head size for RoPE': {'model_args': dict(SMALL, n_head=16)},
             'heads that do not divide the width': {'model_args': dict(SMALL, n_head=3)},
             'a tokenizer string': {'tokenizer': 'gpt2'}, 'a tokenizer of words': {'tokenizer': {'type': 'characters', 'chars': ['ab']}},
@@ -180,7 +181,9 @@ def test_mutated_checkpoint_files_load_or_fail_in_one_line(tmp_path):
     assert 'describes no buildable model: vocab_size=1000000000 is not' in results['a huge vocabulary claimed']
     assert results['model a list'].endswith('is malformed: its "model" is not a dict of named tensors')
     assert results['model_args a number'].endswith('is malformed: its "model_args" (and "config", if any) must be dicts')
-    assert 'they make at least 16,001,024 weights' in results['a weight stored once, viewed huge']
+    assert 'they make at least 16,003,072 weights' in results['a weight stored once, viewed huge']
+    # v2's H x H matrices counted before anything is built: a v3 file claiming to be v2 is refused
+    assert 'they make at least 11,904 weights' in results['v2 claimed of v3 weights']
     assert results['a weight of another shape'].endswith(
         'does not match the model its settings describe: its transformer.wte.weight is [41, 16], the settings make it [40, 16]')
     assert results['an extra weight'].endswith("it has 'extra', which that model has no place for")

@@ -142,6 +142,18 @@ def test_param_counts_of_the_lineage():
         assert abs(gelu.get_num_params() - bio) <= 2 * 384 and isinstance(gelu.transformer.h[0].mlp.gelu, torch.nn.GELU)
 
 
+def test_the_size_bound_of_a_checkpoint_s_settings_holds_for_every_mlp():
+    # checkpoints.py refuses a file holding fewer weights than its settings' MLP matrices need: a bound that
+    # must never exceed a real model (else a good file is refused) and must count what makes v1/v2 large
+    from checkpoints import mlp_matrix_weights
+    for settings in ({}, {'gelu_params_like': 'v1'}, {'use_bio_mlp': True}, {'use_bio_mlp': True, 'bio_variant': 'v2'},
+                     {'use_bio_mlp': True, 'bio_variant': 'v1', 'bio_compartments': 4}):
+        for bias in (False, True):
+            config = GPTConfig(n_layer=1, n_head=2, n_embd=30, vocab_size=50, bias=bias, **settings)
+            mlp = sum(p.numel() for p in GPT(config).transformer.h[0].mlp.parameters())
+            assert 0.9 * mlp <= mlp_matrix_weights(config) <= mlp, (settings, bias)
+
+
 def test_loss_ignores_minus_one_targets():
     torch.manual_seed(0)
     model = GPT(GPTConfig(**TINY))
