@@ -177,8 +177,9 @@ def bench_step(cfg, device, autocast, dtype, bio_variants):
     scaler = devices.grad_scaler(device, dtype)
     # bio is the config's bio_variant, as before variants could be listed; each other variant its own row
     variant_of = {'bio': cfg['bio_variant'], **{f'bio_{v}': v for v in bio_variants if v != cfg['bio_variant']}}
-    arms = {arm: dict(use_bio_mlp=True, bio_variant=v, use_sparse_gate=cfg['use_sparse_gate'] and v == 'v3')
-            for arm, v in variant_of.items()}  # the sparse gate is v3's; v2 and v1 have their event layer
+    # the sparse gate is v3's, v2 and v1 have their event layer; gelu_params_like widens the GELU arm alone
+    arms = {arm: dict(use_bio_mlp=True, bio_variant=v, use_sparse_gate=cfg['use_sparse_gate'] and v == 'v3',
+                      gelu_params_like='') for arm, v in variant_of.items()}
     arms['gelu'] = dict(use_bio_mlp=False, bio_variant='v3', use_sparse_gate=False)
     models, variants = {}, {}
     for arm, changes in arms.items():
@@ -292,10 +293,10 @@ def bench_whole_runs(cfg, train_defaults):
     # the runs get the training settings as the bench resolved them (config files may hold bench
     # settings too, which train_bio.py would refuse), whole_iters in place of max_iters
     settings = [f'--{k}={v}' for k, v in cfg.items() if k in train_defaults and v != train_defaults[k]
-                and k not in ('max_iters', 'out_dir', 'use_bio_mlp', 'use_sparse_gate', 'bio_variant')]
+                and k not in ('max_iters', 'out_dir', 'use_bio_mlp', 'use_sparse_gate', 'bio_variant', 'gelu_params_like')]
     arms = {'bio': ['--use_bio_mlp=True', f"--use_sparse_gate={cfg['use_sparse_gate']}",
-                    f"--bio_variant={cfg['bio_variant']}"],
-            'gelu': ['--use_bio_mlp=False', '--use_sparse_gate=False']}  # the gate and the variants are the bio MLP's
+                    f"--bio_variant={cfg['bio_variant']}"],  # the gate and the variants are the bio MLP's
+            'gelu': ['--use_bio_mlp=False', '--use_sparse_gate=False', f"--gelu_params_like={cfg['gelu_params_like']}"]}
     times = {arm: [] for arm in arms}
     print(f"\nwhole runs of train_bio.py {' '.join(settings)}: {cfg['whole_iters']} iterations, "
           f"{cfg['whole_pairs']} pairs (bio, GELU)")

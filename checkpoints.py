@@ -397,8 +397,11 @@ def config_problem(settings, relations=True):
         return f"bio_variant={settings['bio_variant']} is a bio MLP: it needs use_bio_mlp=True"
     if settings['gelu_params_like'] and settings['use_bio_mlp']:
         return f"gelu_params_like={settings['gelu_params_like']} widens the GELU MLP: it needs use_bio_mlp=False"
-    if settings['bio_variant'] == 'v1' and settings['bio_compartments'] > settings['n_embd']:
-        return f"bio_compartments={settings['bio_compartments']} is more than n_embd={settings['n_embd']} inputs to share"
+    compartments, inputs = settings['bio_compartments'], settings['n_embd']
+    # v1's inputs are cut in slices of ceil(n_embd / K): past n_embd / K or so, a last slice holds padding alone
+    if 'v1' in (settings['bio_variant'], settings['gelu_params_like']) and (compartments - 1) * -(-inputs // compartments) >= inputs:
+        return (f'bio_compartments={compartments} leaves a compartment without input: n_embd={inputs} is cut in '
+                f'slices of {-(-inputs // compartments)}; take fewer')
     if settings['gelu_tanh'] and settings['use_bio_mlp']:
         return 'gelu_tanh=True is a setting of the GELU MLP (use_bio_mlp=False)'
     return None

@@ -11,7 +11,8 @@ another H x H matrix. The spike is soft, so nothing is exactly silent; `sparsity
 lines is the share of voltages at or below the threshold.
 
 v1 (seed 000): dendritic compartments in place of c_fc, then v2's oscillation and event layer. The E
-inputs are cut into bio_compartments = K slices (the last zero-padded to the same size); each slice
+inputs are cut into bio_compartments = K slices of ceil(E/K) (the last zero-padded to that size; a K that
+would leave a slice of padding alone is refused); each slice
 has its own branch, Linear(E/K -> H) then tanh; a K x K lateral matrix (initialised 0.5 I + 0.1 N(0,1))
 mixes the K branch outputs; the soma, Linear(2 K H -> H), takes the branches' outputs and the mixed
 ones side by side. The H x H matrices are what made these models large: with 4 layers, 6 heads,

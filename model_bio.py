@@ -402,6 +402,8 @@ class GPT(nn.Module):
             raise ValueError('use_sparse_gate=True needs use_bio_mlp=True')
         if config.use_sparse_gate and config.bio_variant != 'v3':
             raise ValueError("use_sparse_gate=True is v3's gate; v1 and v2 have their event layer instead")
+        if config.gelu_params_like and config.use_bio_mlp:
+            raise ValueError('gelu_params_like widens the GELU MLP: it needs use_bio_mlp=False')
         self.config = config
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),

@@ -6,7 +6,8 @@ separately, at equal parameter count.
     python analysis/toy_tasks.py                                  (about 4 minutes on a CPU core)
     python analysis/toy_tasks.py --seeds 5 --steps 1000 --lrs 1e-3 3e-3 1e-2 3e-2
 
-Architectures (this repository's modules; biases on, threshold and compartments GPTConfig's defaults):
+Architectures (this repository's modules; biases on, threshold and compartments GPTConfig's defaults, but
+one compartment for composition's single input):
   gelu, relu   Linear, the activation, Linear
   v3           Linear, model_bio.OscillatingActivation (sin(omega x + phi) tanh(x) + baseline), Linear
   v3+gate      the same through model_bio.SparseGate (exact zeros below the threshold), as BioMLP with
@@ -98,7 +99,8 @@ ARCHITECTURES = {  # name -> a function (inputs, hidden width, outputs) -> the M
                                                     nn.Linear(hidden, n_out)),
     'v3+gate': GatedOscillatingMLP,
     'v2': lambda n_in, hidden, n_out: lineage.V2MLP(n_in, hidden, n_out, THRESHOLD, bias=True),
-    'v1': lambda n_in, hidden, n_out: lineage.V1MLP(n_in, hidden, n_out, COMPARTMENTS, THRESHOLD, bias=True),
+    # a single input (composition) cannot be shared among compartments: it gets one
+    'v1': lambda n_in, hidden, n_out: lineage.V1MLP(n_in, hidden, n_out, min(COMPARTMENTS, n_in), THRESHOLD, bias=True),
 }
 
 

@@ -104,6 +104,18 @@ def test_later_tokens_and_batch_mates_leave_earlier_logits_alone(variant):
 
 
 @pytest.mark.parametrize('variant', VARIANTS)
+def test_gradient_checkpointing_gives_the_same_gradients(variant):
+    idx = torch.randint(0, SMALL['vocab_size'], (2, 8), generator=torch.Generator().manual_seed(1))
+    grads = []
+    for checkpointing in (False, True):
+        model = small_model(variant, sharp=True, gradient_checkpointing=checkpointing).train()
+        model(idx, targets=idx)[1].backward()
+        grads.append({name: p.grad.clone() for name, p in model.named_parameters()})
+    assert grads[0].keys() == grads[1].keys()
+    assert all(torch.allclose(grads[0][name], grads[1][name], atol=1e-6) for name in grads[0])
+
+
+@pytest.mark.parametrize('variant', VARIANTS)
 def test_kv_cache_gives_the_tokens_of_a_full_recompute(variant):
     model = small_model(variant, sharp=True).eval()
     fed = []

@@ -31,11 +31,11 @@ QUICK = ['--seeds', '2', '--steps', '5', '--batch_size', '16', '--width', '8', '
 def expected_params(arch, n_in, width, n_out):
     """Each MLP's parameters, counted from its definition: Linear(i, h) has (i + 1) h; each oscillation 3 per neuron
     (omega, phi, baseline); the sparse gate 2 per neuron; v2's event layer two h x h Linears; v1's dendrites
-    K = 2 branches of ceil(i / K) inputs, a K x K lateral matrix and a soma Linear(2 K h, h)."""
+    K = 2 branches (1 for a single input) of ceil(i / K) inputs, a K x K lateral matrix and a soma Linear(2 K h, h)."""
     linear = {'gelu': 0, 'relu': 0, 'v3': 3 * width, 'v3+gate': 5 * width,
               'v2': 3 * width + 2 * (width + 1) * width + 3 * width}
     if arch == 'v1':
-        k = 2
+        k = min(2, n_in)
         dendrites = k * (math.ceil(n_in / k) + 1) * width + k * k + (2 * k * width + 1) * width
         return dendrites + 3 * width + 2 * (width + 1) * width + 3 * width + (width + 1) * n_out
     return (n_in + 1) * width + linear[arch] + (width + 1) * n_out
