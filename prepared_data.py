@@ -21,11 +21,13 @@ import re
 import shutil
 import sys
 import time
+import urllib.request
 
 MANIFEST = 'manifest.json'
 STAGING = '.preparing'
 LOCAL_FORMATS = {'.json': 'json', '.jsonl': 'json', '.txt': 'text', '.parquet': 'parquet'}
 HUB_NAME = re.compile(r'[A-Za-z0-9_.-]+/[A-Za-z0-9_.-]+')  # owner/name, as the hub spells repositories (ASCII)
+TINY_SHAKESPEARE_URL = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
 SCRIPT_REFUSED = 'Dataset scripts are no longer supported'  # what datasets >= 4 says of a loading script
 
 
@@ -92,6 +94,22 @@ def _put_manifest(out_dir, manifest):
     with open(staged, 'w') as f:
         json.dump(manifest, f, indent=2)
     os.replace(staged, os.path.join(out_dir, MANIFEST))
+
+
+def download_once(url, path):
+    """Fetch url to path unless path exists; a cut-off download never passes for the file. ValueError if the
+    fetch fails, naming where to put the file by hand (on a machine without internet, say)."""
+    if os.path.exists(path):
+        return
+    print(f'downloading {url}')
+    try:
+        with urllib.request.urlopen(url, timeout=60) as response:
+            downloaded = response.read()
+    except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
+        raise ValueError(f'cannot download {url} ({getattr(e, "reason", e)}); put the file at {path} and rerun')
+    with open(path + '.tmp', 'wb') as f:
+        f.write(downloaded)
+    os.replace(path + '.tmp', path)
 
 
 def discard(out_dir):

@@ -12,14 +12,20 @@ By default bio vs GELU; each arm may be swept over learning rates and is then ju
 An arm is NAME:key=value[,key=value...] (train_bio.py settings); the last arm is the baseline the
 others are measured against. Default: bio:use_bio_mlp=True gelu:use_bio_mlp=False,use_sparse_gate=False.
 --lrs: each run gets learning_rate=LR, and the config's other rates (min_lr, muon_learning_rate)
-are scaled with it, so the schedule's shape stays as configured.
+are scaled with it, so the schedule's shape stays as configured. --grid_seeds N (with --lrs): the
+rates are swept on the first N seeds only, and the other seeds train each arm at its best rate on
+those (lowest mean final val loss; ties: the first listed), for arms too slow to sweep on every seed:
+
+    python analysis/compare_runs.py --config config_shakespeare_char_cpu.py --seeds 3 --grid_seeds 1 \
+        --lrs 1.5e-3 3e-3 6e-3 --arms v2:bio_variant=v2 v3:bio_variant=v3
 
 Each run is train_bio.py in its own folder, <runs_dir>/<arm>-seed<seed> (with --lrs:
 <arm>-lr<lr>-seed<seed>), seeds 1337, 1338, .... Finished runs are not trained again and unfinished
 ones are resumed from their checkpoint; a folder whose run was trained with other settings than
 asked stops the comparison with a one-line error, untouched. It reports best and final val loss per
 run; per arm and learning rate the mean and standard deviation over seeds; each arm's best learning
-rate (lowest mean final val loss); at those, each arm's paired difference from the baseline per seed
+rate (lowest mean final val loss among its rates run on the most seeds, so that a --grid_seeds
+sweep's one-seed rates are shown but not picked); at those, each arm's paired difference from the baseline per seed
 with a 95% t interval and the iterations it needs to reach the baseline's mean final val loss. It
 writes compare.json, the val curves at the best learning rates (compare_curves.png) and, with
 several learning rates, final val loss against learning rate (compare_lr.png) to --out_dir
@@ -166,6 +172,19 @@ def train(settings, run_dir):
         fail(f'{run_dir} failed (exit {code}); see {run_dir}/train.out')
 
 
+def final_val_loss(run_dir):
+    """A run's last evaluated val loss; infinite for a run that diverged."""
+    evals = read_evals(run_dir)
+    return math.inf if os.path.isfile(os.path.join(run_dir, DIVERGED)) or not evals else evals[-1][1]
+
+
+def grid_best(runs_dir, arm, lrs, grid_seeds):
+    """The rate of lrs with the arm's lowest mean final val loss over the first grid_seeds seeds (ties: the
+    first listed)."""
+    return min(lrs, key=lambda lr: statistics.mean(final_val_loss(os.path.join(runs_dir, run_name(arm, lr, seed)))
+                                                  for seed in range(1337, 1337 + grid_seeds)))
+
+
 def run_name(arm, lr, seed):
     return f'{arm}-seed{seed}' if lr is None else f'{arm}-lr{lr!r}-seed{seed}'
 
@@ -250,6 +269,9 @@ def main():
     parser.add_argument('--set', nargs='*', default=[], metavar='KEY=VALUE', help='more train_bio.py settings')
     parser.add_argument('--arms', nargs='+', default=DEFAULT_ARMS, metavar='NAME:KEY=VALUE,...',
                         help='the arms; the last one is the baseline (default: bio vs gelu)')
+    parser.add_argument('--grid_seeds', type=ruled(int, '>= 1'), metavar='N',
+                        help='with --lrs: sweep the rates on the first N seeds only; the other seeds train each arm '
+                             'at its best rate on those (default: every seed at every rate)')
     parser.add_argument('--lrs', nargs='+', type=ruled(float, '> 0'), metavar='LR',
                         help='learning rates to sweep for every arm')
     parser.add_argument('--runs_dir', default='runs-compare')
@@ -262,6 +284,8 @@ def main():
     args = parser.parse_args()
     if args.labels and not args.evals:
         fail('--labels names the --evals files; give it with --evals')
+    if args.grid_seeds and not args.lrs:
+        fail('--grid_seeds sweeps the --lrs on the first seeds; give --lrs too')
     if args.evals:
         out_dir = args.out_dir or os.path.join('analysis_out', 'evals')
         check_folder('--out_dir', out_dir)
@@ -289,11 +313,17 @@ def main():
             if twin:
                 fail(f'arms {twin} and {name} train with the same settings; give each arm a setting of its own')
             resolved[name] = configured
-        for seed in range(1337, 1337 + args.seeds):
+        grid_seeds = min(args.grid_seeds or args.seeds, args.seeds)
+        for seed in range(1337, 1337 + grid_seeds):
             for lr in args.lrs or [None]:
                 for arm, arm_settings in arms.items():
                     run_dir = os.path.join(args.runs_dir, run_name(arm, lr, seed))
                     train(run_settings(args, arm_settings, lr, seed, run_dir), run_dir)
+        best = {arm: grid_best(args.runs_dir, arm, args.lrs, grid_seeds) for arm in arms} if args.lrs else {}
+        for seed in range(1337 + grid_seeds, 1337 + args.seeds):
+            for arm, arm_settings in arms.items():
+                run_dir = os.path.join(args.runs_dir, run_name(arm, best.get(arm), seed))
+                train(run_settings(args, arm_settings, best.get(arm), seed, run_dir), run_dir)
 
     runs, diverged = {}, set()  # (arm, lr or None, seed) -> [(iter, val_loss)]; the runs that diverged
     if os.path.isdir(args.runs_dir):
@@ -333,10 +363,14 @@ def main():
             cells = [f"{stats[k]['mean']:.4f} +- {stats[k].get('std', 0.0):.4f} (n={len(stats[k]['values'])})"
                      for k in ('best_val_loss', 'final_val_loss')]
             print(f'{arm:12s} {lr:>13s} {cells[0]:>26s} {cells[1]:>26s}')
-        best = min(by_lr, key=lambda lr: by_lr[lr]['final_val_loss']['mean'])
+        # among the rates run on the most seeds: a --grid_seeds sweep's other rates have fewer, and one seed's
+        # luck must not outbid a mean
+        most = max(len(stats['final_val_loss']['values']) for stats in by_lr.values())
+        best = min((lr for lr, stats in by_lr.items() if len(stats['final_val_loss']['values']) == most),
+                   key=lambda lr: by_lr[lr]['final_val_loss']['mean'])
         report['best_lr'][arm] = None if best == 'None' else float(best)
     if any(lr is not None for _, lr, _ in runs):
-        print('best learning rates (lowest mean final val loss): '
+        print('best learning rates (lowest mean final val loss among the rates run on the most seeds): '
               + ', '.join(f'{arm} {lr:g}' for arm, lr in report['best_lr'].items() if lr is not None))
         print(OPTIMISM)
 

@@ -16,7 +16,7 @@ import matplotlib.image
 import numpy as np
 import torch
 
-from conftest import REPO, TINY, load, message_lines, run_script, simulated_env
+from conftest import REPO, TINY, load, message_lines, read_log, run_script, simulated_env
 from checkpoints import save_checkpoint
 from model_bio import GPT, GPTConfig
 
@@ -279,3 +279,28 @@ def test_a_learning_rate_that_diverges_counts_as_infinite_and_the_sweep_goes_on(
     assert report['arms']['decay']['1e+30']['final_val_loss']['mean'] == math.inf
     again = run_script(workdir, *sweep)
     assert again.stdout.count('diverged already') == 2 and again.stdout.count('done already') == 2
+
+
+@pytest.mark.slow
+def test_compare_runs_grid_seeds_sweeps_the_first_seed_and_trains_the_others_at_each_best(workdir):
+    (workdir / 'config_tiny.py').write_text('max_iters = 2\neval_interval = 1\nuse_bio_mlp = False\n')
+    sweep = ['analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '3', '--grid_seeds', '1',
+             '--lrs', '0.001', '0.03', '--set', *[arg[2:] for arg in TINY], '--runs_dir', 'runs',
+             '--arms', 'decay:weight_decay=0.1', 'plain:weight_decay=0.0']
+    run_script(workdir, *sweep)
+    final = {p.name: [r['val_loss'] for r in read_log(p) if 'val_loss' in r][-1]
+             for p in (workdir / 'runs').iterdir() if p.is_dir()}
+    report = json.loads((workdir / 'runs' / 'compare.json').read_text())
+    for arm in ('decay', 'plain'):
+        best = min(('0.001', '0.03'), key=lambda lr: final[f'{arm}-lr{lr}-seed1337'])
+        other = ({'0.001', '0.03'} - {best}).pop()
+        # the other seeds ran at the first seed's best rate alone, and that rate is judged, over 3 seeds
+        assert {f'{arm}-lr{best}-seed{s}' for s in (1338, 1339)} <= final.keys()
+        assert not {f'{arm}-lr{other}-seed{s}' for s in (1338, 1339)} & final.keys()
+        assert report['best_lr'][arm] == float(best)
+        assert len(report['arms'][arm][str(float(best))]['final_val_loss']['values']) == 3
+    assert len(report['paired']['decay - plain']['final_val_loss']['values']) == 3
+    proc = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--grid_seeds', '1',
+                      '--runs_dir', 'x', check=False)
+    assert proc.returncode == 2 and message_lines(proc.stderr) == [
+        'error: --grid_seeds sweeps the --lrs on the first seeds; give --lrs too']

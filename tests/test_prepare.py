@@ -291,3 +291,14 @@ def test_a_manifest_that_is_not_one_is_refused_in_one_line(tmp_path):
         assert str(raised.value) == message, text
     manifest.write_text('{"files": {"train.bin": 4}}')
     assert prepared_data.check(str(tmp_path), ["train.bin"], "prepare") is None
+
+
+def test_a_failed_download_is_one_line_and_leaves_no_file(tmp_path):
+    # port 9 of this machine refuses connections: the offline case, without waiting on a real host
+    target = tmp_path / "input.txt"
+    with pytest.raises(ValueError, match=f"cannot download http://127.0.0.1:9/input.txt .*put the file at {target}"):
+        prepared_data.download_once("http://127.0.0.1:9/input.txt", str(target))
+    assert os.listdir(tmp_path) == []
+    target.write_text("kept")
+    prepared_data.download_once("http://127.0.0.1:9/input.txt", str(target))  # present: not fetched again
+    assert target.read_text() == "kept"

@@ -9,7 +9,6 @@ It takes no arguments; one given by mistake is an 'error: ' line and exit status
 import argparse
 import os
 import sys
-import urllib.request
 
 import numpy as np
 import tiktoken
@@ -22,10 +21,10 @@ from configurator import one_line_errors  # noqa: E402
 one_line_errors(argparse.ArgumentParser(description=__doc__)).parse_args()
 here = os.path.dirname(os.path.abspath(__file__))
 input_path = os.path.join(here, 'input.txt')
-if not os.path.exists(input_path):
-    url = 'https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt'
-    urllib.request.urlretrieve(url, input_path + '.tmp')
-    os.replace(input_path + '.tmp', input_path)
+try:
+    prepared_data.download_once(prepared_data.TINY_SHAKESPEARE_URL, input_path)
+except ValueError as e:
+    sys.exit(f'error: {e}')
 with open(input_path, encoding='utf-8') as f:
     text = f.read()
 split_at = int(len(text) * 0.9)

@@ -10,7 +10,6 @@ import argparse
 import os
 import pickle
 import sys
-import urllib.request
 
 import numpy as np
 
@@ -18,7 +17,6 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspa
 import prepared_data  # noqa: E402
 from configurator import one_line_errors  # noqa: E402
 
-SOURCE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 # Outputs go beside the script, not into whatever directory it was started from.
 HERE = os.path.dirname(os.path.abspath(__file__))
 
@@ -26,13 +24,10 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 one_line_errors(argparse.ArgumentParser(description=__doc__)).parse_args()
 
 input_path = os.path.join(HERE, "input.txt")
-if not os.path.exists(input_path):
-    print(f"downloading {SOURCE_URL}")
-    with urllib.request.urlopen(SOURCE_URL) as response:
-        downloaded = response.read()
-    with open(input_path + ".tmp", "wb") as f:  # a cut-off download never passes for the corpus
-        f.write(downloaded)
-    os.replace(input_path + ".tmp", input_path)
+try:
+    prepared_data.download_once(prepared_data.TINY_SHAKESPEARE_URL, input_path)
+except ValueError as e:
+    sys.exit(f"error: {e}")
 
 with open(input_path, encoding="utf-8") as f:
     text = f.read()
