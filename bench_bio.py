@@ -14,8 +14,13 @@ part 'steps' (the default) measures, each round running every variant once in a 
   eager, with the unfused activation, and compiled: tokens/s, MFU on GPUs, and peak memory on
   CUDA (bytes kept for backward on CPU). bio is the config's bio_variant; --bio_variants=v3,v2,v1
   adds a row for each other one listed (bio_v2, bio_v1: WiggleGPT's earlier MLPs, lineage.py),
-  eager and compiled, measured in the same rounds. The GELU step is timed twice, under two names
+  eager and compiled, measured in the same rounds; --synapses=presynaptic,stochastic,fast_weights,all
+  adds a row for the bio model with each of synapses.py's mechanisms (bio_presynaptic, ...), its
+  ratios taken against the bio row. The GELU step is timed twice, under two names
   (gelu and gelu_twin): twin / GELU shows how far from 1 a ratio strays by chance on this machine.
+- attn: one attention layer alone at the config's batch and shape, forward + backward: PyTorch's
+  fused scaled_dot_product_attention against presynaptic depression (synapses.py), which needs the
+  attention weights themselves; time and memory (peak on CUDA, kept for backward on CPU).
 - optim: the optimizer step alone (on fixed random gradients) of each optimizer of optimizers.py
   for the config's model: median ms per step and the bytes of its state, side by side; an optimizer
   whose package is not installed is listed as such.
@@ -31,16 +36,20 @@ The ratios in the JSON (bio / GELU; below 1 is faster or leaner) are act_saved_b
 act_time_ratio_eager, act_time_ratio_unfused, act_time_ratio_compiled, step_time_ratio_eager,
 step_time_ratio_compiled and step_memory_ratio, with step_twin_ratio_eager and
 step_twin_ratio_compiled beside them; for each added variant (v2, say) step_time_ratio_eager_v2,
-step_time_ratio_compiled_v2 and step_memory_ratio_v2, each against the same GELU rows;
-whole_run_time_ratio (with whole_run_ratio_range).
+step_time_ratio_compiled_v2 and step_memory_ratio_v2, each against the same GELU rows; for each
+mechanism (presynaptic, say) step_time_ratio_eager_presynaptic, ..._compiled_presynaptic and
+step_memory_ratio_presynaptic against the bio row; attn_time_ratio_presynaptic and
+attn_memory_ratio_presynaptic (presynaptic / SDPA); whole_run_time_ratio (with whole_run_ratio_range).
 
---part also takes act, step, optim or sample to run that part alone (--part=optim: the optimizers).
+--part also takes act, attn, step, optim or sample to run that part alone (--part=optim: the optimizers).
 The bench's own settings, beside train_bio.py's: part, rounds (40), act_calls (10), sample_repeats
 (3), new_tokens (500), whole_pairs (5), whole_iters (400), bench_compiled (True; False where
-torch.compile cannot build, e.g. GPUs on Windows), bio_variants ('': the config's bio_variant alone)
-and bench_out (a JSON file for the figures).
+torch.compile cannot build, e.g. GPUs on Windows), bio_variants ('': the config's bio_variant alone),
+synapses ('': none) and bench_out (a JSON file for the figures).
 
     python bench_bio.py config_shakespeare_char_cpu.py --part=step --bio_variants=v3,v2,v1
+    python bench_bio.py config_shakespeare_char_cpu.py --part=step --synapses=presynaptic,stochastic,fast_weights,all
+    python bench_bio.py config_gpt2_bio_3070.py --part=attn --batch_size=1 --rounds=5   (the 124M shape)
 """
 
 import json
@@ -64,6 +73,12 @@ from generation import generate_tokens
 from model_bio import GPT, GPTConfig
 from optimizers import OPTIMIZERS, build_optimizers, state_bytes
 
+# bench_step's rows for synapses.py's mechanisms: the GPTConfig flags each adds to the bio arm
+SYNAPSE_FLAGS = {'presynaptic': dict(use_presynaptic=True),
+                 'stochastic': dict(use_presynaptic=True, stochastic_release=True),
+                 'fast_weights': dict(use_fast_weights=True),
+                 'all': dict(use_presynaptic=True, stochastic_release=True, use_fast_weights=True)}
+
 REPO = os.path.dirname(os.path.abspath(__file__))
 # the bench's own settings, beside train_bio.py's (which say what model, batch and run to measure)
 BENCH_SETTINGS = dict(
@@ -76,6 +91,7 @@ BENCH_SETTINGS = dict(
     whole_iters=400,  # iterations of each whole run (in place of the config's max_iters)
     bench_compiled=True,  # also time torch.compile'd variants (False where it cannot compile, e.g. GPUs on Windows)
     bio_variants='',  # the training step of these bio MLPs too, e.g. 'v3,v2,v1' ('' is the config's bio_variant alone)
+    synapses='',  # the training step with these of synapses.py's mechanisms too, e.g. 'presynaptic,fast_weights,all'
     bench_out='',  # write the figures to this JSON file
 )
 
@@ -168,7 +184,44 @@ def bench_activation(cfg, device, autocast):
     return results
 
 
-def bench_step(cfg, device, autocast, dtype, bio_variants):
+def bench_attention(cfg, device, autocast):
+    """One attention layer, forward + backward, at the config's batch and shape: PyTorch's fused SDPA against
+    presynaptic depression, which needs the attention weights themselves and a T x T by T x T product per head."""
+    torch.manual_seed(0)
+    x = torch.randn(cfg['batch_size'], cfg['block_size'], cfg['n_embd'], device=device, requires_grad=True)
+    layers = {name: model_bio.CausalSelfAttention(config_model(cfg, dropout=0.0, use_presynaptic=presynaptic)).to(device)
+              for name, presynaptic in (('sdpa', False), ('presynaptic', True))}
+
+    def forward_backward(layer):
+        def run():
+            with autocast:
+                out = layer(x)
+            out.float().sum().backward()
+        return run
+    variants = {name: forward_backward(layer) for name, layer in layers.items()}
+    for fn in variants.values():
+        fn()
+    times = median_times(variants, device, cfg['rounds'], 1)
+    memory = {}
+    for name, fn in variants.items():
+        if device.type == 'cuda':
+            devices.reset_peak_memory(device)
+            fn()
+            memory[name] = devices.peak_memory(device)[0]
+        else:
+            memory[name] = saved_bytes(fn)
+    kind = 'peak allocated' if device.type == 'cuda' else 'kept for backward'
+    print(f"\nattention layer alone, batch {cfg['batch_size']} x {cfg['block_size']} tokens, {cfg['n_head']} heads x "
+          f"{cfg['n_embd'] // cfg['n_head']}: forward + backward")
+    for name in variants:
+        print(f"  {name:12s} {times[name] * 1e3:9.2f} ms  {times[name] / times['sdpa']:6.2f}x SDPA  "
+              f"{memory[name] / 2**20:9.1f} MiB {kind}  {memory[name] / memory['sdpa']:6.2f}x SDPA")
+    return {'time_s': times, 'memory_bytes': memory, 'memory_kind': kind,
+            'attn_time_ratio_presynaptic': times['presynaptic'] / times['sdpa'],
+            'attn_memory_ratio_presynaptic': memory['presynaptic'] / memory['sdpa']}
+
+
+def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=()):
     vocab_size = config_model(cfg).vocab_size
     B, T = cfg['batch_size'], cfg['block_size']
     torch.manual_seed(0)
@@ -180,6 +233,8 @@ def bench_step(cfg, device, autocast, dtype, bio_variants):
     # the sparse gate is v3's, v2 and v1 have their event layer; gelu_params_like widens the GELU arm alone
     arms = {arm: dict(use_bio_mlp=True, bio_variant=v, use_sparse_gate=cfg['use_sparse_gate'] and v == 'v3',
                       gelu_params_like='') for arm, v in variant_of.items()}
+    for mechanism in synapse_rows:  # the config's bio model with a mechanism of synapses.py
+        arms[f'bio_{mechanism}'] = {**arms['bio'], **SYNAPSE_FLAGS[mechanism]}
     arms['gelu'] = dict(use_bio_mlp=False, bio_variant='v3', use_sparse_gate=False)
     models, variants = {}, {}
     for arm, changes in arms.items():
@@ -233,9 +288,13 @@ def bench_step(cfg, device, autocast, dtype, bio_variants):
         results[f'step_twin_ratio_{mode}'] = times['gelu_twin' + suffix] / times['gelu' + suffix]
         for arm, v in list(variant_of.items())[1:]:
             results[f'step_time_ratio_{mode}_{v}'] = times[arm + suffix] / times['gelu' + suffix]
+        for mechanism in synapse_rows:  # against the same model without it
+            results[f'step_time_ratio_{mode}_{mechanism}'] = times[f'bio_{mechanism}{suffix}'] / times['bio' + suffix]
     results['step_memory_ratio'] = memory['bio'] / memory['gelu']
     for arm, v in list(variant_of.items())[1:]:
         results[f'step_memory_ratio_{v}'] = memory[arm] / memory['gelu']
+    for mechanism in synapse_rows:
+        results[f'step_memory_ratio_{mechanism}'] = memory[f'bio_{mechanism}'] / memory['bio']
     return results
 
 
@@ -326,12 +385,16 @@ def main():
     train_script = os.path.join(REPO, 'train_bio.py')
     train_defaults = script_defaults(train_script)
     cfg = configure({**train_defaults, **BENCH_SETTINGS}, argv, declared_rules(train_script))
-    parts = {'steps': ('act', 'step', 'optim', 'sample')}.get(cfg['part'], (cfg['part'],))
-    if not set(parts) <= {'act', 'step', 'optim', 'sample', 'whole'}:
-        fail(f"part={cfg['part']!r} is not one of 'steps', 'act', 'step', 'optim', 'sample', 'whole'")
+    parts = {'steps': ('act', 'attn', 'step', 'optim', 'sample')}.get(cfg['part'], (cfg['part'],))
+    if not set(parts) <= {'act', 'attn', 'step', 'optim', 'sample', 'whole'}:
+        fail(f"part={cfg['part']!r} is not one of 'steps', 'act', 'attn', 'step', 'optim', 'sample', 'whole'")
     bio_variants = [v.strip() for v in cfg['bio_variants'].split(',') if v.strip()]
     if not set(bio_variants) <= {'v3', 'v2', 'v1'}:
         fail(f"bio_variants={cfg['bio_variants']!r} must list bio variants out of v3, v2, v1, e.g. 'v3,v2,v1'")
+    synapse_rows = [m.strip() for m in cfg['synapses'].split(',') if m.strip()]
+    if not set(synapse_rows) <= set(SYNAPSE_FLAGS):
+        fail(f"synapses={cfg['synapses']!r} must list mechanisms out of {', '.join(SYNAPSE_FLAGS)}, "
+             "e.g. 'presynaptic,fast_weights,all'")
     counts = ('rounds', 'act_calls', 'sample_repeats', 'new_tokens', 'whole_pairs', 'whole_iters')
     if min(cfg[k] for k in counts) < 1:
         fail(f"{', '.join(counts)} must each be at least 1")
@@ -349,14 +412,16 @@ def main():
         print(f"device: {report['device']}, torch {torch.__version__}, {dtype}")
         if 'act' in parts:
             report['act'] = bench_activation(cfg, device, autocast)
+        if 'attn' in parts:
+            report['attn'] = bench_attention(cfg, device, autocast)
         if 'step' in parts:
-            report['step'] = bench_step(cfg, device, autocast, dtype, bio_variants)
+            report['step'] = bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows)
         if 'optim' in parts:
             report['optim'] = bench_optimizers(cfg, device)
         if 'sample' in parts:
             with torch.no_grad():
                 report['sample'] = bench_sample(cfg, device)
-    for part in ('act', 'step', 'whole'):
+    for part in ('act', 'attn', 'step', 'whole'):
         for key, value in report.get(part, {}).items():
             if key.endswith('_ratio') or '_ratio_' in key:
                 report[key] = value

@@ -348,7 +348,7 @@ def load_checkpoint_file(ckpt_path, device, overrides):
 # the most each size may be: far above any model trained here (block_size 1024), far below what exhausts
 # memory or time (RoPE's tables, which no file holds, grow with block_size; each layer takes time to build)
 SIZE_LIMITS = {'vocab_size': MAX_VOCAB_SIZE, 'block_size': 2 ** 16, 'n_layer': 1024, 'n_head': 1024, 'n_embd': 2 ** 16,
-               'bio_compartments': 1024}
+               'bio_compartments': 1024, 'fast_weight_rank': 1024}
 CHOICES = {'bio_variant': ('v3', 'v2', 'v1'), 'gelu_params_like': ('', 'v3', 'v2', 'v1')}  # settings naming one of a few
 
 
@@ -367,11 +367,15 @@ def setting_problem(name, value, default):
         return None if isinstance(value, str) and value in CHOICES[name] else f"is not one of {', '.join(map(repr, CHOICES[name]))}"
     if isinstance(value, bool) or not isinstance(value, (int, float)):
         return f'is a {type(value).__name__}, not a number'
+    if isinstance(value, int) and not isinstance(default, int) and abs(value) > sys.float_info.max:
+        return 'is not a finite number'  # a file's int past float range, which float maths cannot take
     if isinstance(default, int):
         limit = SIZE_LIMITS[name]
         return None if isinstance(value, int) and 1 <= value <= limit else f'is not a whole number from 1 to {limit:,}'
-    if name == 'dropout':
+    if name in ('dropout', 'fast_weight_decay'):
         return None if 0 <= value < 1 else 'is not from 0 up to (not including) 1'
+    if name == 'tau_rrp':
+        return None if 0 < value < math.inf else 'is not a number of positions above 0'
     return None if math.isfinite(value) else 'is not a finite number'
 
 
@@ -404,6 +408,8 @@ def config_problem(settings, relations=True):
                 f'slices of {-(-inputs // compartments)}; take fewer')
     if settings['gelu_tanh'] and settings['use_bio_mlp']:
         return 'gelu_tanh=True is a setting of the GELU MLP (use_bio_mlp=False)'
+    if settings['stochastic_release'] and not settings['use_presynaptic']:
+        return 'stochastic_release=True draws the presynaptic release: it needs use_presynaptic=True'
     return None
 
 
@@ -423,6 +429,11 @@ def mlp_matrix_weights(config):
     return 2 * n * hidden + (2 * hidden ** 2 if kind == 'v2' else 0)
 
 
+def fast_weight_matrices(config):
+    """The weights of one layer's fast-weight matrices (synapses.FastWeights: queries, keys, values, read-out)."""
+    return 4 * config.n_embd * config.n_head * config.fast_weight_rank if config.use_fast_weights else 0
+
+
 def checked_config(source, model_args, held):
     """The GPTConfig that model_args describe, once each setting is checked and the model is known to need
     no more weights than the held numbers source stores, so that building it allocates no more.
@@ -435,14 +446,15 @@ def checked_config(source, model_args, held):
     if problem:
         raise ValueError(f'{source} describes no buildable model: {problem}')
     config = GPTConfig(**settings)
-    # the fewest weights such a model has: its embedding, each layer's attention (4 n_embd^2) and MLP matrices,
-    # learned positions
-    fewest = config.vocab_size * config.n_embd + config.n_layer * (4 * config.n_embd ** 2 + mlp_matrix_weights(config))
+    # the fewest weights such a model has: its embedding, each layer's attention (4 n_embd^2), MLP and fast-weight
+    # matrices, learned positions
+    fewest = config.vocab_size * config.n_embd + config.n_layer * (4 * config.n_embd ** 2 + mlp_matrix_weights(config)
+                                                                  + fast_weight_matrices(config))
     if config.use_positions and not config.use_rope:
         fewest += config.block_size * config.n_embd
     if fewest > held:
         raise ValueError(f'{source} does not match the model its settings describe: they make at least {fewest:,} '
-                         f'weights (vocab_size, n_embd, n_layer, the MLP, block_size), it holds {held:,}')
+                         f'weights (vocab_size, n_embd, n_layer, the MLP, fast weights, block_size), it holds {held:,}')
     return config
 
 

@@ -18,6 +18,12 @@ WiggleGPT's earlier MLPs are one setting away: bio_variant='v2' or 'v1' (lineage
 compute). gelu_params_like='v3'/'v2'/'v1' widens the GELU control's hidden layer to as many parameters
 as that bio MLP holds, so that a comparison can tell more parameters from the mechanism.
 
+Seed 003's synaptic mechanisms are one flag each, off by default, with any MLP (synapses.py says what they
+compute): use_presynaptic (short-term depression in attention, which then computes its weights itself in
+place of fused SDPA; tau_rrp), stochastic_release (its release drawn in training), use_fast_weights (a
+Hebbian scratchpad beside the MLP; fast_weight_rank, fast_weight_decay). Their state along a sequence
+lives in the KV cache in generation, so cached and recomputed logits agree.
+
 The sparse gate (from WiggleGPT v2, made exact): each hidden neuron has a gate_weight (init 1) and a
 gate_bias (init 0); it fires where gate_weight * x + gate_bias > bio_threshold, x being its
 pre-activation, and outputs exactly 0 elsewhere. The step has no gradient, so backward uses the
@@ -56,6 +62,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lineage  # the earlier bio MLPs (v1, v2); it uses this module's activation in turn
+import synapses  # seed 003's synaptic mechanisms: presynaptic depression, fast weights
 
 
 @dataclass
@@ -78,6 +85,12 @@ class GPTConfig:
     bio_variant: str = 'v3'  # the bio MLP: 'v3' (BioMLP), or the earlier 'v2' and 'v1' (lineage.py)
     bio_compartments: int = 2  # v1: dendritic compartments per MLP
     gelu_params_like: str = ''  # the GELU MLP widened to as many parameters as bio_variant 'v3', 'v2' or 'v1' has
+    use_presynaptic: bool = False  # attention with short-term synaptic depression (synapses.py)
+    tau_rrp: float = 40.0  # presynaptic: positions over which a drained pool refills (time constant)
+    stochastic_release: bool = False  # presynaptic: training draws each release (synapses.py)
+    use_fast_weights: bool = False  # a Hebbian fast-weight scratchpad beside the MLP (synapses.py)
+    fast_weight_rank: int = 16  # fast weights: keys and values per head
+    fast_weight_decay: float = 0.95  # fast weights: what a write keeps per position
 
 
 class RMSNorm(nn.Module):
@@ -119,6 +132,7 @@ class CausalSelfAttention(nn.Module):
         self.c_proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias)
         self.resid_dropout = nn.Dropout(config.dropout)
         self.dropout = config.dropout
+        self.presynaptic = synapses.PresynapticDepression(config) if config.use_presynaptic else None
 
     def forward(self, x, rope=None, kv_cache=None):
         B, T, C = x.size()
@@ -131,11 +145,19 @@ class CausalSelfAttention(nn.Module):
         if kv_cache is not None:  # generation: earlier tokens' keys and values are kept, not recomputed
             if kv_cache:
                 assert T == 1, 'a filled cache takes one token at a time'
-                k, v = torch.cat((kv_cache[0], k), dim=2), torch.cat((kv_cache[1], v), dim=2)
-            kv_cache[:] = (k, v)
+                k, v = torch.cat((kv_cache['k'], k), dim=2), torch.cat((kv_cache['v'], v), dim=2)
+            kv_cache.update(k=k, v=v)
         # one new token may see every cached one; a longer input starts from an empty cache, so causal
-        y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
-                                           dropout_p=self.dropout if self.training else 0.0)
+        if self.presynaptic is None:
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
+                                               dropout_p=self.dropout if self.training else 0.0)
+        else:  # depression changes the attention logits, so they are computed here
+            # scaled before the product, as SDPA does, so that float16 logits do not overflow
+            scores = ((q / math.sqrt(q.size(-1))) @ k.transpose(-1, -2)).float()
+            if T > 1:
+                scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float('-inf'))
+            att = F.dropout(self.presynaptic(scores, kv_cache).softmax(-1), self.dropout, self.training)
+            y = att.to(v.dtype) @ v
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 
@@ -388,10 +410,14 @@ class Block(nn.Module):
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
         self.mlp = lineage.make_mlp(config) if config.use_bio_mlp else MLP(config)
+        self.fast_weights = synapses.FastWeights(config) if config.use_fast_weights else None
 
     def forward(self, x, rope=None, kv_cache=None):
         x = x + self.attn(self.ln_1(x), rope, kv_cache)
-        return x + self.mlp(self.ln_2(x))
+        h = self.ln_2(x)
+        if self.fast_weights is None:
+            return x + self.mlp(h)
+        return x + self.mlp(h) + self.fast_weights(h, kv_cache)
 
 
 class GPT(nn.Module):
@@ -445,8 +471,9 @@ class GPT(nn.Module):
         return n_params
 
     def new_kv_cache(self):
-        """An empty key/value cache for forward(kv_cache=...): one [keys, values] per layer, filled as it runs."""
-        return [[] for _ in self.transformer.h]
+        """An empty cache for forward(kv_cache=...): one dict per layer, filled as it runs with the keys 'k' and
+        values 'v' of the tokens so far, and the state synapses.py's mechanisms carry ('used', 'fast')."""
+        return [{} for _ in self.transformer.h]
 
     def forward(self, idx, targets=None, kv_cache=None, all_positions=False):
         """Logits (and the loss with targets; -1 targets are ignored); without targets only the last
@@ -456,7 +483,7 @@ class GPT(nn.Module):
         cache from a whole context, later calls add one token each.
         """
         B, T = idx.size()
-        past = kv_cache[0][0].size(2) if kv_cache and kv_cache[0] else 0
+        past = kv_cache[0]['k'].size(2) if kv_cache and kv_cache[0] else 0
         assert past + T <= self.config.block_size, f'sequence of {past + T} tokens, block_size is {self.config.block_size}'
         x = self.transformer.wte(idx)
         rope = None

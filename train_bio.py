@@ -119,6 +119,12 @@ bio_threshold = 0.25
 bio_variant = 'v3'  # the bio MLP: 'v3' (today's), or WiggleGPT's earlier 'v2' and 'v1' (lineage.py)
 bio_compartments = 2  # v1's dendritic compartments
 gelu_params_like = ''  # 'v3', 'v2' or 'v1': the GELU MLP (use_bio_mlp=False) as wide as that bio MLP's parameters make it
+use_presynaptic = False  # seed 003's presynaptic depression in attention (synapses.py)
+tau_rrp = 40.0  # its pools refill over this many positions
+stochastic_release = False  # with use_presynaptic: training draws each release, evaluation uses its expectation
+use_fast_weights = False  # seed 003's Hebbian fast-weight scratchpad beside the MLP (synapses.py)
+fast_weight_rank = 16  # its keys and values per head
+fast_weight_decay = 0.95  # what a write keeps per position
 gradient_checkpointing = False
 freeze_layers: '>= 0' = 0  # fine-tuning: the first N blocks keep their weights
 freeze_embeddings = False  # also keep the token (and position) embeddings; wte is tied to lm_head, so it stays too

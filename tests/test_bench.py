@@ -42,6 +42,11 @@ def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
                                             'gelu_twin', 'gelu_twin_compiled'}
     assert report['step']['memory_bytes']['bio'] > 0
     assert report['sample']['block_size_256']['tokens_per_s_cache'] > 0
+    # presynaptic depression keeps the attention weights (and their decayed sums) that fused SDPA does not
+    attn = report['attn']
+    assert attn['memory_bytes']['presynaptic'] > attn['memory_bytes']['sdpa'] > 0
+    assert report['attn_time_ratio_presynaptic'] == attn['time_s']['presynaptic'] / attn['time_s']['sdpa']
+    assert 'attn_memory_ratio_presynaptic = ' in proc.stdout and re.search(r'presynaptic .*x SDPA', proc.stdout)
     # each optimizer's step, side by side; AdamW keeps two float32 moments per weight and a step count per tensor
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False, use_bio_mlp=True,
                           use_rmsnorm=True, use_rope=True))  # train_bio.py's defaults
@@ -61,11 +66,19 @@ def test_each_bio_variant_s_step_is_timed_beside_gelu(workdir):
     # the config's own variant is the bio row; each other one listed gets its row, against the same GELU rows
     (workdir / 'config_bench_tiny.py').write_text(TINY_CONFIG + "bio_variant = 'v2'\n")
     proc = run_script(workdir, 'bench_bio.py', 'config_bench_tiny.py', '--device=cpu', '--part=step', '--rounds=1',
-                      '--bench_compiled=False', '--bio_variants=v3,v2,v1', '--bench_out=bench.json', timeout=600)
+                      '--bench_compiled=False', '--bio_variants=v3,v2,v1', '--synapses=presynaptic,fast_weights',
+                      '--bench_out=bench.json', timeout=600)
     report = json.loads((workdir / 'bench.json').read_text())
     step = report['step']
     assert step['bio_variant'] == 'v2' and 'bio is bio_variant v2' in proc.stdout
-    assert set(step['time_s']) == {'bio', 'bio_unfused', 'bio_v3', 'bio_v1', 'gelu', 'gelu_twin'}
+    assert set(step['time_s']) == {'bio', 'bio_unfused', 'bio_v3', 'bio_v1', 'bio_presynaptic', 'bio_fast_weights',
+                                   'gelu', 'gelu_twin'}
+    # each mechanism on the config's bio model (v2 here), against it
+    for mechanism in ('presynaptic', 'fast_weights'):
+        row = f'bio_{mechanism}'
+        assert step['memory_bytes'][row] > step['memory_bytes']['bio']
+        assert report[f'step_time_ratio_eager_{mechanism}'] == step['time_s'][row] / step['time_s']['bio']
+        assert report[f'step_memory_ratio_{mechanism}'] == step['memory_bytes'][row] / step['memory_bytes']['bio']
     memory = step['memory_bytes']
     # what backward keeps grows along the lineage: v1's dendrites and v2's event layer above v3's one activation
     assert memory['bio_v1'] > memory['bio'] > memory['bio_v3'] > memory['gelu'] > 0
@@ -98,7 +111,8 @@ def test_whole_runs_are_timed_as_processes_of_the_config(workdir):
 def test_bench_user_mistakes_are_one_line_errors(workdir):
     for args, message in [(['nope.py'], "config file 'nope.py' not found"),
                           (['--device=cpu', '--dtype=half'], "dtype='half' is not one of"),
-                          (['--part=everything'], "part='everything' is not one of")]:
+                          (['--part=everything'], "part='everything' is not one of"),
+                          (['--synapses=dendrites'], "synapses='dendrites' must list mechanisms out of presynaptic")]:
         proc = run_script(workdir, 'bench_bio.py', *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert len(message_lines(proc.stderr)) == 1, proc.stderr

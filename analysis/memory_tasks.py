@@ -1,0 +1,260 @@
+"""
+Working-memory tasks after seed 003 (bio-inspired nanochat): small GPTs trained from scratch, with and
+without synapses.py's mechanisms, scored by their accuracy at the answer positions. This is where a
+fast-weight scratchpad or synaptic depression should show if it helps.
+
+    python analysis/memory_tasks.py                    (about 10 minutes on a CPU core)
+    python analysis/memory_tasks.py --seeds 5 --steps 3000 --lrs 1e-3 3e-3 1e-2 --arms plain fast_weights
+
+Tasks, each a sequence of at most 64 tokens: a context, then queries, each QUERY and a key of the context,
+answered by its value. The model is trained to predict the answers (cross-entropy at those positions alone)
+and scored by whether its most likely token there is the answer. Each key of the context is asked once, in
+random order (at most 8); the answer follows as the next token before the next query, so a query sees the
+earlier answers but nothing helps it but the context. Distractors are any tokens but QUERY and the pairs'
+keys (other keys and values included): a queried key occurs once before its query, and neither 'the token
+after a key' nor 'a value in sight' gives the answer. Tokens: 16 keys, 16 values, 30 filler tokens, QUERY;
+after the last answer, padding.
+  recall_N      associative recall: N key-value pairs (distinct keys), then the queries. N = 2, 4, 8, 16.
+  binding_D     variable binding with distractors: 3 key-value pairs among D distractors (each pair kept
+                together, the order shuffled), then the queries. D = 8, 24.
+  needle_L_P    needle in a haystack: L distractors with one key-value pair at depth P (0 the start, 1 the
+                end), then its query. L = 16, 32, 60; P = 0, 0.5, 1 (training draws P uniformly).
+Naming a random value scores 1/16; naming a value among the pairs not yet asked does better on recall_2 and
+binding, on recall_N about the mean of 1/N, ..., 1/(N - 7).
+
+Arms (GPTConfig flags on the same model: --n_layer 2 --n_head 4 --n_embd 64, the oscillating MLP, RoPE
+(with learned positions even the plain model's recall takes thousands of steps more to appear), block 64,
+no dropout): plain; presynaptic (use_presynaptic); fast_weights (use_fast_weights);
+both (the two); stochastic (use_presynaptic with stochastic_release) when asked for with --arms. The fast
+weights keep synapses.py's defaults (rank 16, decay 0.95), the pools tau_rrp 40.
+
+Fairness: every arm trains the same --steps on the same batches (a mixture of all tasks, drawn from the
+seed: seeds 0, 1, ...) from weights drawn from the seed, with AdamW (weight decay 0.1 on matrices, betas 0.9
+and 0.95, gradients clipped at 1) and the cosine schedule of train_bio.py (warmup 100, down to a tenth) at
+each rate of --lrs. Each arm's rate is the one with the best mean accuracy over seeds and tasks on
+validation sequences (ties: the smaller rate); the table reports, at that rate, the accuracy on separate
+test sequences (--eval_examples per task of each): the mean over seeds with its 95% t interval (compare_runs'
+interval), the parameters and the mean seconds per run (one thread; noisy on a shared machine).
+
+Prints the table and writes memory_tasks.json (the settings; per arm the rate picked, validation accuracy at
+each rate, per task test accuracy per seed with mean and interval, parameters, seconds) and memory_tasks.png
+(accuracy by task, one bar per arm, 95% intervals) to --out_dir (default analysis_out/memory_tasks). All but
+the seconds are the same from run to run. A bad argument is one 'error: ' line and exit status 2.
+"""
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+import matplotlib
+
+matplotlib.use('Agg')
+import matplotlib.pyplot as plt  # noqa: E402
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+sys.path.insert(0, os.path.dirname(HERE))
+sys.path.insert(0, HERE)
+from compare_runs import interval  # noqa: E402  (mean, std and 95% t interval, as the run comparison gives them)
+from configurator import check_folder, one_line_errors, ruled  # noqa: E402
+from model_bio import GPT, GPTConfig  # noqa: E402
+from optimizers import build_optimizers, scheduled_lr  # noqa: E402
+
+KEYS, VALUES, FILLER = range(0, 16), range(16, 32), range(32, 62)
+QUERY, PAD = 62, 63
+VOCAB, BLOCK = 64, 64
+RECALL_PAIRS, BINDING_DISTRACTORS, BINDING_PAIRS = (2, 4, 8, 16), (8, 24), 3
+NEEDLE_LENGTHS, NEEDLE_DEPTHS = (16, 32, 60), (0.0, 0.5, 1.0)
+MAX_QUERIES = 8  # recall_16's 32 tokens leave room for 8 queries of 3 tokens
+TASKS = ([f'recall_{n}' for n in RECALL_PAIRS] + [f'binding_{d}' for d in BINDING_DISTRACTORS]
+         + [f'needle_{length}_{depth:g}' for length in NEEDLE_LENGTHS for depth in NEEDLE_DEPTHS])
+ARMS = {'plain': {}, 'presynaptic': dict(use_presynaptic=True), 'fast_weights': dict(use_fast_weights=True),
+        'both': dict(use_presynaptic=True, use_fast_weights=True),
+        'stochastic': dict(use_presynaptic=True, stochastic_release=True)}
+WARMUP = 100
+
+
+def pairs(rng, n):
+    """n (key, value) pairs with distinct keys."""
+    return list(zip(rng.choice(KEYS, n, replace=False).tolist(), rng.choice(VALUES, n).tolist()))
+
+
+def distractors(rng, n, bound):
+    """n tokens that may be anything but QUERY, padding and the keys of the pairs: other keys and values too, so
+    that neither 'the token after a key' nor 'a value in sight' is the answer."""
+    allowed = sorted(set(range(QUERY)) - {key for key, _ in bound})
+    return rng.choice(allowed, n).tolist()
+
+
+def sequence(task, rng, depth=None):
+    """(tokens, [(position, answer)]) of one example of task; depth overrides a needle's (training draws it
+    uniformly). Each pair's key is asked once, in random order, up to MAX_QUERIES: QUERY, the key, and
+    (but after the last) its value, so later queries see earlier answers but never their own."""
+    kind, *params = task.split('_')
+    if kind == 'recall':
+        bound = pairs(rng, int(params[0]))
+        tokens = [t for pair in bound for t in pair]
+    elif kind == 'binding':
+        bound = pairs(rng, BINDING_PAIRS)
+        items = [list(pair) for pair in bound] + [[t] for t in distractors(rng, int(params[0]), bound)]
+        tokens = [t for i in rng.permutation(len(items)) for t in items[i]]
+    else:
+        length = int(params[0])
+        bound = pairs(rng, 1)
+        tokens = distractors(rng, length, bound)
+        at = round((float(params[1]) if depth is None else depth) * (length - 2))
+        tokens[at:at + 2] = bound[0]
+    asked = [bound[i] for i in rng.permutation(len(bound))[:MAX_QUERIES]]
+    answers = []
+    for key, value in asked:
+        tokens += [QUERY, key]
+        answers.append((len(tokens) - 1, value))
+        tokens.append(value)
+    return tokens[:-1], answers
+
+
+def batch_of(examples):
+    """(inputs, targets) padded to BLOCK: each answer the target at its query's key, -1 elsewhere."""
+    inputs = torch.full((len(examples), BLOCK), PAD)
+    targets = torch.full((len(examples), BLOCK), -1)
+    for row, (tokens, answers) in enumerate(examples):
+        inputs[row, :len(tokens)] = torch.tensor(tokens)
+        for position, answer in answers:
+            targets[row, position] = answer
+    return inputs, targets
+
+
+def training_batches(seed, steps, batch_size):
+    """Every step's batch: tasks drawn uniformly, needle depths uniform in [0, 1]."""
+    rng = np.random.default_rng([seed, 0])
+    batches = []
+    for _ in range(steps):
+        examples = []
+        for task in rng.choice(TASKS, batch_size):
+            examples.append(sequence(task, rng, rng.random() if task.startswith('needle') else None))
+        batches.append(batch_of(examples))
+    return batches
+
+
+def eval_sets(seed, n, split):
+    rng = np.random.default_rng([seed, split])
+    return {task: batch_of([sequence(task, rng) for _ in range(n)]) for task in TASKS}
+
+
+def accuracy(model, inputs, targets):
+    with torch.no_grad():
+        logits, _ = model(inputs, all_positions=True)
+    asked = targets != -1
+    return (logits.argmax(-1)[asked] == targets[asked]).float().mean().item()
+
+
+def model_config(args, arm):
+    return GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=BLOCK,
+                     vocab_size=VOCAB, bias=False, use_bio_mlp=True, use_rope=True, dropout=0.0, **ARMS[arm])
+
+
+def train(args, arm, lr, seed, batches, evals):
+    """One run: ({task: validation accuracy}, {task: test accuracy}, seconds)."""
+    torch.manual_seed(seed)
+    model = GPT(model_config(args, arm))
+    optimizer, = build_optimizers(model, 'adamw', lr, 0.1, 0.9, 0.95, 0.0, 0.95, 'cpu')
+    start = time.perf_counter()
+    model.train()
+    for step, (inputs, targets) in enumerate(batches):
+        for group in optimizer.param_groups:
+            group['lr'] = scheduled_lr(step, 'cosine', lr, lr / 10, WARMUP, len(batches), 0.2)
+        _, loss = model(inputs, targets)
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        optimizer.step()
+    seconds = time.perf_counter() - start
+    model.eval()
+    scores = [{task: accuracy(model, *batch) for task, batch in evals[split].items()} for split in ('val', 'test')]
+    return scores[0], scores[1], seconds
+
+
+def half_interval(score):
+    return score['ci95'][1] - score['mean'] if 'ci95' in score else 0.0
+
+
+def plot(table, path):
+    fig, ax = plt.subplots(figsize=(14, 4.5))
+    bar = 0.8 / len(table)
+    for i, (arm, row) in enumerate(table.items()):
+        scores = [row['test_accuracy'][task] for task in TASKS]
+        ax.bar([t + (i - (len(table) - 1) / 2) * bar for t in range(len(TASKS))], [s['mean'] for s in scores], bar,
+               yerr=[half_interval(s) for s in scores], capsize=2, label=f"{arm} (lr {row['best_lr']:g})")
+    ax.axhline(1 / len(VALUES), color='grey', linewidth=0.8, linestyle=':')
+    ax.set_xticks(range(len(TASKS)), TASKS, rotation=30, ha='right')
+    ax.set_ylim(0, 1.2)
+    ax.set_ylabel('test accuracy at the answer')
+    ax.legend(ncol=len(table), fontsize=8, loc='upper center')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main():
+    parser = one_line_errors(argparse.ArgumentParser(description=__doc__,
+                                                     formatter_class=argparse.RawDescriptionHelpFormatter))
+    parser.add_argument('--seeds', type=ruled(int, '>= 1'), default=3)
+    parser.add_argument('--steps', type=ruled(int, '>= 1'), default=1500)
+    parser.add_argument('--batch_size', type=ruled(int, '>= 1'), default=32)
+    parser.add_argument('--lrs', type=ruled(float, '> 0'), nargs='+', default=[1e-3, 3e-3])
+    parser.add_argument('--arms', nargs='+', choices=list(ARMS), default=['plain', 'presynaptic', 'fast_weights', 'both'])
+    parser.add_argument('--eval_examples', type=ruled(int, '>= 1'), default=256, help='per task, for each of val and test')
+    parser.add_argument('--n_layer', type=ruled(int, '>= 1'), default=2)
+    parser.add_argument('--n_head', type=ruled(int, '>= 1'), default=4)
+    parser.add_argument('--n_embd', type=ruled(int, '>= 1'), default=64)
+    parser.add_argument('--out_dir', default='analysis_out/memory_tasks')
+    args = parser.parse_args()
+    if args.n_embd % args.n_head:
+        parser.error(f'--n_embd {args.n_embd} is not a multiple of --n_head {args.n_head}')
+    check_folder('--out_dir', args.out_dir)
+    torch.set_num_threads(1)  # small tensors: extra threads only add hand-off time
+
+    start = time.time()
+    runs = {(arm, lr): [] for arm in args.arms for lr in args.lrs}
+    for seed in range(args.seeds):
+        batches = training_batches(seed, args.steps, args.batch_size)
+        evals = {split: eval_sets(seed, args.eval_examples, index + 1) for index, split in enumerate(('val', 'test'))}
+        for lr in args.lrs:
+            for arm in args.arms:
+                runs[arm, lr].append(train(args, arm, lr, seed, batches, evals))
+                val = statistics.mean(runs[arm, lr][-1][0].values())
+                print(f'seed {seed} lr {lr:g} {arm}: mean val accuracy {val:.3f}', flush=True)
+
+    table = {}
+    for arm in args.arms:
+        val = {lr: statistics.mean(statistics.mean(run[0].values()) for run in runs[arm, lr]) for lr in args.lrs}
+        best = max(args.lrs, key=lambda lr: (val[lr], -lr))
+        table[arm] = {'best_lr': best, 'val_accuracy_by_lr': {repr(lr): v for lr, v in val.items()},
+                      'params': GPT(model_config(args, arm)).get_num_params(),
+                      'test_accuracy': {task: interval([run[1][task] for run in runs[arm, best]]) for task in TASKS},
+                      'mean_test_accuracy': interval([statistics.mean(run[1].values()) for run in runs[arm, best]]),
+                      'seconds_per_run': statistics.mean(run[2] for run in runs[arm, best])}
+
+    print(f"\n{'task':14s}" + ''.join(f'{arm:>16s}' for arm in args.arms))
+    for task in TASKS + ['mean']:
+        cells = [table[arm]['mean_test_accuracy'] if task == 'mean' else table[arm]['test_accuracy'][task]
+                 for arm in args.arms]
+        print(f'{task:14s}' + ''.join(f"{c['mean']:.3f} +-{half_interval(c):.3f}".rjust(16) for c in cells))
+    print(f"{'best rate':14s}" + ''.join(f"{table[arm]['best_lr']:>16g}" for arm in args.arms))
+    print(f"{'parameters':14s}" + ''.join(f"{table[arm]['params']:>16,}" for arm in args.arms))
+    print(f"{'s per run':14s}" + ''.join(f"{table[arm]['seconds_per_run']:>16.1f}" for arm in args.arms))
+    print(f'(test accuracy at each arm\'s best rate, mean +- 95% half-interval over {args.seeds} seeds; '
+          f'{args.steps} steps x batch {args.batch_size}, rates {args.lrs}, {time.time() - start:.0f}s)')
+
+    os.makedirs(args.out_dir, exist_ok=True)
+    with open(os.path.join(args.out_dir, 'memory_tasks.json'), 'w') as f:
+        json.dump({'settings': vars(args), 'tasks': TASKS, 'arms': table}, f, indent=2)
+    plot(table, os.path.join(args.out_dir, 'memory_tasks.png'))
+    print(f'wrote memory_tasks.json and memory_tasks.png to {args.out_dir}')
+
+
+if __name__ == '__main__':
+    main()

@@ -1,0 +1,93 @@
+"""
+analysis/memory_tasks.py: its sequences hold what its docstring says (each queried key once before its query,
+its value right after it, distractors that give nothing away), and a short run as a user runs it; a bad
+argument is one line.
+
+    python -m pytest tests/test_memory_tasks.py              (-m "not slow": without the script's short run)
+"""
+import json
+import os
+import sys
+
+import matplotlib.image
+import numpy as np
+import pytest
+
+from conftest import REPO, message_lines, run_script
+
+sys.path.insert(0, os.path.join(REPO, 'analysis'))
+import memory_tasks as mt  # noqa: E402
+
+SCRIPT = os.path.join(REPO, 'analysis', 'memory_tasks.py')
+
+
+@pytest.mark.parametrize('task', mt.TASKS)
+def test_every_query_is_answered_by_the_value_after_its_one_key(task):
+    rng = np.random.default_rng(0)
+    for _ in range(50):
+        tokens, answers = mt.sequence(task, rng)
+        context = tokens[:tokens.index(mt.QUERY)]
+        assert len(tokens) <= mt.BLOCK and answers
+        kind, *params = task.split('_')
+        asked = {'recall': min(int(params[0]), mt.MAX_QUERIES), 'binding': mt.BINDING_PAIRS, 'needle': 1}[kind]
+        assert len(answers) == asked
+        keys = []
+        for number, (position, answer) in enumerate(answers):
+            key = tokens[position]
+            assert tokens[position - 1] == mt.QUERY and key in mt.KEYS and answer in mt.VALUES
+            assert context.count(key) == 1 and context[context.index(key) + 1] == answer
+            keys.append(key)
+            # the answer is fed before the next query, never before its own
+            assert number == len(answers) - 1 or tokens[position + 1] == answer
+        assert len(set(keys)) == len(keys)  # each key asked once
+        if kind == 'needle':
+            length, depth = int(params[0]), float(params[1])
+            assert len(context) == length and context.index(keys[0]) == round(depth * (length - 2))
+        if kind == 'binding':
+            assert len(context) == 2 * mt.BINDING_PAIRS + int(params[0])
+
+
+def test_distractors_hold_other_keys_and_values_but_never_a_pair_s_key():
+    rng = np.random.default_rng(1)
+    seen = set()
+    for _ in range(200):
+        bound = mt.pairs(rng, 3)
+        drawn = mt.distractors(rng, 30, bound)
+        assert not {key for key, _ in bound} & set(drawn) and mt.QUERY not in drawn and mt.PAD not in drawn
+        seen.update(drawn)
+    assert seen & set(mt.KEYS) and seen & set(mt.VALUES)
+
+
+def test_batches_put_each_answer_at_its_query_s_key():
+    examples = [mt.sequence('recall_4', np.random.default_rng(2)) for _ in range(3)]
+    inputs, targets = mt.batch_of(examples)
+    assert inputs.shape == targets.shape == (3, mt.BLOCK)
+    for row, (tokens, answers) in enumerate(examples):
+        assert inputs[row, :len(tokens)].tolist() == tokens and (inputs[row, len(tokens):] == mt.PAD).all()
+        assert {p: a for p, a in answers} == {p: targets[row, p].item() for p in range(mt.BLOCK) if targets[row, p] >= 0}
+
+
+@pytest.mark.slow
+def test_a_short_run_as_a_user_runs_it(tmp_path):
+    proc = run_script(tmp_path, SCRIPT, '--seeds', '2', '--steps', '3', '--batch_size', '4', '--eval_examples', '4',
+                      '--lrs', '1e-3', '3e-3', '--arms', 'plain', 'both', '--n_embd', '16', '--out_dir', 'out')
+    report = json.loads((tmp_path / 'out' / 'memory_tasks.json').read_text())
+    assert report['tasks'] == mt.TASKS and set(report['arms']) == {'plain', 'both'}
+    plain, both = report['arms']['plain'], report['arms']['both']
+    assert both['params'] > plain['params']
+    for arm in (plain, both):
+        assert arm['best_lr'] in (1e-3, 3e-3) and set(arm['val_accuracy_by_lr']) == {'0.001', '0.003'}
+        for score in arm['test_accuracy'].values():
+            assert len(score['values']) == 2 and all(0 <= v <= 1 for v in score['values'])
+            assert score['ci95'][0] <= score['mean'] <= score['ci95'][1]
+    assert 'needle_60_0.5' in proc.stdout and 'best rate' in proc.stdout
+    assert matplotlib.image.imread(tmp_path / 'out' / 'memory_tasks.png').shape[0] > 100
+
+
+def test_a_bad_argument_is_one_line(tmp_path):
+    for args, message in ((['--arms', 'dendrites'], "argument --arms: invalid choice: 'dendrites'"),
+                          (['--n_embd', '30', '--n_head', '4'], '--n_embd 30 is not a multiple of --n_head 4'),
+                          (['--steps', '0'], '--steps')):
+        proc = run_script(tmp_path, SCRIPT, *args, check=False)
+        assert proc.returncode == 2 and message in proc.stderr, proc.stderr
+        assert len(message_lines(proc.stderr)) == 1, proc.stderr
