@@ -10,7 +10,8 @@ By default bio vs GELU; each arm may be swept over learning rates and is then ju
     python analysis/compare_runs.py --evals wiggle.json gpt2.json --labels wiggle gpt2   (eval_bio.py results)
 
 An arm is NAME:key=value[,key=value...] (train_bio.py settings); the last arm is the baseline the
-others are measured against. Default: bio:use_bio_mlp=True gelu:use_bio_mlp=False,use_sparse_gate=False.
+others are measured against. One arm alone trains and reports its own sweep: a way to add an arm,
+with rates of its own, to a --runs_dir that a later --tabulate --arms ... compares. Default: bio:use_bio_mlp=True gelu:use_bio_mlp=False,use_sparse_gate=False.
 --lrs: each run gets learning_rate=LR, and the config's other rates (min_lr, muon_learning_rate)
 are scaled with it, so the schedule's shape stays as configured. --grid_seeds N (with --lrs): the
 rates are swept on the first N seeds only, and the other seeds train each arm at its best rate on
@@ -114,8 +115,6 @@ def parse_arms(specs):
         if not all('=' in kv for kv in pairs):
             fail(f'arm {spec!r}: its settings are key=value pairs separated by commas')
         arms[name] = [f'--{kv}' for kv in pairs]
-    if len(arms) < 2:
-        fail('give at least two arms to compare')
     return arms
 
 
