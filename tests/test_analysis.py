@@ -16,7 +16,7 @@ import matplotlib.image
 import numpy as np
 import torch
 
-from conftest import REPO, TINY, load, message_lines, read_log, run_script, simulated_env
+from conftest import REPO, TINY, load, message_lines, run_script, simulated_env
 from checkpoints import save_checkpoint
 from model_bio import GPT, GPTConfig
 
@@ -213,15 +213,16 @@ def test_compare_runs_trains_both_arms_and_reports_paired_differences(workdir):
 
 @pytest.mark.slow
 def test_compare_runs_sweeps_learning_rates_and_judges_each_arm_at_its_best(workdir):
-    # arms from the command line (here two optimizers); each swept over two rates, two seeds
+    # arms from the command line (here two optimizers); each swept over two rates on two seeds (--grid_seeds), a
+    # third seed at each arm's best rate on those
     (workdir / 'config_tiny.py').write_text('max_iters = 4\neval_interval = 2\nuse_bio_mlp = False\n')
     settings = [arg[2:] for arg in TINY] + ['min_lr=0.001', 'muon_learning_rate=0.005']
-    proc = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '2',
-                      '--set', *settings, '--runs_dir', 'runs', '--lrs', '0.01', '0.03',
+    proc = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '3',
+                      '--grid_seeds', '2', '--set', *settings, '--runs_dir', 'runs', '--lrs', '0.01', '0.03',
                       '--arms', 'muon:optimizer=muon', 'adamw:optimizer=adamw')
     names = sorted(p.name for p in (workdir / 'runs').iterdir() if p.is_dir())
-    assert names == sorted(f'{arm}-lr{lr}-seed{seed}' for arm in ('muon', 'adamw') for lr in ('0.01', '0.03')
-                           for seed in (1337, 1338))
+    grid = [f'{arm}-lr{lr}-seed{seed}' for arm in ('muon', 'adamw') for lr in ('0.01', '0.03') for seed in (1337, 1338)]
+    assert sorted(set(names) - set(grid)) == sorted(n for n in names if n.endswith('seed1339')) and len(names) == 10
     # the config's other rates follow learning_rate: 0.03 is 3x the config's 0.01
     config = load(workdir / 'runs' / 'muon-lr0.03-seed1337' / 'ckpt.pt')['config']
     assert (config['optimizer'], config['learning_rate']) == ('muon', 0.03)
@@ -235,16 +236,19 @@ def test_compare_runs_sweeps_learning_rates_and_judges_each_arm_at_its_best(work
     for arm in ('muon', 'adamw'):
         means = {lr: statistics.mean(finals[f'{arm}-lr{lr}-seed{s}'][-1][1] for s in (1337, 1338)) for lr in ('0.01', '0.03')}
         best[arm] = min(means, key=means.get)
-        assert report['best_lr'][arm] == float(best[arm])
+        # the third seed ran at the grid's best alone, and that rate is judged, now over 3 seeds
+        assert f'{arm}-lr{best[arm]}-seed1339' in names and report['best_lr'][arm] == float(best[arm])
+        means[best[arm]] = statistics.mean(finals[f'{arm}-lr{best[arm]}-seed{s}'][-1][1] for s in (1337, 1338, 1339))
         for lr, mean in means.items():
             assert math.isclose(report['arms'][arm][str(float(lr))]['final_val_loss']['mean'], mean, rel_tol=1e-12)
     # the paired difference is taken between each arm's best rate, seed by seed; adamw (last) is the baseline
+    seeds = (1337, 1338, 1339)
     diffs = [finals[f'muon-lr{best["muon"]}-seed{s}'][-1][1] - finals[f'adamw-lr{best["adamw"]}-seed{s}'][-1][1]
-             for s in (1337, 1338)]
+             for s in seeds]
     assert report['paired']['muon - adamw']['final_val_loss']['values'] == diffs
-    target = statistics.mean(finals[f'adamw-lr{best["adamw"]}-seed{s}'][-1][1] for s in (1337, 1338))
+    target = statistics.mean(finals[f'adamw-lr{best["adamw"]}-seed{s}'][-1][1] for s in seeds)
     for arm in ('muon', 'adamw'):
-        curve = [(i, statistics.mean(finals[f'{arm}-lr{best[arm]}-seed{s}'][k][1] for s in (1337, 1338)))
+        curve = [(i, statistics.mean(finals[f'{arm}-lr{best[arm]}-seed{s}'][k][1] for s in seeds))
                  for k, (i, _) in enumerate(finals[f'{arm}-lr{best[arm]}-seed1337'])]
         assert report['iters_to_baseline'][arm] == {
             'target': target, 'iters': next((i for i, v in curve if v <= target), None)}
@@ -260,6 +264,10 @@ def test_compare_runs_sweeps_learning_rates_and_judges_each_arm_at_its_best(work
         assert proc.returncode == 2 and len(message_lines(proc.stderr)) == 1, proc.stderr
         assert message_lines(proc.stderr)[0].startswith(message), proc.stderr
     assert not (workdir / 'mistakes').exists()
+    proc = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--grid_seeds', '1',
+                      '--runs_dir', 'mistakes', check=False)
+    assert proc.returncode == 2 and message_lines(proc.stderr) == [
+        'error: --grid_seeds sweeps the --lrs on the first seeds; give --lrs too']
 
 
 @pytest.mark.slow
@@ -279,27 +287,3 @@ def test_a_learning_rate_that_diverges_counts_as_infinite_and_the_sweep_goes_on(
     again = run_script(workdir, *sweep)
     assert again.stdout.count('diverged already') == 2 and again.stdout.count('done already') == 2
 
-
-@pytest.mark.slow
-def test_compare_runs_grid_seeds_sweeps_the_first_seed_and_trains_the_others_at_each_best(workdir):
-    (workdir / 'config_tiny.py').write_text('max_iters = 2\neval_interval = 1\nuse_bio_mlp = False\n')
-    sweep = ['analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '3', '--grid_seeds', '1',
-             '--lrs', '0.001', '0.03', '--set', *[arg[2:] for arg in TINY], '--runs_dir', 'runs',
-             '--arms', 'decay:weight_decay=0.1', 'plain:weight_decay=0.0']
-    run_script(workdir, *sweep)
-    final = {p.name: [r['val_loss'] for r in read_log(p) if 'val_loss' in r][-1]
-             for p in (workdir / 'runs').iterdir() if p.is_dir()}
-    report = json.loads((workdir / 'runs' / 'compare.json').read_text())
-    for arm in ('decay', 'plain'):
-        best = min(('0.001', '0.03'), key=lambda lr: final[f'{arm}-lr{lr}-seed1337'])
-        other = ({'0.001', '0.03'} - {best}).pop()
-        # the other seeds ran at the first seed's best rate alone, and that rate is judged, over 3 seeds
-        assert {f'{arm}-lr{best}-seed{s}' for s in (1338, 1339)} <= final.keys()
-        assert not {f'{arm}-lr{other}-seed{s}' for s in (1338, 1339)} & final.keys()
-        assert report['best_lr'][arm] == float(best)
-        assert len(report['arms'][arm][str(float(best))]['final_val_loss']['values']) == 3
-    assert len(report['paired']['decay - plain']['final_val_loss']['values']) == 3
-    proc = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--grid_seeds', '1',
-                      '--runs_dir', 'x', check=False)
-    assert proc.returncode == 2 and message_lines(proc.stderr) == [
-        'error: --grid_seeds sweeps the --lrs on the first seeds; give --lrs too']
