@@ -9,6 +9,8 @@ train_bio.py trains, resumes bit-exactly, samples and exports them.
 """
 
 import math
+import os
+from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
@@ -231,15 +233,21 @@ def test_a_file_too_small_for_its_fast_weights_is_refused_before_building():
     checked_config('ckpt.pt', {**args, 'fast_weight_rank': 4}, 20_000)
 
 
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}  # two runs at once; models this small gain nothing from more
 RUN = [*TINY, '--use_bio_mlp=True', '--use_presynaptic=True', '--stochastic_release=True', '--use_fast_weights=True',
        '--fast_weight_rank=4', '--tau_rrp=8', '--dropout=0.1', '--eval_interval=2']
 
 
 @pytest.mark.slow
 def test_train_bio_trains_resumes_bit_exactly_samples_and_exports(workdir):
-    run_script(workdir, 'train_bio.py', *RUN, '--max_iters=4', '--out_dir=straight')
-    run_script(workdir, 'train_bio.py', *RUN, '--max_iters=2', '--out_dir=split')
-    run_script(workdir, 'train_bio.py', *RUN, '--max_iters=4', '--out_dir=split', '--init_from=resume')
+    def split():  # 2 iterations, then resumed to 4
+        run_script(workdir, 'train_bio.py', *RUN, '--max_iters=2', '--out_dir=split', env=ONE_THREAD)
+        run_script(workdir, 'train_bio.py', *RUN, '--max_iters=4', '--out_dir=split', '--init_from=resume',
+                   env=ONE_THREAD)
+    with ThreadPoolExecutor(2) as pool:
+        runs = [pool.submit(run_script, workdir, 'train_bio.py', *RUN, '--max_iters=4', '--out_dir=straight',
+                            env=ONE_THREAD), pool.submit(split)]
+        [run.result() for run in runs]
     straight, resumed = load(workdir / 'straight' / 'ckpt.pt'), load(workdir / 'split' / 'ckpt.pt')
     assert straight['iter_num'] == resumed['iter_num'] == 4
     assert_same_state(straight, resumed)
