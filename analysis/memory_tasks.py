@@ -3,7 +3,7 @@ Working-memory tasks after seed 003 (bio-inspired nanochat): small GPTs trained 
 without synapses.py's mechanisms, scored by their accuracy at the answer positions. This is where a
 fast-weight scratchpad or synaptic depression should show if it helps.
 
-    python analysis/memory_tasks.py                    (about 10 minutes on a CPU core)
+    python analysis/memory_tasks.py                    (about 45 minutes on one CPU core: 24 runs)
     python analysis/memory_tasks.py --seeds 5 --steps 3000 --lrs 1e-3 3e-3 1e-2 --arms plain fast_weights
 
 Tasks, each a sequence of at most 64 tokens: a context, then queries, each QUERY and a key of the context,
