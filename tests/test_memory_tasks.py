@@ -69,7 +69,7 @@ def test_batches_put_each_answer_at_its_query_s_key():
 
 @pytest.mark.slow
 def test_a_short_run_as_a_user_runs_it(tmp_path):
-    proc = run_script(tmp_path, SCRIPT, '--seeds', '2', '--steps', '3', '--batch_size', '4', '--eval_examples', '4',
+    proc = run_script(tmp_path, SCRIPT, '--seeds', '2', '--steps', '2', '--batch_size', '4', '--eval_examples', '2',
                       '--lrs', '1e-3', '3e-3', '--arms', 'plain', 'both', '--n_embd', '16', '--out_dir', 'out')
     report = json.loads((tmp_path / 'out' / 'memory_tasks.json').read_text())
     assert report['tasks'] == mt.TASKS and set(report['arms']) == {'plain', 'both'}
@@ -85,8 +85,7 @@ def test_a_short_run_as_a_user_runs_it(tmp_path):
 
 
 def test_a_bad_argument_is_one_line(tmp_path):
-    for args, message in ((['--arms', 'dendrites'], "argument --arms: invalid choice: 'dendrites'"),
-                          (['--n_embd', '30', '--n_head', '4'], '--n_embd 30 is not a multiple of --n_head 4'),
+    for args, message in ((['--n_embd', '30', '--n_head', '4'], '--n_embd 30 is not a multiple of --n_head 4'),
                           (['--steps', '0'], '--steps')):
         proc = run_script(tmp_path, SCRIPT, *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
