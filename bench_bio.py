@@ -127,6 +127,16 @@ def saved_bytes(fn):
     return sum(storages.values())
 
 
+def memory_of(device, step, forward):
+    """Bytes a variant needs: on CUDA the peak allocated while step runs, elsewhere what autograd keeps for
+    backward while forward runs."""
+    if device.type == 'cuda':
+        devices.reset_peak_memory(device)
+        step()
+        return devices.peak_memory(device)[0]
+    return saved_bytes(forward)
+
+
 def with_impl(impl, fn):
     """fn run with model_bio.OSCILLATION_IMPL set to impl."""
     def run():
@@ -202,14 +212,7 @@ def bench_attention(cfg, device, autocast):
     for fn in variants.values():
         fn()
     times = median_times(variants, device, cfg['rounds'], 1)
-    memory = {}
-    for name, fn in variants.items():
-        if device.type == 'cuda':
-            devices.reset_peak_memory(device)
-            fn()
-            memory[name] = devices.peak_memory(device)[0]
-        else:
-            memory[name] = saved_bytes(fn)
+    memory = {name: memory_of(device, fn, fn) for name, fn in variants.items()}
     kind = 'peak allocated' if device.type == 'cuda' else 'kept for backward'
     print(f"\nattention layer alone, batch {cfg['batch_size']} x {cfg['block_size']} tokens, {cfg['n_head']} heads x "
           f"{cfg['n_embd'] // cfg['n_head']}: forward + backward")
@@ -262,14 +265,9 @@ def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=()):
     for fn in variants.values():
         for _ in range(2):
             fn()
-    memory = {}
-    for name, fn in variants.items():
-        if device.type == 'cuda':
-            devices.reset_peak_memory(device)
-            fn()
-            memory[name] = devices.peak_memory(device)[0]
-        elif name in arms:
-            memory[name] = saved_bytes(lambda: models[name](x, y))
+    # on a CPU, the arms' forward alone: the twins and the unfused variant share their models
+    memory = {name: memory_of(device, fn, lambda: models[name](x, y)) for name, fn in variants.items()
+              if device.type == 'cuda' or name in arms}
     times = median_times(variants, device, cfg['rounds'], 1)
     peak, _ = devices.peak_flops(device)
     print(f"\ntraining step: batch {B} x {T} tokens, {dtype}; bio is bio_variant {cfg['bio_variant']}")
