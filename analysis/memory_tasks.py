@@ -25,8 +25,10 @@ binding, on recall_N about the mean of 1/N, ..., 1/(N - 7).
 Arms (GPTConfig flags on the same model: --n_layer 2 --n_head 4 --n_embd 64, the oscillating MLP, RoPE
 (with learned positions even the plain model's recall takes thousands of steps more to appear), block 64,
 no dropout): plain; presynaptic (use_presynaptic); fast_weights (use_fast_weights);
-both (the two); stochastic (use_presynaptic with stochastic_release) when asked for with --arms. The fast
-weights keep synapses.py's defaults (rank 16, decay 0.95), the pools tau_rrp 40.
+both (the two); and when asked for with --arms, stochastic (use_presynaptic with stochastic_release) and
+wider (plain, its n_embd raised in steps of 2 x n_head until it holds at least fast_weights' parameters:
+80 at the defaults, the control for the scratchpad's extra weights). The fast weights keep synapses.py's
+defaults (rank 16, decay 0.95), the pools tau_rrp 40.
 
 Fairness: every arm trains the same --steps on the same batches (a mixture of all tasks, drawn from the
 seed: seeds 0, 1, ...) from weights drawn from the seed, with AdamW (weight decay 0.1 on matrices, betas 0.9
@@ -73,7 +75,7 @@ TASKS = ([f'recall_{n}' for n in RECALL_PAIRS] + [f'binding_{d}' for d in BINDIN
          + [f'needle_{length}_{depth:g}' for length in NEEDLE_LENGTHS for depth in NEEDLE_DEPTHS])
 ARMS = {'plain': {}, 'presynaptic': dict(use_presynaptic=True), 'fast_weights': dict(use_fast_weights=True),
         'both': dict(use_presynaptic=True, use_fast_weights=True),
-        'stochastic': dict(use_presynaptic=True, stochastic_release=True)}
+        'stochastic': dict(use_presynaptic=True, stochastic_release=True), 'wider': {}}
 WARMUP = 100
 
 
@@ -152,14 +154,20 @@ def accuracy(model, inputs, targets):
 
 
 def model_config(args, arm):
-    return GPTConfig(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=BLOCK,
-                     vocab_size=VOCAB, bias=False, use_bio_mlp=True, use_rope=True, dropout=0.0, **ARMS[arm])
+    settings = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=BLOCK, vocab_size=VOCAB,
+                    bias=False, use_bio_mlp=True, use_rope=True, dropout=0.0)
+    if arm == 'wider':  # the control for the fast weights' extra parameters: the plain model, widened to hold as many
+        wanted = GPT(GPTConfig(**settings, **ARMS['fast_weights'])).get_num_params()
+        while GPT(GPTConfig(**settings)).get_num_params() < wanted:
+            settings['n_embd'] += 2 * args.n_head  # RoPE wants an even head size
+    return GPTConfig(**settings, **ARMS[arm])
 
 
 def train(args, arm, lr, seed, batches, evals):
     """One run: ({task: validation accuracy}, {task: test accuracy}, seconds)."""
+    config = model_config(args, arm)  # before the seed: sizing the wider arm draws weights
     torch.manual_seed(seed)
-    model = GPT(model_config(args, arm))
+    model = GPT(config)
     optimizer, = build_optimizers(model, 'adamw', lr, 0.1, 0.9, 0.95, 0.0, 0.95, 'cpu')
     start = time.perf_counter()
     model.train()

@@ -5,6 +5,7 @@ argument is one line.
 
     python -m pytest tests/test_memory_tasks.py              (-m "not slow": without the script's short run)
 """
+import argparse
 import json
 import os
 import sys
@@ -17,6 +18,7 @@ from conftest import REPO, message_lines, run_script
 
 sys.path.insert(0, os.path.join(REPO, 'analysis'))
 import memory_tasks as mt  # noqa: E402
+from model_bio import GPT  # noqa: E402
 
 SCRIPT = os.path.join(REPO, 'analysis', 'memory_tasks.py')
 
@@ -65,6 +67,16 @@ def test_batches_put_each_answer_at_its_query_s_key():
     for row, (tokens, answers) in enumerate(examples):
         assert inputs[row, :len(tokens)].tolist() == tokens and (inputs[row, len(tokens):] == mt.PAD).all()
         assert {p: a for p, a in answers} == {p: targets[row, p].item() for p in range(mt.BLOCK) if targets[row, p] >= 0}
+
+
+@pytest.mark.parametrize('n_layer, n_head, n_embd', [(2, 4, 64), (3, 2, 32)])
+def test_the_wider_arm_is_the_narrowest_plain_model_with_the_fast_weights_parameters(n_layer, n_head, n_embd):
+    shape = argparse.Namespace(n_layer=n_layer, n_head=n_head, n_embd=n_embd)
+    wider, fast = mt.model_config(shape, 'wider'), mt.model_config(shape, 'fast_weights')
+    assert not wider.use_fast_weights and not wider.use_presynaptic and wider.n_embd % (2 * n_head) == 0
+    narrower = argparse.Namespace(n_layer=n_layer, n_head=n_head, n_embd=wider.n_embd - 2 * n_head)
+    params = lambda config: GPT(config).get_num_params()  # noqa: E731
+    assert params(mt.model_config(narrower, 'plain')) < params(fast) <= params(wider)
 
 
 @pytest.mark.slow
