@@ -122,7 +122,11 @@ def abandon(out_dir, error):
     discard(out_dir)
     if isinstance(error, KeyboardInterrupt):
         print(f'\ninterrupted: {out_dir} keeps the files it had', file=sys.stderr)
-        sys.exit(130)
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # not sys.exit: a streaming dataset's C++ reader threads, still running when the interpreter shuts
+        # down, abort it ('terminate called without an active exception', SIGABRT); nothing is left to save
+        os._exit(130)
 
 
 def is_file_name(name):
