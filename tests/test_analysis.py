@@ -180,32 +180,32 @@ def test_compare_runs_trains_both_arms_and_reports_paired_differences(workdir):
     again = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '2',
                        '--set', *settings, '--runs_dir', 'runs')
     assert again.stdout.count('done already') == 4
-    run_script(workdir, 'analysis/compare_runs.py', '--tabulate', '--runs_dir', 'runs', '--out_dir', 't')
-    assert json.loads((workdir / 't' / 'compare.json').read_text())['runs'] == report['runs']
-    # asked with other settings, a finished run is refused and left as it was
+    # then, side by side (each leaves 'runs' as it was): --tabulate; asked with other settings (a finished run is
+    # refused and left as it was); leaving out a setting the run was trained with (that asks for train_bio.py's
+    # default: also other settings); the same folder named another way (the same run); and a run that stops half
+    # way (out of memory at iteration 3, after its checkpoint of iter 2), in a folder of its own
     before = (workdir / 'runs' / 'bio-seed1337' / 'ckpt.pt').read_bytes()
-    refused = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1',
-                         '--set', *settings, 'learning_rate=0.02', '--runs_dir', 'runs', check=False)
+    one_seed = ['analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1', '--set']
+    without = [kv for kv in settings if not kv.startswith('warmup_iters=')]
+    calls = [(['analysis/compare_runs.py', '--tabulate', '--runs_dir', 'runs', '--out_dir', 't'], None),
+             ([*one_seed, *settings, 'learning_rate=0.02', '--runs_dir', 'runs'], None),
+             ([*one_seed, *without, '--runs_dir', 'runs'], None),
+             ([*one_seed, *settings, '--runs_dir', os.path.join('.', 'runs', '')], None),
+             ([*one_seed, *settings, '--runs_dir', 'broken'], simulated_env(SIMULATED_OOM_AFTER=12))]
+    with ThreadPoolExecutor(2) as pool:
+        tabulated, refused, refused_default, same, broken = pool.map(
+            lambda call: run_script(workdir, *call[0], check=False, env=call[1]), calls)
+    assert tabulated.returncode == 0, tabulated.stderr
+    assert json.loads((workdir / 't' / 'compare.json').read_text())['runs'] == report['runs']
     assert refused.returncode == 2 and message_lines(refused.stderr) == [
         'error: runs/bio-seed1337 holds a run with other settings (learning_rate 0.01 -> 0.02); pass another '
         '--runs_dir, or move that folder away']
-    # leaving out a setting the run was trained with asks for train_bio.py's default: also other settings
-    without = [kv for kv in settings if not kv.startswith('warmup_iters=')]
-    refused = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1',
-                         '--set', *without, '--runs_dir', 'runs', check=False)
-    assert refused.returncode == 2 and '(warmup_iters 2 -> 2000)' in refused.stderr
+    assert refused_default.returncode == 2 and '(warmup_iters 2 -> 2000)' in refused_default.stderr
     assert (workdir / 'runs' / 'bio-seed1337' / 'ckpt.pt').read_bytes() == before
-    # the same folder named another way is the same run
-    same = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1',
-                      '--set', *settings, '--runs_dir', os.path.join('.', 'runs', ''))
-    assert same.stdout.count('done already') == 2
-    # a run that stopped half way (out of memory at iteration 3, after its checkpoint of iter 2) goes on
-    # from there, to the same result as the unbroken run
-    broken = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1',
-                        '--set', *settings, '--runs_dir', 'broken', check=False, env=simulated_env(SIMULATED_OOM_AFTER=12))
+    assert same.returncode == 0 and same.stdout.count('done already') == 2
     assert broken.returncode == 2 and 'broken/bio-seed1337 failed' in broken.stderr
-    resumed = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '1',
-                         '--set', *settings, '--runs_dir', 'broken')
+    # the broken run goes on from its checkpoint, to the same result as the unbroken run
+    resumed = run_script(workdir, *one_seed, *settings, '--runs_dir', 'broken')
     assert 'broken/bio-seed1337: resuming at iter 2' in resumed.stdout
     rows = json.loads((workdir / 'broken' / 'compare.json').read_text())['runs']
     assert rows == {name: row for name, row in report['runs'].items() if name.endswith('seed1337')}

@@ -164,7 +164,9 @@ def test_two_simulated_gpus_one_per_process_or_by_index(workdir):
     # torchrun: each process takes cuda:LOCAL_RANK
     cmd = [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', 'train_bio.py',
            *args, '--backend=gloo', '--out_dir=ddp']
-    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=120, env=two)
+    (workdir / 'meet').mkdir()  # neither process ends before both are at their first tensor
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True, timeout=120,
+                          env={**two, 'SIMULATED_GPU_MEET': str(workdir / 'meet')})
     assert 'simulated GPU: set_device(0)' in proc.stderr and 'simulated GPU: set_device(1)' in proc.stderr
     assert 'device cuda:0 (Tesla T4), float16 with a GradScaler, 2 processes' in proc.stdout
     assert len(FIRST_TENSOR.findall(proc.stderr)) == 2

@@ -10,11 +10,14 @@ get_device_capability and is_bf16_supported answer as on such a machine. The fir
 generator or random state) ends the process with exit status 97, printing where in the scripts it
 happened:
     simulated GPU: first CUDA tensor at train_bio.py:123
-set_device calls are printed too ('simulated GPU: set_device(1)').
+set_device calls are printed too ('simulated GPU: set_device(1)'). Under torchrun, with SIMULATED_GPU_MEET
+naming a folder, each process waits there (up to a minute) for the others to reach their first CUDA tensor
+before it ends: torchrun stops the rest as soon as one process ends.
 """
 
 import os
 import sys
+import time
 import traceback
 from types import SimpleNamespace
 
@@ -51,7 +54,17 @@ def simulate(names):
             return
         print(f'simulated GPU: first CUDA tensor at {where()}', file=sys.stderr, flush=True)
         sys.stdout.flush()
+        meet_the_other_processes()
         os._exit(FIRST_TENSOR_EXIT)
+
+    def meet_the_other_processes():
+        folder, processes = os.environ.get('SIMULATED_GPU_MEET'), int(os.environ.get('LOCAL_WORLD_SIZE', '1'))
+        if not folder or processes == 1:
+            return
+        open(os.path.join(folder, f"rank{os.environ['LOCAL_RANK']}"), 'w').close()
+        deadline = time.monotonic() + 60
+        while len(os.listdir(folder)) < processes and time.monotonic() < deadline:
+            time.sleep(0.05)
 
     def set_device(index):
         if not 0 <= index < len(names):
