@@ -3,8 +3,8 @@ Working-memory tasks after seed 003 (bio-inspired nanochat): small GPTs trained 
 without synapses.py's mechanisms, scored by their accuracy at the answer positions. This is where a
 fast-weight scratchpad or synaptic depression should show if it helps.
 
-    python analysis/memory_tasks.py                    (about 45 minutes on one CPU core: 24 runs)
-    python analysis/memory_tasks.py --seeds 5 --steps 3000 --lrs 1e-3 3e-3 1e-2 --arms plain fast_weights
+    python analysis/memory_tasks.py                    (about 2 hours on one CPU core: 45 runs)
+    python analysis/memory_tasks.py --seeds 5 --steps 3000 --lrs 1e-3 3e-3 --arms plain fast_weights
 
 Tasks, each a sequence of at most 64 tokens: a context, then queries, each QUERY and a key of the context,
 answered by its value. The model is trained to predict the answers (cross-entropy at those positions alone)
@@ -24,11 +24,11 @@ binding, on recall_N about the mean of 1/N, ..., 1/(N - 7).
 
 Arms (GPTConfig flags on the same model: --n_layer 2 --n_head 4 --n_embd 64, the oscillating MLP, RoPE
 (with learned positions even the plain model's recall takes thousands of steps more to appear), block 64,
-no dropout): plain; presynaptic (use_presynaptic); fast_weights (use_fast_weights);
-both (the two); and when asked for with --arms, stochastic (use_presynaptic with stochastic_release) and
-wider (plain, its n_embd raised in steps of 2 x n_head until it holds at least fast_weights' parameters:
-80 at the defaults, the control for the scratchpad's extra weights). The fast weights keep synapses.py's
-defaults (rank 16, decay 0.95), the pools tau_rrp 40.
+no dropout): plain; wider (plain, its n_embd raised in steps of 2 x n_head until it holds at least
+fast_weights' parameters: 80 at the defaults, the control for the scratchpad's extra weights); presynaptic
+(use_presynaptic); fast_weights (use_fast_weights); both (the two); and when asked for with --arms,
+stochastic (use_presynaptic with stochastic_release). The fast weights keep synapses.py's defaults (rank
+16, decay 0.95), the pools tau_rrp 40.
 
 Fairness: every arm trains the same --steps on the same batches (a mixture of all tasks, drawn from the
 seed: seeds 0, 1, ...) from weights drawn from the seed, with AdamW (weight decay 0.1 on matrices, betas 0.9
@@ -36,10 +36,13 @@ and 0.95, gradients clipped at 1) and the cosine schedule of train_bio.py (warmu
 each rate of --lrs. Each arm's rate is the one with the best mean accuracy over seeds and tasks on
 validation sequences (ties: the smaller rate); the table reports, at that rate, the accuracy on separate
 test sequences (--eval_examples per task of each): the mean over seeds with its 95% t interval (compare_runs'
-interval), the parameters and the mean seconds per run (one thread; noisy on a shared machine).
+interval), the parameters and the mean seconds per run (one thread; noisy on a shared machine); then each
+arm against the first of --arms, paired seed by seed (the same batches and sequences): the difference in
+mean test accuracy with its 95% t interval.
 
 Prints the table and writes memory_tasks.json (the settings; per arm the rate picked, validation accuracy at
-each rate, per task test accuracy per seed with mean and interval, parameters, seconds) and memory_tasks.png
+each rate, per task test accuracy per seed with mean and interval, parameters, seconds; the paired
+differences) and memory_tasks.png
 (accuracy by task, one bar per arm, 95% intervals) to --out_dir (default analysis_out/memory_tasks). All but
 the seconds are the same from run to run. A bad argument is one 'error: ' line and exit status 2.
 """
@@ -189,6 +192,14 @@ def half_interval(score):
     return score['ci95'][1] - score['mean'] if 'ci95' in score else 0.0
 
 
+def paired_differences(table, arms):
+    """Each arm's mean test accuracy (at its best rate) minus the first arm's (at its own), seed by seed (the
+    same batches and sequences), with the interval of the differences."""
+    first = table[arms[0]]['mean_test_accuracy']['values']
+    return {f'{arm} - {arms[0]}': interval([a - b for a, b in zip(table[arm]['mean_test_accuracy']['values'], first)])
+            for arm in arms[1:]}
+
+
 def plot(table, path):
     fig, ax = plt.subplots(figsize=(14, 4.5))
     bar = 0.8 / len(table)
@@ -212,8 +223,9 @@ def main():
     parser.add_argument('--seeds', type=ruled(int, '>= 1'), default=3)
     parser.add_argument('--steps', type=ruled(int, '>= 1'), default=1500)
     parser.add_argument('--batch_size', type=ruled(int, '>= 1'), default=32)
-    parser.add_argument('--lrs', type=ruled(float, '> 0'), nargs='+', default=[1e-3, 3e-3])
-    parser.add_argument('--arms', nargs='+', choices=list(ARMS), default=['plain', 'presynaptic', 'fast_weights', 'both'])
+    parser.add_argument('--lrs', type=ruled(float, '> 0'), nargs='+', default=[3e-4, 1e-3, 3e-3])
+    parser.add_argument('--arms', nargs='+', choices=list(ARMS),
+                        default=['plain', 'wider', 'presynaptic', 'fast_weights', 'both'])
     parser.add_argument('--eval_examples', type=ruled(int, '>= 1'), default=256, help='per task, for each of val and test')
     parser.add_argument('--n_layer', type=ruled(int, '>= 1'), default=2)
     parser.add_argument('--n_head', type=ruled(int, '>= 1'), default=4)
@@ -254,12 +266,15 @@ def main():
     print(f"{'best rate':14s}" + ''.join(f"{table[arm]['best_lr']:>16g}" for arm in args.arms))
     print(f"{'parameters':14s}" + ''.join(f"{table[arm]['params']:>16,}" for arm in args.arms))
     print(f"{'s per run':14s}" + ''.join(f"{table[arm]['seconds_per_run']:>16.1f}" for arm in args.arms))
+    paired = paired_differences(table, args.arms)
+    for name, diff in paired.items():
+        print(f"paired {name}, mean test accuracy: {diff['mean']:+.3f} +-{half_interval(diff):.3f}")
     print(f'(test accuracy at each arm\'s best rate, mean +- 95% half-interval over {args.seeds} seeds; '
           f'{args.steps} steps x batch {args.batch_size}, rates {args.lrs}, {time.time() - start:.0f}s)')
 
     os.makedirs(args.out_dir, exist_ok=True)
     with open(os.path.join(args.out_dir, 'memory_tasks.json'), 'w') as f:
-        json.dump({'settings': vars(args), 'tasks': TASKS, 'arms': table}, f, indent=2)
+        json.dump({'settings': vars(args), 'tasks': TASKS, 'arms': table, 'paired': paired}, f, indent=2)
     plot(table, os.path.join(args.out_dir, 'memory_tasks.png'))
     print(f'wrote memory_tasks.json and memory_tasks.png to {args.out_dir}')
 

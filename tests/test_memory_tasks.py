@@ -79,6 +79,17 @@ def test_the_wider_arm_is_the_narrowest_plain_model_with_the_fast_weights_parame
     assert params(mt.model_config(narrower, 'plain')) < params(fast) <= params(wider)
 
 
+def test_each_arm_is_paired_seed_by_seed_with_the_first():
+    table = {arm: {'mean_test_accuracy': {'values': values}}
+             for arm, values in (('plain', [0.2, 0.3, 0.4]), ('fast', [0.5, 0.5, 0.6]), ('wide', [0.2, 0.4, 0.3]))}
+    paired = mt.paired_differences(table, ['plain', 'fast', 'wide'])
+    assert list(paired) == ['fast - plain', 'wide - plain']
+    assert paired['fast - plain']['values'] == pytest.approx([0.3, 0.2, 0.2])
+    low, high = paired['fast - plain']['ci95']  # mean 0.2333, sd 0.0577, t(2) 4.303
+    assert (low, high) == pytest.approx((0.2333 - 0.1434, 0.2333 + 0.1434), abs=1e-4)
+    assert paired['wide - plain']['mean'] == pytest.approx(0.0)
+
+
 @pytest.mark.slow
 def test_a_short_run_as_a_user_runs_it(tmp_path):
     proc = run_script(tmp_path, SCRIPT, '--seeds', '2', '--steps', '2', '--batch_size', '4', '--eval_examples', '2',
@@ -92,7 +103,8 @@ def test_a_short_run_as_a_user_runs_it(tmp_path):
         for score in arm['test_accuracy'].values():
             assert len(score['values']) == 2 and all(0 <= v <= 1 for v in score['values'])
             assert score['ci95'][0] <= score['mean'] <= score['ci95'][1]
-    assert 'needle_60_0.5' in proc.stdout and 'best rate' in proc.stdout
+    assert list(report['paired']) == ['both - plain'] and len(report['paired']['both - plain']['values']) == 2
+    assert 'needle_60_0.5' in proc.stdout and 'best rate' in proc.stdout and 'paired both - plain' in proc.stdout
     assert matplotlib.image.imread(tmp_path / 'out' / 'memory_tasks.png').shape[0] > 100
 
 
