@@ -162,7 +162,7 @@ def model_config(args, arm):
     if arm == 'wider':  # the control for the fast weights' extra parameters: the plain model, widened to hold as many
         wanted = GPT(GPTConfig(**settings, **ARMS['fast_weights'])).get_num_params()
         while GPT(GPTConfig(**settings)).get_num_params() < wanted:
-            settings['n_embd'] += 2 * args.n_head  # RoPE wants an even head size
+            settings['n_embd'] += 2 * args.n_head  # the head size grows by 2: it stays even, as RoPE needs
     return GPTConfig(**settings, **ARMS[arm])
 
 
@@ -234,6 +234,12 @@ def main():
     args = parser.parse_args()
     if args.n_embd % args.n_head:
         parser.error(f'--n_embd {args.n_embd} is not a multiple of --n_head {args.n_head}')
+    if args.n_embd // args.n_head % 2:
+        parser.error(f'--n_embd {args.n_embd} / --n_head {args.n_head} is an odd head size; RoPE needs an even one')
+    for name in ('arms', 'lrs'):  # a repeat would be run and counted twice, and paired with the wrong seeds
+        values = getattr(args, name)
+        if len(set(values)) < len(values):
+            parser.error(f'--{name} names {next(v for v in values if values.count(v) > 1)} twice; name each once')
     check_folder('--out_dir', args.out_dir)
     torch.set_num_threads(1)  # small tensors: extra threads only add hand-off time
 

@@ -9,6 +9,7 @@ import argparse
 import json
 import os
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import matplotlib.image
 import numpy as np
@@ -109,8 +110,13 @@ def test_a_short_run_as_a_user_runs_it(tmp_path):
 
 
 def test_a_bad_argument_is_one_line(tmp_path):
-    for args, message in ((['--n_embd', '30', '--n_head', '4'], '--n_embd 30 is not a multiple of --n_head 4'),
-                          (['--steps', '0'], '--steps')):
-        proc = run_script(tmp_path, SCRIPT, *args, check=False)
+    cases = ((['--n_embd', '30', '--n_head', '4'], '--n_embd 30 is not a multiple of --n_head 4'),
+             (['--n_embd', '12', '--n_head', '4'], '--n_embd 12 / --n_head 4 is an odd head size'),
+             (['--arms', 'plain', 'both', 'both'], '--arms names both twice'),
+             (['--lrs', '1e-3', '0.001'], '--lrs names 0.001 twice'),
+             (['--steps', '0'], '--steps'))
+    with ThreadPoolExecutor(2) as pool:
+        procs = list(pool.map(lambda case: run_script(tmp_path, SCRIPT, *case[0], check=False), cases))
+    for (_, message), proc in zip(cases, procs):
         assert proc.returncode == 2 and message in proc.stderr, proc.stderr
         assert len(message_lines(proc.stderr)) == 1, proc.stderr
