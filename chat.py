@@ -38,13 +38,6 @@ meant to face the internet.
 
 import sys
 
-import torch
-
-import devices
-from chat_template import chat_turn
-from chatbot import Chatbot
-from checkpoints import checkpoint_location
-
 out_dir = 'out-wigglegpt-finetune-native'
 ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt', an exported folder), a hub name hf:OWNER/REPO/FILE.pt, or gpt2...
 system = ''  # an optional system prompt, kept at the start of every conversation
@@ -68,6 +61,13 @@ from configurator import allows, configure, declared_rules, fail, settings_in  #
 
 RULES = declared_rules(__file__)  # the REPL's /temp and /topk are held to them too
 globals().update(configure(settings_in(globals()), sys.argv[1:], RULES))
+# imported once the settings are read: a mistake in them is reported at once, not after torch's seconds
+import torch  # noqa: E402
+
+import devices  # noqa: E402
+from chat_template import chat_turn  # noqa: E402
+from chatbot import Chatbot  # noqa: E402
+from checkpoints import checkpoint_location  # noqa: E402
 # -----------------------------------------------------------------------------
 
 HELP = """commands:

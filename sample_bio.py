@@ -14,13 +14,6 @@ its characters), others through GPT-2's BPE. The settings are echoed on stderr, 
 import os
 import sys
 
-import torch
-
-import devices
-from checkpoints import checkpoint_location, error_line, load_model
-from codec import load_codec
-from generation import generate_tokens, stream_text
-
 out_dir = 'out'
 ckpt = 'ckpt.pt'  # in out_dir ('ckpt_best.pt', an exported folder), a hub name hf:OWNER/REPO/FILE.pt, or gpt2...
 start = '\n'  # prompt text, or FILE:path
@@ -41,6 +34,13 @@ compile = False
 from configurator import configure, declared_rules, fail, settings_in  # noqa: E402
 
 globals().update(configure(settings_in(globals()), sys.argv[1:], declared_rules(__file__)))
+# imported once the settings are read: a mistake in them is reported at once, not after torch's seconds
+import torch  # noqa: E402
+
+import devices  # noqa: E402
+from checkpoints import checkpoint_location, error_line, load_model  # noqa: E402
+from codec import load_codec  # noqa: E402
+from generation import generate_tokens, stream_text  # noqa: E402
 # -----------------------------------------------------------------------------
 
 try:
