@@ -36,6 +36,7 @@ import pickle
 import shutil
 import subprocess
 import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
@@ -93,6 +94,21 @@ def run_script(workdir, *args, timeout=300, check=True, input='', env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f'{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}')
     return proc
+
+
+ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}  # for runs side by side: models this small gain nothing from more
+
+
+def trained_straight_and_in_halves(workdir, script, *args, iters):
+    """Train for iters iterations at once (out_dir straight) and in two halves with a resume between (out_dir
+    split), each process on one thread, the unbroken run beside the first half; returns the unbroken run's
+    CompletedProcess."""
+    with ThreadPoolExecutor(2) as pool:
+        straight, _ = pool.map(lambda run: run_script(workdir, script, *args, *run, env=ONE_THREAD),
+                               [(f'--max_iters={iters}', '--out_dir=straight'),
+                                (f'--max_iters={iters // 2}', '--out_dir=split')])
+    run_script(workdir, script, *args, f'--max_iters={iters}', '--out_dir=split', '--init_from=resume', env=ONE_THREAD)
+    return straight
 
 
 def load(path):

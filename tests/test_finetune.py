@@ -13,7 +13,7 @@ import tiktoken
 import torch
 import torch.nn.functional as F
 
-from conftest import REPO, message_lines, read_log, run_script
+from conftest import REPO, message_lines, read_log, run_script, trained_straight_and_in_halves
 from checkpoints import load_model, save_checkpoint
 from model_bio import GPT, GPTConfig
 
@@ -150,14 +150,10 @@ def test_finetune_lowers_val_loss_and_freezes_what_it_is_told(chat_workdir):
 
 @pytest.mark.slow
 def test_finetune_resume_is_exact(chat_workdir):
-    run_script(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=base/ckpt.pt', '--max_iters=8',
-               '--eval_interval=4', '--out_dir=straight')
-    run_script(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=base/ckpt.pt', '--max_iters=4',
-               '--eval_interval=4', '--out_dir=halves')
-    run_script(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=resume', '--max_iters=8',
-               '--eval_interval=4', '--out_dir=halves')
+    trained_straight_and_in_halves(chat_workdir, 'finetune_native.py', *FINETUNE, '--init_from=base/ckpt.pt',
+                                   '--eval_interval=4', iters=8)
     straight = torch.load(chat_workdir / 'straight' / 'ckpt.pt', weights_only=True)['model']
-    halves = torch.load(chat_workdir / 'halves' / 'ckpt.pt', weights_only=True)['model']
+    halves = torch.load(chat_workdir / 'split' / 'ckpt.pt', weights_only=True)['model']
     for name in straight:
         assert torch.equal(straight[name], halves[name]), name
 

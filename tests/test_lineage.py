@@ -9,7 +9,6 @@ and train_bio.py's training, bit-exact resuming and checkpoint names, export_hub
 import inspect
 import json
 import math
-import os
 import shutil
 from concurrent.futures import ThreadPoolExecutor
 
@@ -24,7 +23,7 @@ import devices
 import lineage
 import prepared_data
 from checkpoints import load_model
-from conftest import TINY, load, read_log, run_script
+from conftest import ONE_THREAD, TINY, load, read_log, run_script
 from generation import generate_tokens
 from model_bio import GPT, GPTConfig
 from test_train import assert_same_state
@@ -213,10 +212,6 @@ TOKEN = 7  # the one token of data/const's train.bin: every training batch is kn
 RUN = [*TINY, '--dataset=const', '--use_bio_mlp=True', '--use_rope=False', '--bio_threshold=0.5', '--eval_interval=2']
 # v1's 32 inputs in 3 compartments: 11 each, the last padded with 1 zero
 RUN_VARIANT = {'v1': ['--bio_variant=v1', '--bio_compartments=3'], 'v2': ['--bio_variant=v2']}
-
-
-# one thread each: the runs go four at a time, and models this small gain nothing from more
-ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}
 
 
 def write_constant_dataset(workdir):

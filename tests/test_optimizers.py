@@ -6,15 +6,13 @@ with each optimizer as users run it (exact resume, DDP, freezing, a missing pack
 """
 
 import importlib.util
-import os
 import subprocess
-from concurrent.futures import ThreadPoolExecutor
 
 import pytest
 import torch
 
 import optimizers
-from conftest import TINY, load, message_lines, read_log, run_script, simulated_env
+from conftest import TINY, load, message_lines, read_log, run_script, simulated_env, trained_straight_and_in_halves
 from model_bio import GPT, GPTConfig
 from test_ddp import torchrun
 from test_train import assert_same_state
@@ -22,7 +20,6 @@ from test_train import assert_same_state
 MODEL = dict(n_layer=2, n_head=2, n_embd=16, block_size=8, vocab_size=32, use_bio_mlp=True, use_sparse_gate=True,
              bias=True)
 GELU = TINY + ['--use_bio_mlp=False']  # the activation does not matter here: no fused kernel to compile first
-ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}  # two tiny runs at once
 INSTALLED = [name for name in optimizers.OPTIMIZERS
              if name not in optimizers.OPTIONAL or importlib.util.find_spec(optimizers.OPTIONAL[name][0])]
 
@@ -140,12 +137,8 @@ def test_each_optimizer_trains_and_resumes_bit_exactly(workdir, name):
         common.append('--learning_rate=0.05')  # a relative step
     if name == 'lion':
         common.append('--learning_rate=1e-3')  # Lion's steps are larger than AdamW's at the same rate
-    with ThreadPoolExecutor(2) as pool:  # the unbroken run beside the first half of the broken one
-        straight, _ = pool.map(lambda args: run_script(workdir, 'train_bio.py', *common, *args, env=ONE_THREAD),
-                               [('--max_iters=8', '--out_dir=straight'), ('--max_iters=4', '--out_dir=split')])
+    straight = trained_straight_and_in_halves(workdir, 'train_bio.py', *common, iters=8)
     assert f'optimizer {name}: ' in straight.stdout and ' MB' in straight.stdout
-    run_script(workdir, 'train_bio.py', *common, '--max_iters=8', '--out_dir=split', '--init_from=resume',
-               env=ONE_THREAD)
     a, b = load(workdir / 'straight' / 'ckpt.pt'), load(workdir / 'split' / 'ckpt.pt')
     assert a['iter_num'] == b['iter_num'] == 8 and a['config']['optimizer'] == name
     if name == 'muon':  # two optimizers: their states in a list

@@ -9,7 +9,6 @@ train_bio.py trains, resumes bit-exactly, samples and exports them.
 """
 
 import math
-import os
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -19,7 +18,7 @@ from torch.func import functional_call
 
 import synapses
 from checkpoints import checked_config, load_model
-from conftest import TINY, load, read_log, run_script
+from conftest import ONE_THREAD, TINY, load, read_log, run_script
 from generation import generate_tokens
 from model_bio import GPT, GPTConfig
 from test_train import assert_same_state
@@ -233,7 +232,6 @@ def test_a_file_too_small_for_its_fast_weights_is_refused_before_building():
     checked_config('ckpt.pt', {**args, 'fast_weight_rank': 4}, 20_000)
 
 
-ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}  # two runs at once; models this small gain nothing from more
 RUN = [*TINY, '--use_bio_mlp=True', '--use_presynaptic=True', '--stochastic_release=True', '--use_fast_weights=True',
        '--fast_weight_rank=4', '--tau_rrp=8', '--dropout=0.1', '--eval_interval=2']
 

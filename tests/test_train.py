@@ -19,7 +19,8 @@ import torch
 import checkpoints
 import prepared_data
 from checkpoints import save_checkpoint
-from conftest import REPO, TINY, load, message_lines, read_log, run_script, simulated_env
+from conftest import (REPO, TINY, load, message_lines, read_log, run_script, simulated_env,
+                      trained_straight_and_in_halves)
 
 GATED = TINY + ['--use_bio_mlp=True', '--use_sparse_gate=True', '--dropout=0.1']
 GELU = TINY + ['--use_bio_mlp=False']  # where the activation does not matter: no fused kernel to compile first
@@ -72,10 +73,7 @@ def test_each_split_is_evaluated_on_the_same_windows(workdir):
 
 @pytest.mark.slow
 def test_resume_is_bit_exact(workdir):
-    run_script(workdir, 'train_bio.py', *GATED, '--max_iters=8', '--eval_interval=4', '--out_dir=straight')
-    run_script(workdir, 'train_bio.py', *GATED, '--max_iters=4', '--eval_interval=4', '--out_dir=split')
-    run_script(workdir, 'train_bio.py', *GATED, '--max_iters=8', '--eval_interval=4', '--out_dir=split',
-               '--init_from=resume')
+    trained_straight_and_in_halves(workdir, 'train_bio.py', *GATED, '--eval_interval=4', iters=8)
     straight, split = load(workdir / 'straight' / 'ckpt.pt'), load(workdir / 'split' / 'ckpt.pt')
     assert straight['iter_num'] == split['iter_num'] == 8
     assert_same_state(straight, split)
@@ -222,11 +220,8 @@ def test_resume_takes_the_new_training_settings_and_keeps_the_architecture(workd
 
 @pytest.mark.slow
 def test_the_3070_config_trains_in_float16_on_a_cpu_and_resumes_bit_exactly(workdir):
-    proc = run_script(workdir, 'train_bio.py', *SHRUNK_3070, '--max_iters=8', '--eval_interval=4', '--out_dir=straight')
+    proc = trained_straight_and_in_halves(workdir, 'train_bio.py', *SHRUNK_3070, '--eval_interval=4', iters=8)
     assert 'device cpu (' in proc.stdout and ', float16 with a GradScaler\n' in proc.stdout
-    run_script(workdir, 'train_bio.py', *SHRUNK_3070, '--max_iters=4', '--eval_interval=4', '--out_dir=split')
-    run_script(workdir, 'train_bio.py', *SHRUNK_3070, '--max_iters=8', '--eval_interval=4', '--out_dir=split',
-               '--init_from=resume')
     straight, split = load(workdir / 'straight' / 'ckpt.pt'), load(workdir / 'split' / 'ckpt.pt')
     assert straight['config']['dtype'] == 'float16' and straight['iter_num'] == split['iter_num'] == 8
     # the scaler is live: it counted 8 steps without an overflow at the initial scale, and is saved
