@@ -136,6 +136,18 @@ def test_every_bad_setting_is_one_line_and_writes_nothing(workdir):
     assert snapshot(workdir) == before
 
 
+def test_a_bad_setting_is_reported_before_torch_is_imported(workdir):
+    # a torch that cannot be imported, first on the path: the scripts must answer from their settings alone
+    (workdir / 'no_torch' / 'torch').mkdir(parents=True)
+    (workdir / 'no_torch' / 'torch' / '__init__.py').write_text("raise ImportError('torch was imported')\n")
+    env = {**os.environ, 'PYTHONPATH': str(workdir / 'no_torch')}
+    for script in ('train_bio.py', 'sample_bio.py', 'chat.py'):
+        proc = run_script(workdir, script, '--temperature=-1' if script != 'train_bio.py' else '--batch_size=0',
+                          check=False, env=env)
+        assert proc.returncode == 2 and len(message_lines(proc.stderr)) == 1, proc.stderr
+        assert message_lines(proc.stderr)[0].startswith('error: ') and 'is not allowed' in proc.stderr, proc.stderr
+
+
 def token_dataset(workdir, name, train_ids, val_ids, meta_from=None):
     """data/<name> holding these token ids (and meta_from's meta.pkl, if given), laid out as a prepare script does."""
     folder = workdir / 'data' / name
