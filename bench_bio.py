@@ -9,7 +9,7 @@ train_bio.py: a config file (the model, batch and run to measure) and --key=valu
 part 'steps' (the default) measures, each round running every variant once in a new random order
 (so drifts in machine load hit them alike), medians over the rounds:
 - act: the activation alone on a (batch_size * block_size, 4 * n_embd) input, forward + backward
-  time and bytes kept for backward, for each implementation of model_bio.py and for GELU.
+  time and bytes kept for backward, for each implementation of oscillation.py and for GELU.
 - step: a whole training step (forward, backward, AdamW) of the config's model, bio vs GELU,
   eager, with the unfused activation, and compiled: tokens/s, MFU on GPUs, and peak memory on
   CUDA (bytes kept for backward on CPU). bio is the config's bio_variant; --bio_variants=v3,v2,v1
@@ -68,6 +68,7 @@ import torch.nn.functional as F
 
 import devices
 import model_bio
+import oscillation
 from configurator import configure, declared_rules, fail, script_defaults
 from generation import generate_tokens
 from model_bio import GPT, GPTConfig
@@ -138,13 +139,13 @@ def memory_of(device, step, forward):
 
 
 def with_impl(impl, fn):
-    """fn run with model_bio.OSCILLATION_IMPL set to impl."""
+    """fn run with oscillation.OSCILLATION_IMPL set to impl."""
     def run():
-        previous, model_bio.OSCILLATION_IMPL = model_bio.OSCILLATION_IMPL, impl
+        previous, oscillation.OSCILLATION_IMPL = oscillation.OSCILLATION_IMPL, impl
         try:
             return fn()
         finally:
-            model_bio.OSCILLATION_IMPL = previous
+            oscillation.OSCILLATION_IMPL = previous
     return run
 
 
@@ -160,7 +161,7 @@ def bench_activation(cfg, device, autocast):
     n = 4 * cfg['n_embd']
     torch.manual_seed(0)
     x = torch.randn(cfg['batch_size'] * cfg['block_size'], n, device=device, requires_grad=True)
-    act = model_bio.OscillatingActivation(n).to(device)
+    act = oscillation.OscillatingActivation(n).to(device)
     grad = torch.randn_like(x)
 
     def forward_backward(fn):
@@ -180,7 +181,7 @@ def bench_activation(cfg, device, autocast):
         fn()
     times = median_times(variants, device, cfg['rounds'], cfg['act_calls'])
     memory = {name: saved_bytes(fn) for name, fn in variants.items() if 'compiled' not in name}
-    eager_impl = 'function' if model_bio.fused_kernels.get('forward') is False else 'fused'  # what 'auto' trains with
+    eager_impl = 'function' if oscillation.fused_kernels.get('forward') is False else 'fused'  # what 'auto' trains with
     print(f"\nactivation alone, input {tuple(x.shape)}: forward + backward")
     for name in variants:
         kept = f"{memory[name] / 2**20:8.2f} MiB kept" if name in memory else ''

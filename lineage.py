@@ -1,7 +1,7 @@
 """
 WiggleGPT's earlier MLPs, as their code computed them, so that each step of the lineage can be run and
 measured: GPTConfig.bio_variant = 'v2' or 'v1' (with use_bio_mlp=True; 'v3', model_bio.BioMLP, is the
-default). With E = n_embd inputs and H = 4E hidden neurons:
+default, and model_bio.bio_mlp picks among them). With E = n_embd inputs and H = 4E hidden neurons:
 
 v2 (seed 002; the original release's WiggleGPT-V2-OLD): c_fc (E -> H), the oscillating activation,
 then the event layer, then c_proj (H -> E). The event layer gates its input x with a full H x H
@@ -30,7 +30,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-import model_bio  # the oscillating activation; model_bio imports this module in turn, for its Block
+from oscillation import OscillatingActivation
 
 
 class EventLayer(nn.Module):
@@ -42,7 +42,7 @@ class EventLayer(nn.Module):
         self.threshold = threshold
         self.gate = nn.Linear(width, width, bias=bias)
         self.transform = nn.Linear(width, width, bias=bias)
-        self.activation = model_bio.OscillatingActivation(width)
+        self.activation = OscillatingActivation(width)
         self.register_buffer('silent_seen', torch.zeros((), dtype=torch.int64), persistent=False)
         self.register_buffer('outputs_seen', torch.zeros((), dtype=torch.int64), persistent=False)
 
@@ -80,7 +80,7 @@ class V2MLP(nn.Module):
     def __init__(self, n_in, hidden, n_out, threshold, bias, dropout=0.0):
         super().__init__()
         self.c_fc = nn.Linear(n_in, hidden, bias=bias)
-        self.activation = model_bio.OscillatingActivation(hidden)
+        self.activation = OscillatingActivation(hidden)
         self.event = EventLayer(hidden, threshold, bias)
         self.c_proj = nn.Linear(hidden, n_out, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -95,7 +95,7 @@ class V1MLP(nn.Module):
     def __init__(self, n_in, hidden, n_out, compartments, threshold, bias, dropout=0.0):
         super().__init__()
         self.dendrites = Dendrites(n_in, hidden, compartments, bias)
-        self.activation = model_bio.OscillatingActivation(hidden)
+        self.activation = OscillatingActivation(hidden)
         self.event = EventLayer(hidden, threshold, bias)
         self.c_proj = nn.Linear(hidden, n_out, bias=bias)
         self.dropout = nn.Dropout(dropout)
@@ -105,11 +105,11 @@ class V1MLP(nn.Module):
 
 
 def make_mlp(config):
-    """The bio MLP of config.bio_variant for a GPT block ('v3' is model_bio.BioMLP)."""
+    """The MLP of config.bio_variant, 'v2' or 'v1', for a GPT block."""
     hidden = 4 * config.n_embd
     if config.bio_variant == 'v2':
         return V2MLP(config.n_embd, hidden, config.n_embd, config.bio_threshold, config.bias, config.dropout)
     if config.bio_variant == 'v1':
         return V1MLP(config.n_embd, hidden, config.n_embd, config.bio_compartments, config.bio_threshold,
                      config.bias, config.dropout)
-    return model_bio.BioMLP(config)
+    raise ValueError(f"bio_variant={config.bio_variant!r}: lineage.py holds 'v2' and 'v1'")

@@ -24,27 +24,10 @@ place of fused SDPA; tau_rrp), stochastic_release (its release drawn in training
 Hebbian scratchpad beside the MLP; fast_weight_rank, fast_weight_decay). Their state along a sequence
 lives in the KV cache in generation, so cached and recomputed logits agree.
 
-The sparse gate (from WiggleGPT v2, made exact): each hidden neuron has a gate_weight (init 1) and a
-gate_bias (init 0); it fires where gate_weight * x + gate_bias > bio_threshold, x being its
-pre-activation, and outputs exactly 0 elsewhere. The step has no gradient, so backward uses the
-gradient of sigmoid(5 * (voltage - threshold)) in its place. Training reports the share of exact
-zeros among gated outputs as `sparsity` in its log lines.
-
-The activation's maths is written once: its forward, and its backward derived by hand. It runs three
-ways that compute the same numbers (tested against each other, in float64 with gradcheck, and in
-bfloat16/float16 as autocast hands them over):
-    plain     the formula as PyTorch ops: the reference, and what torch.compile fuses when the whole
-              model is compiled; it keeps five tensors the size of its input for backward
-    function  a custom autograd function that keeps only its input for backward and runs the
-              hand-derived backward, reducing the per-neuron gradients in float32
-    fused     the same function with that maths compiled into one kernel each way (Triton on CUDA,
-              C++ on a CPU), compiled once per process on first use (about 4 s on this project's CPU)
-OSCILLATION_IMPL = 'auto' uses plain inside a compiled model; fused for training where it compiles
-and a call holds at least FUSE_MIN_ELEMENTS (2**17) activations (below that, the time saved takes
-thousands of steps to repay the compile); function otherwise: inference, tiny models, or a machine
-where torch.compile cannot build a kernel, such as CUDA on Windows without Triton (a one-line note
-says so and training carries on). tanh is computed as 2 * sigmoid(2x) - 1, the same function,
-because PyTorch's CPU tanh kernel is several times slower than its sigmoid.
+The activation (oscillation.py holds its maths and the implementations that run it, plain, function
+and fused, chosen by oscillation.OSCILLATION_IMPL) can be sparse-gated in v3 (use_sparse_gate): a neuron
+fires where gate_weight * x + gate_bias > bio_threshold and outputs exactly 0 elsewhere. Training reports
+the share of exact zeros among gated outputs as `sparsity` in its log lines.
 
 With config_gpt2_bio_3070.py the model has 123,697,920 parameters; the GELU control has 110,592
 fewer (omega, phi, baseline: 3 x 3072 per layer) and the sparse gate adds 73,728 (2 x 3072 per
@@ -53,7 +36,6 @@ layer); tests/test_model.py checks these counts. GPT also has flops_per_token an
 """
 
 import math
-import sys
 from dataclasses import dataclass
 
 import torch
@@ -61,8 +43,9 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
-import lineage  # the earlier bio MLPs (v1, v2); it uses this module's activation in turn
+import lineage  # the earlier bio MLPs (v1, v2)
 import synapses  # seed 003's synaptic mechanisms: presynaptic depression, fast weights
+from oscillation import OscillatingActivation, oscillate  # the activation's maths and its implementations
 
 
 @dataclass
@@ -162,186 +145,10 @@ class CausalSelfAttention(nn.Module):
         return self.resid_dropout(self.c_proj(y))
 
 
-# -----------------------------------------------------------------------------
-# the oscillating activation, sin(omega*x + phi) * tanh(x) + baseline, optionally sparse-gated.
-# Written as plain ops it keeps several full-size intermediates for backward. Its maths is written
-# once, forward (oscillate_forward_math) and backward (oscillate_backward_math, the derivative by
-# hand), and run three ways that compute the same numbers:
-#   'plain'    the formula as differentiable ops: the reference, and what torch.compile fuses
-#              inside a compiled model
-#   'function' a custom autograd function that keeps only x and recomputes the rest in backward,
-#              running that maths eagerly
-#   'fused'    the same function with the maths compiled into one kernel each way (Triton on CUDA,
-#              C++ on a CPU); needs a working torch.compile, and falls back to 'function' without one
-# 'auto' takes 'plain' inside torch.compile, 'fused' for training where it compiles and the activation
-# is large enough to repay compiling, else 'function'.
-# Measured on a 2-core CPU (dev/LOG.md, 2026-11-27): for the quick-start model, fused trains 3-4 ms
-# per iteration faster than 'function' at the same memory but costs ~4 s to compile at each start;
-# whole runs of 400 and 2000 iterations came out level (fusing pays only in longer runs, as real
-# ones are). 'plain' was a little faster in those runs but keeps five times the memory. Fusing a
-# call (forward + backward) of 2**13 activations saves 0.02 ms, of 2**17 0.44 ms (bench_bio.py
-# --part=act, same log), against ~3.5 s of compiling at each start: below FUSE_MIN_ELEMENTS it
-# would take more than 8,000 layer-steps to repay, so such small models run unfused.
-OSCILLATION_IMPL = 'auto'
-FUSE_MIN_ELEMENTS = 2 ** 17
-
-
-def tanh(x):
-    """tanh(x) as 2 sigmoid(2x) - 1: the same function, but PyTorch's CPU tanh kernel (eager and
-    compiled) is several times slower than its sigmoid; float32 error stays below 2e-7."""
-    return torch.sigmoid(2.0 * x) * 2.0 - 1.0
-
-
-def oscillate_reference(x, omega, phi, baseline, gate_weight=None, gate_bias=None, threshold=0.0):
-    """The activation (and, with gate_weight, the sparse gate) as plain differentiable ops."""
-    out = torch.sin(omega * x + phi) * tanh(x) + baseline
-    if gate_weight is None:
-        return out
-    voltage = gate_weight * x + gate_bias - threshold
-    fires = (voltage > 0).to(out.dtype)
-    surrogate = torch.sigmoid(5.0 * voltage)
-    return out * (fires + (surrogate - surrogate.detach()))  # value: fires; gradient: the sigmoid's
-
-
-def oscillate_forward_math(x, omega, phi, baseline, gate_weight, gate_bias, threshold):
-    """The forward values, computed in float32 (float64 for float64 input) and returned in x's dtype;
-    under autocast that is the dtype the next Linear casts to anyway. (The reference's
-    straight-through term is 0 in value.)"""
-    return oscillate_reference(x.to(torch.promote_types(x.dtype, torch.float32)), omega, phi, baseline,
-                               gate_weight, gate_bias, threshold).to(x.dtype)
-
-
-def oscillate_backward_math(x, grad_out, omega, phi, baseline, gate_weight, gate_bias, threshold):
-    """The gradients of oscillate_reference from x alone: (x, omega, phi, baseline, gate_weight,
-    gate_bias); the per-neuron ones are reduced in float32. Intermediates are updated in place
-    (never x or grad_out): run eagerly that saves allocations and passes over memory, and
-    torch.compile fuses it all the same. Products keep the grouping of the plain formula, so eager
-    and compiled runs round alike."""
-    xf = x.to(torch.promote_types(x.dtype, torch.float32))
-    g = grad_out.to(xf.dtype)
-    n = x.size(-1)
-    u = (xf * omega).add_(phi)
-    sin_u, tanh_x = torch.sin(u), tanh(xf)
-    grad_gate_weight = grad_gate_bias = grad_voltage = None
-    if gate_weight is not None:
-        voltage = (xf * gate_weight).add_(gate_bias - threshold)
-        fires = voltage > 0
-        surrogate = voltage.mul_(5.0).sigmoid_()
-        # d out / d voltage = activation * 5 s (1 - s), s the surrogate sigmoid
-        slope = (surrogate * 5.0).mul_(surrogate.neg_().add_(1.0))
-        grad_voltage = (sin_u * tanh_x).add_(baseline).mul_(g).mul_(slope)
-        grad_gate_weight = (grad_voltage * xf).reshape(-1, n).sum(0)
-        grad_gate_bias = grad_voltage.reshape(-1, n).sum(0)
-        g = g * fires  # the gradient reaching the activation: the step's value
-    g_cos_tanh = u.cos_().mul_(g).mul_(tanh_x)
-    grad_omega = (g_cos_tanh * xf).reshape(-1, n).sum(0)
-    grad_phi = g_cos_tanh.reshape(-1, n).sum(0)
-    # d out / dx = omega cos(u) tanh(x) + sin(u) (1 - tanh(x)^2)
-    grad_x = g_cos_tanh.mul_(omega).add_(sin_u.mul_(g).mul_(tanh_x.mul_(tanh_x).neg_().add_(1.0)))
-    if grad_voltage is not None:
-        grad_x = grad_x.add_(grad_voltage.mul_(gate_weight))
-    return (grad_x.to(x.dtype), grad_omega, grad_phi, g.reshape(-1, n).sum(0), grad_gate_weight, grad_gate_bias)
-
-
-OSCILLATE_MATH = {'forward': oscillate_forward_math, 'backward': oscillate_backward_math}
-fused_kernels = {}  # 'forward'/'backward' -> compiled function, once it has run here; False once fusing failed
-
-
-def run_math(name, fuse, *args):
-    """OSCILLATE_MATH[name](*args), through its compiled kernel if fuse and fusing works here."""
-    formula = OSCILLATE_MATH[name]
-    if not fuse or fused_kernels.get(name) is False:
-        return formula(*args)
-    if name in fused_kernels:
-        # It has run here: an error now (out of memory, a device fault) is the run's own and surfaces,
-        # unless it is torch.compile's. Dynamo recompiles the kernel when its guards fail (a new dtype
-        # under autocast, requires_grad differing between frozen and trained blocks), and that can
-        # fail as the first compile can (inductor's BackendCompilerFailed is a TorchDynamoException).
-        try:
-            return fused_kernels[name](*args)
-        except Exception as e:
-            from torch._dynamo.exc import TorchDynamoException
-            from torch._inductor.exc import CppCompileError, InvalidCxxCompiler
-            if not isinstance(e, (TorchDynamoException, CppCompileError, InvalidCxxCompiler)):
-                raise
-            give_up_fusing(e)
-            return formula(*args)
-    # Whatever fails in making the kernel or in its first call (which compiles it) says that fusing
-    # does not work here: torch.compile raises a plain RuntimeError on a Python it does not support,
-    # inductor its own errors without a C++ compiler or Triton. Forward and backward are each made
-    # at their first call, so each is tried here on its own.
-    try:
-        kernel = torch.compile(formula, dynamic=True)
-        out = kernel(*args)
-    except Exception as e:
-        give_up_fusing(e)
-        return formula(*args)
-    fused_kernels[name] = kernel
-    return out
-
-
-def give_up_fusing(error):
-    """Fall back to the unfused function for the rest of the run, unless the fused kernel was asked
-    for by name; then re-raise the error."""
-    if OSCILLATION_IMPL == 'fused':
-        raise error
-    fused_kernels.update(forward=False, backward=False)
-    print(f"note: the fused oscillation kernel does not compile here ({type(error).__name__}: "
-          f"{str(error).strip().splitlines()[0] if str(error).strip() else ''}); using the unfused one", file=sys.stderr)
-
-
-class Oscillate(torch.autograd.Function):
-    """oscillate_reference's values and gradients, saving only x (and the per-neuron vectors);
-    fuse: run the maths through its compiled kernels."""
-
-    @staticmethod
-    def forward(ctx, x, omega, phi, baseline, gate_weight, gate_bias, threshold, fuse):
-        ctx.save_for_backward(x, omega, phi, baseline, gate_weight, gate_bias)
-        ctx.threshold, ctx.fuse = threshold, fuse
-        return run_math('forward', fuse, x, omega, phi, baseline, gate_weight, gate_bias, threshold)
-
-    @staticmethod
-    def backward(ctx, grad_out):
-        x, *vectors = ctx.saved_tensors  # read once: gradient checkpointing allows no second unpacking
-        return *run_math('backward', ctx.fuse, x, grad_out, *vectors, ctx.threshold), None, None
-
-
-def oscillate(x, omega, phi, baseline, gate_weight=None, gate_bias=None, threshold=0.0):
-    """The activation through the implementation OSCILLATION_IMPL selects."""
-    impl = OSCILLATION_IMPL
-    if impl == 'auto':
-        if torch.compiler.is_compiling():
-            impl = 'plain'
-        elif (torch.is_grad_enabled() and x.requires_grad and x.numel() >= FUSE_MIN_ELEMENTS
-              and fused_kernels.get('forward') is not False):
-            impl = 'fused'
-        else:  # inference (the forward alone gains little from fusing), or too small to repay compiling
-            impl = 'function'
-    if impl not in ('plain', 'function', 'fused'):
-        raise ValueError(f'OSCILLATION_IMPL={impl!r} is not one of auto, plain, function, fused')
-    if impl == 'plain':
-        return oscillate_reference(x, omega, phi, baseline, gate_weight, gate_bias, threshold)
-    return Oscillate.apply(x, omega, phi, baseline, gate_weight, gate_bias, threshold, impl == 'fused')
-
-
-class OscillatingActivation(nn.Module):
-    """sin(omega*x + phi) * tanh(x) + baseline, one omega, phi, baseline per hidden neuron."""
-
-    def __init__(self, n):
-        super().__init__()
-        self.omega = nn.Parameter(1.0 + 0.1 * torch.randn(n))
-        self.phi = nn.Parameter(0.1 * torch.randn(n))
-        self.baseline = nn.Parameter(torch.zeros(n))
-
-    def forward(self, x):
-        return oscillate(x, self.omega, self.phi, self.baseline)
-
-
 class SparseGate(nn.Module):
     """
     A neuron fires where gate_weight * x + gate_bias > threshold (x its pre-activation); it
-    outputs its activation where it fires and exactly 0 elsewhere. The step has no gradient, so
-    backward uses that of sigmoid(5 * (voltage - threshold)) in its place (straight-through).
+    outputs its activation where it fires and exactly 0 elsewhere (backward: oscillation.py).
     """
 
     def __init__(self, n, threshold):
@@ -368,8 +175,7 @@ def matched_width(config):
     names (its c_fc and c_proj hold width * (2 n_embd + bias) + n_embd * bias)."""
     from dataclasses import replace
     with torch.device('meta'):  # counted without allocating (v1 at GPT-2 size is 800M)
-        like = lineage.make_mlp(replace(config, use_bio_mlp=True, bio_variant=config.gelu_params_like,
-                                        use_sparse_gate=False))
+        like = bio_mlp(replace(config, use_bio_mlp=True, bio_variant=config.gelu_params_like, use_sparse_gate=False))
     target = sum(p.numel() for p in like.parameters())
     return max(1, round((target - config.n_embd * config.bias) / (2 * config.n_embd + config.bias)))
 
@@ -403,13 +209,18 @@ class BioMLP(nn.Module):
         return self.dropout(self.c_proj(a))
 
 
+def bio_mlp(config):
+    """The bio MLP config.bio_variant names: v3 (BioMLP) or an earlier one from lineage.py."""
+    return BioMLP(config) if config.bio_variant == 'v3' else lineage.make_mlp(config)
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
-        self.mlp = lineage.make_mlp(config) if config.use_bio_mlp else MLP(config)
+        self.mlp = bio_mlp(config) if config.use_bio_mlp else MLP(config)
         self.fast_weights = synapses.FastWeights(config) if config.use_fast_weights else None
 
     def forward(self, x, rope=None, kv_cache=None):

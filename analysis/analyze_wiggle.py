@@ -32,7 +32,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoints import load_model  # noqa: E402
 from configurator import check_folder, fail, one_line_errors  # noqa: E402
-from model_bio import OscillatingActivation  # noqa: E402
+from oscillation import OscillatingActivation  # noqa: E402
 
 PARAMS = ('omega', 'phi', 'baseline')
 GATE_PARAMS = ('gate_weight', 'gate_bias')

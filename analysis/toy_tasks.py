@@ -9,7 +9,7 @@ separately, at equal parameter count.
 Architectures (this repository's modules; biases on, threshold and compartments GPTConfig's defaults, but
 one compartment for composition's single input):
   gelu, relu   Linear, the activation, Linear
-  v3           Linear, model_bio.OscillatingActivation (sin(omega x + phi) tanh(x) + baseline), Linear
+  v3           Linear, oscillation.OscillatingActivation (sin(omega x + phi) tanh(x) + baseline), Linear
   v3+gate      the same through model_bio.SparseGate (exact zeros below the threshold), as BioMLP with
                use_sparse_gate
   v2           lineage.V2MLP: c_fc, the oscillation, the event layer (two hidden x hidden matrices), c_proj
@@ -67,6 +67,7 @@ sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 import lineage  # noqa: E402
 import model_bio  # noqa: E402
+import oscillation  # noqa: E402
 from compare_runs import interval  # noqa: E402  (mean, std and 95% t interval, as the run comparison gives them)
 from configurator import check_folder, one_line_errors, ruled  # noqa: E402
 
@@ -84,7 +85,7 @@ class GatedOscillatingMLP(nn.Module):
     def __init__(self, n_in, hidden, n_out):
         super().__init__()
         self.c_fc = nn.Linear(n_in, hidden)
-        self.activation = model_bio.OscillatingActivation(hidden)
+        self.activation = oscillation.OscillatingActivation(hidden)
         self.sparse_gate = model_bio.SparseGate(hidden, THRESHOLD)
         self.c_proj = nn.Linear(hidden, n_out)
 
@@ -95,7 +96,7 @@ class GatedOscillatingMLP(nn.Module):
 ARCHITECTURES = {  # name -> a function (inputs, hidden width, outputs) -> the MLP
     'gelu': lambda n_in, hidden, n_out: nn.Sequential(nn.Linear(n_in, hidden), nn.GELU(), nn.Linear(hidden, n_out)),
     'relu': lambda n_in, hidden, n_out: nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out)),
-    'v3': lambda n_in, hidden, n_out: nn.Sequential(nn.Linear(n_in, hidden), model_bio.OscillatingActivation(hidden),
+    'v3': lambda n_in, hidden, n_out: nn.Sequential(nn.Linear(n_in, hidden), oscillation.OscillatingActivation(hidden),
                                                     nn.Linear(hidden, n_out)),
     'v3+gate': GatedOscillatingMLP,
     'v2': lambda n_in, hidden, n_out: lineage.V2MLP(n_in, hidden, n_out, THRESHOLD, bias=True),

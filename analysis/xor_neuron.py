@@ -27,7 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
-from model_bio import oscillate_reference  # noqa: E402
+from oscillation import oscillate_reference  # noqa: E402
 
 INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
 TARGETS = torch.tensor([0.0, 1.0, 1.0, 0.0])

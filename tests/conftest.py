@@ -1,12 +1,22 @@
 """
-What the tests share: a scratch copy of the scripts with a tiny dataset (workdir), running a script
-as a user runs it (run_script: a subprocess from that folder), the simulated machines
-(simulated_env), and small checkpoints and hub caches to load.
+What the tests share: a scratch copy of the scripts with a tiny dataset (workdir), a finished tiny run to
+read (tiny_run), running a script as a user runs it (run_script: a process of its own from that folder,
+with its command line, streams and exit status; python(): the interpreter to start one with Popen or
+torchrun), the simulated machines (simulated_env), and small checkpoints and hub caches to load.
 
-    python -m pytest tests                  everything, on a CPU (about 10 minutes on 2 cores)
+    python -m pytest tests                  everything, on a CPU (about two minutes on 2 cores)
     python -m pytest tests -m "not slow"    without the tests that take seconds (training runs,
-                                            torchrun, the data scripts), for a quick check while
-                                            editing; it still starts every script once
+                                            torchrun, the data scripts, a compile), for a quick check
+                                            while editing (about half a minute); it still starts every
+                                            script once in a fresh interpreter
+    TESTS_FRESH_PYTHON=1 python -m pytest tests    every script in a fresh interpreter (three times slower)
+
+tests/pytest.ini runs the tests side by side, a process per core (pytest-xdist): each test keeps to its
+own folders and ports. Each process computes on one thread (OMP_NUM_THREADS=1 unless set): models this
+small run no faster on more, and far slower when processes share the cores with threads that spin.
+A script's process is forked from a Python that has imported torch already (tests/preloaded.py says what
+stays the same as a fresh interpreter, and when a fresh one is started instead): a run starts in a tenth
+of a second, not three.
 
 What a CPU cannot show is simulated in tests/simulated/, loaded at interpreter start
 (sitecustomize.py, which lists every variable) when a test sets one of its variables:
@@ -36,17 +46,21 @@ import pickle
 import shutil
 import subprocess
 import sys
+import threading
 from concurrent.futures import ThreadPoolExecutor
 
-import numpy as np
-import pytest
-import torch
+os.environ.setdefault('OMP_NUM_THREADS', '1')  # one thread per process (see above): set before torch loads
+
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+import torch  # noqa: E402
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SHARED = os.path.join(os.path.dirname(REPO), 'shared')
 SIMULATED = os.path.join(REPO, 'tests', 'simulated')
 sys.path.insert(0, REPO)
 import prepared_data  # noqa: E402
+import preloaded  # noqa: E402
 os.environ.setdefault('TIKTOKEN_CACHE_DIR', os.path.join(SHARED, 'tiktoken_cache'))
 
 # a model small enough that a training run takes a second or two on a CPU
@@ -55,19 +69,24 @@ TINY = ['--device=cpu', '--dtype=float32', '--n_layer=2', '--n_head=2', '--n_emb
         '--warmup_iters=2', '--lr_decay_iters=40', '--learning_rate=1e-2', '--dataset=tiny']
 
 
+def pytest_unconfigure(config):
+    for server in servers:
+        server.close()
+
+
 def pytest_configure(config):
     config.addinivalue_line('markers', 'slow: takes seconds (a script run, torchrun, a compile); '
                                        'pytest -m "not slow" leaves these out for a quick check while editing')
 
 
-@pytest.fixture
-def workdir(tmp_path):
-    """A copy of the scripts with a small random-token dataset in data/tiny/, so tests never touch the repo."""
+def make_workdir(folder):
+    """A copy of the scripts in folder with a small random-token dataset in data/tiny/, so tests never touch the
+    repo."""
     for name in os.listdir(REPO):
         if name.endswith('.py'):
-            shutil.copy(os.path.join(REPO, name), tmp_path / name)
-    shutil.copytree(os.path.join(REPO, 'analysis'), tmp_path / 'analysis', ignore=shutil.ignore_patterns('__pycache__'))
-    data = tmp_path / 'data' / 'tiny'
+            shutil.copy(os.path.join(REPO, name), folder / name)
+    shutil.copytree(os.path.join(REPO, 'analysis'), folder / 'analysis', ignore=shutil.ignore_patterns('__pycache__'))
+    data = folder / 'data' / 'tiny'
     data.mkdir(parents=True)
     staging = prepared_data.staging_dir(str(data))  # laid out as a prepare script lays out its files
     rng = np.random.default_rng(0)
@@ -77,7 +96,23 @@ def workdir(tmp_path):
         chars = 'abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX'  # a character-level vocabulary of 50
         pickle.dump({'vocab_size': 50, 'itos': dict(enumerate(chars)), 'stoi': {c: i for i, c in enumerate(chars)}}, f)
     prepared_data.commit(str(data), 'tests/conftest.py')
-    return tmp_path
+    return folder
+
+
+@pytest.fixture
+def workdir(tmp_path):
+    """make_workdir in the test's own folder."""
+    return make_workdir(tmp_path)
+
+
+@pytest.fixture(scope='session')
+def tiny_run(tmp_path_factory):
+    """A finished run of TINY's model (the bio MLP, 4 iterations, evaluated at 0, 2 and 4) on data/tiny, trained
+    once per test process for the tests that read one: its folder, holding ckpt.pt, ckpt_best.pt and log.jsonl.
+    Copy it into the test's workdir (shutil.copytree(tiny_run, workdir / 'out')) before anything writes there."""
+    folder = make_workdir(tmp_path_factory.mktemp('tiny_run'))
+    run_script(folder, 'train_bio.py', *TINY, '--max_iters=4', '--eval_interval=2', '--out_dir=out')
+    return folder / 'out'
 
 
 def simulated_env(**variables):
@@ -87,27 +122,50 @@ def simulated_env(**variables):
             **{k: str(v) for k, v in variables.items()}}
 
 
-def run_script(workdir, *args, timeout=300, check=True, input='', env=None):
-    """Run a script as a user would, from workdir, with input piped to stdin; returns the CompletedProcess."""
-    proc = subprocess.run([sys.executable, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
-                          input=input, env=env)
+servers = []  # this test process's preloaded.Server, started at its first use
+starting = threading.Lock()
+FRESH_ONLY = os.environ.get('TESTS_FRESH_PYTHON') == '1' or not hasattr(os, 'fork')
+
+
+def preloaded_server():
+    with starting:
+        if not servers:
+            servers.append(preloaded.Server())
+    return servers[0]
+
+
+def python():
+    """The Python that tests start scripts with (torchrun, Popen): a shim that forks them from a Python that has
+    imported torch (tests/preloaded.py), or sys.executable itself where TESTS_FRESH_PYTHON=1 or there is no fork."""
+    if FRESH_ONLY:
+        return sys.executable
+    server = preloaded_server()
+    server.wait_ready()  # before then the shim would find no server, and start a fresh interpreter
+    return server.python
+
+
+def run_script(workdir, *args, timeout=300, check=True, input='', env=None, fresh=False):
+    """Run a script as a user would, from workdir, with input piped to stdin; returns the CompletedProcess.
+    The process is forked from a Python that has imported torch (tests/preloaded.py), unless fresh, or env
+    sets what only a fresh interpreter reads, or TESTS_FRESH_PYTHON=1 makes every run fresh."""
+    env = dict(os.environ if env is None else env)
+    proc = None if fresh or FRESH_ONLY else preloaded_server().run(args, workdir, env, input, timeout)
+    if proc is None:
+        proc = subprocess.run([sys.executable, *args], cwd=workdir, capture_output=True, text=True, timeout=timeout,
+                              input=input, env=env)
     if check and proc.returncode != 0:
         raise AssertionError(f'{args} exited {proc.returncode}\nstdout:\n{proc.stdout}\nstderr:\n{proc.stderr}')
     return proc
 
 
-ONE_THREAD = {**os.environ, 'OMP_NUM_THREADS': '1'}  # for runs side by side: models this small gain nothing from more
-
-
 def trained_straight_and_in_halves(workdir, script, *args, iters):
     """Train for iters iterations at once (out_dir straight) and in two halves with a resume between (out_dir
-    split), each process on one thread, the unbroken run beside the first half; returns the unbroken run's
-    CompletedProcess."""
+    split), the unbroken run beside the first half; returns the unbroken run's CompletedProcess."""
     with ThreadPoolExecutor(2) as pool:
-        straight, _ = pool.map(lambda run: run_script(workdir, script, *args, *run, env=ONE_THREAD),
+        straight, _ = pool.map(lambda run: run_script(workdir, script, *args, *run),
                                [(f'--max_iters={iters}', '--out_dir=straight'),
                                 (f'--max_iters={iters // 2}', '--out_dir=split')])
-    run_script(workdir, script, *args, f'--max_iters={iters}', '--out_dir=split', '--init_from=resume', env=ONE_THREAD)
+    run_script(workdir, script, *args, f'--max_iters={iters}', '--out_dir=split', '--init_from=resume')
     return straight
 
 

@@ -10,10 +10,11 @@ import os
 import pytest
 import torch
 
-import model_bio
+import oscillation
 from bench_bio import saved_bytes
 from conftest import REPO, message_lines, run_script, simulated_env
-from model_bio import GPT, BioMLP, GPTConfig, Oscillate, oscillate, oscillate_reference
+from model_bio import GPT, BioMLP, GPTConfig
+from oscillation import Oscillate, oscillate, oscillate_reference
 
 N = 8  # hidden neurons
 
@@ -87,18 +88,18 @@ def test_function_in_half_precision_is_as_accurate_as_plain_ops(dtype, gate):
         assert error(g, truth) <= 1.5 * error(ref, truth) + 1e-5 * truth.abs().max().item()
 
 
-def test_function_saves_only_its_input():
+@pytest.mark.parametrize('impl', [unfused, pytest.param(fused, marks=pytest.mark.slow)])  # fused: a compile
+def test_function_saves_only_its_input(impl):
     x = torch.randn(256, N, requires_grad=True)
     ps = params(torch.float32, gate=True)
     vectors = 5 * N * 4
-    assert saved_bytes(lambda: unfused(x, *ps, 0.25)) == x.numel() * 4 + vectors
-    assert saved_bytes(lambda: fused(x, *ps, 0.25)) == x.numel() * 4 + vectors
+    assert saved_bytes(lambda: impl(x, *ps, 0.25)) == x.numel() * 4 + vectors
     assert saved_bytes(lambda: torch.nn.functional.gelu(x)) == x.numel() * 4
     assert saved_bytes(lambda: oscillate_reference(x, *ps, 0.25)) > 4 * x.numel() * 4  # what the function avoids
 
 
 def model_outputs(impl, monkeypatch, compiled=False):
-    monkeypatch.setattr(model_bio, 'OSCILLATION_IMPL', impl)
+    monkeypatch.setattr(oscillation, 'OSCILLATION_IMPL', impl)
     torch.manual_seed(0)
     model = GPT(GPTConfig(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=50, use_bio_mlp=True,
                           use_sparse_gate=True))
@@ -109,7 +110,7 @@ def model_outputs(impl, monkeypatch, compiled=False):
     return logits.detach(), {n: p.grad for n, p in model.named_parameters()}, model.read_sparsity()
 
 
-@pytest.mark.parametrize('impl', ['function', 'fused'])
+@pytest.mark.parametrize('impl', ['function', pytest.param('fused', marks=pytest.mark.slow)])
 def test_model_is_the_same_whichever_implementation(impl, monkeypatch):
     ref_logits, ref_grads, ref_sparsity = model_outputs('plain', monkeypatch)
     logits, grads, sparsity = model_outputs(impl, monkeypatch)
@@ -127,8 +128,8 @@ def test_auto_falls_back_when_the_fused_kernel_cannot_compile(monkeypatch, capsy
     import torch._dynamo
     import torch._inductor.config
     settings = (torch._inductor.config.fx_graph_cache, torch._inductor.config.cpp.cxx)
-    monkeypatch.setattr(model_bio, 'fused_kernels', {})
-    monkeypatch.setattr(model_bio, 'FUSE_MIN_ELEMENTS', 0)  # this small input is fused too
+    monkeypatch.setattr(oscillation, 'fused_kernels', {})
+    monkeypatch.setattr(oscillation, 'FUSE_MIN_ELEMENTS', 0)  # this small input is fused too
     torch._dynamo.reset()
     x = torch.randn(4, N, requires_grad=True)
     ps = params(torch.float32)
@@ -136,10 +137,10 @@ def test_auto_falls_back_when_the_fused_kernel_cannot_compile(monkeypatch, capsy
         out = oscillate(x, *ps)
         out.sum().backward()
         assert 'does not compile here' in capsys.readouterr().err
-        assert model_bio.fused_kernels['forward'] is False  # and it does not try again
+        assert oscillation.fused_kernels['forward'] is False  # and it does not try again
         torch.testing.assert_close(out, oscillate_reference(x, *ps))
-        monkeypatch.setattr(model_bio, 'OSCILLATION_IMPL', 'fused')
-        monkeypatch.setattr(model_bio, 'fused_kernels', {})
+        monkeypatch.setattr(oscillation, 'OSCILLATION_IMPL', 'fused')
+        monkeypatch.setattr(oscillation, 'fused_kernels', {})
         torch._dynamo.reset()
         with pytest.raises(torch._dynamo.exc.BackendCompilerFailed, match='C.. compiler'):  # asked for by name: no quiet fallback
             oscillate(x, *ps)
@@ -150,7 +151,7 @@ def test_auto_falls_back_when_the_fused_kernel_cannot_compile(monkeypatch, capsy
 @pytest.fixture
 def no_kernels_yet(monkeypatch):
     """As at the start of a run: no fused kernel made or tried yet (monkeypatch puts the module's back)."""
-    monkeypatch.setattr(model_bio, 'fused_kernels', {})
+    monkeypatch.setattr(oscillation, 'fused_kernels', {})
 
 
 def failing_compile(fails_in):
@@ -162,17 +163,17 @@ def failing_compile(fails_in):
     def compile(fn, **kwargs):
         if fails_in == 'compile':
             broken()
-        return broken if fn is model_bio.OSCILLATE_MATH[fails_in] else fn
+        return broken if fn is oscillation.OSCILLATE_MATH[fails_in] else fn
     return compile
 
 
 def bio_mlp_step(impl, monkeypatch):
     """Output and gradients of a training forward+backward of a sparse-gated bio MLP whose activation
     is large enough (FUSE_MIN_ELEMENTS) for 'auto' to fuse."""
-    monkeypatch.setattr(model_bio, 'OSCILLATION_IMPL', impl)
+    monkeypatch.setattr(oscillation, 'OSCILLATION_IMPL', impl)
     torch.manual_seed(0)
     mlp = BioMLP(GPTConfig(n_embd=32, use_bio_mlp=True, use_sparse_gate=True))
-    out = mlp(torch.randn(model_bio.FUSE_MIN_ELEMENTS // (4 * 32), 32))
+    out = mlp(torch.randn(oscillation.FUSE_MIN_ELEMENTS // (4 * 32), 32))
     out.square().sum().backward()
     return out.detach(), {name: p.grad for name, p in mlp.named_parameters()}
 
@@ -184,7 +185,7 @@ def test_auto_falls_back_on_any_failure_to_make_or_first_run_a_kernel(fails_in, 
     out, grads = bio_mlp_step('auto', monkeypatch)
     assert capsys.readouterr().err == ('note: the fused oscillation kernel does not compile here (RuntimeError: '
                                        'Dynamo is not supported on Python 3.14+); using the unfused one\n')
-    assert model_bio.fused_kernels == {'forward': False, 'backward': False}  # and it does not try again
+    assert oscillation.fused_kernels == {'forward': False, 'backward': False}  # and it does not try again
     torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
     for name in ref_grads:
         torch.testing.assert_close(grads[name], ref_grads[name], rtol=0, atol=0, msg=name)
@@ -205,7 +206,7 @@ def failing_after_first_run(failing, error):
 
         def kernel(*args):
             calls.append(1)
-            if fn is model_bio.OSCILLATE_MATH[failing] and len(calls) > 1:
+            if fn is oscillation.OSCILLATE_MATH[failing] and len(calls) > 1:
                 raise error
             return fn(*args)
         return kernel
@@ -217,13 +218,13 @@ def test_an_error_after_the_kernel_has_run_surfaces_as_itself(failing, no_kernel
     # out of memory (or a device fault) once the kernel has worked is not a reason to stop fusing
     error = torch.OutOfMemoryError('CUDA out of memory. Tried to allocate 2.00 GiB')
     monkeypatch.setattr(torch, 'compile', failing_after_first_run(failing, error))
-    monkeypatch.setattr(model_bio, 'FUSE_MIN_ELEMENTS', 0)
+    monkeypatch.setattr(oscillation, 'FUSE_MIN_ELEMENTS', 0)
     x = torch.randn(4, N, requires_grad=True)
     oscillate(x, *params(torch.float32)).sum().backward()  # each kernel's first run works
-    kernels = dict(model_bio.fused_kernels)
+    kernels = dict(oscillation.fused_kernels)
     with pytest.raises(torch.OutOfMemoryError):
         oscillate(x, *params(torch.float32)).sum().backward()
-    assert model_bio.fused_kernels == kernels and all(kernels.values())  # still fusing
+    assert oscillation.fused_kernels == kernels and all(kernels.values())  # still fusing
     assert capsys.readouterr().err == ''
 
 
@@ -235,22 +236,22 @@ def test_auto_falls_back_when_a_recompile_fails_after_the_kernel_has_run(failing
     # failure like one at the first call, not the run's
     import torch._dynamo.exc
     import torch._inductor.exc
-    error = torch._dynamo.exc.BackendCompilerFailed(model_bio.OSCILLATE_MATH[failing],
+    error = torch._dynamo.exc.BackendCompilerFailed(oscillation.OSCILLATE_MATH[failing],
                                                     torch._inductor.exc.InvalidCxxCompiler(), None)
     monkeypatch.setattr(torch, 'compile', failing_after_first_run(failing, error))
-    monkeypatch.setattr(model_bio, 'FUSE_MIN_ELEMENTS', 0)
+    monkeypatch.setattr(oscillation, 'FUSE_MIN_ELEMENTS', 0)
     x = torch.randn(64, N)
     ps = params(torch.float32, gate=True)
     upstream = torch.randn(64, N)
     ref_out, ref_grads = grads_of(unfused, x, ps, upstream, threshold=0.25)
     grads_of(oscillate, x, ps, upstream, threshold=0.25)  # each kernel's first run works
-    assert all(model_bio.fused_kernels.values())
+    assert all(oscillation.fused_kernels.values())
     for _ in range(2):  # the failing call falls back, and so do later ones
         out, grads = grads_of(oscillate, x, ps, upstream, threshold=0.25)
         torch.testing.assert_close(out, ref_out, rtol=0, atol=0)
         for g, ref in zip(grads, ref_grads):
             torch.testing.assert_close(g, ref, rtol=0, atol=0)
-    assert model_bio.fused_kernels == {'forward': False, 'backward': False}
+    assert oscillation.fused_kernels == {'forward': False, 'backward': False}
     assert capsys.readouterr().err == ("note: the fused oscillation kernel does not compile here "
                                        f"(BackendCompilerFailed: backend='oscillate_{failing}_math' raised:); "
                                        "using the unfused one\n")
@@ -269,10 +270,10 @@ def test_auto_fuses_only_activations_large_enough_to_repay_compiling(monkeypatch
     called = []
 
     def recorded(name):
-        return lambda *args: called.append(name) or model_bio.OSCILLATE_MATH[name](*args)
+        return lambda *args: called.append(name) or oscillation.OSCILLATE_MATH[name](*args)
 
-    monkeypatch.setattr(model_bio, 'fused_kernels', {name: recorded(name) for name in ('forward', 'backward')})
-    rows = model_bio.FUSE_MIN_ELEMENTS // N
+    monkeypatch.setattr(oscillation, 'fused_kernels', {name: recorded(name) for name in ('forward', 'backward')})
+    rows = oscillation.FUSE_MIN_ELEMENTS // N
     oscillate(torch.randn(rows - 1, N, requires_grad=True), *params(torch.float32)).sum().backward()
     assert called == []  # one row short: run eagerly
     oscillate(torch.randn(rows, N, requires_grad=True), *params(torch.float32)).sum().backward()
@@ -281,7 +282,7 @@ def test_auto_fuses_only_activations_large_enough_to_repay_compiling(monkeypatch
     quick_start = {}
     with open(os.path.join(REPO, 'config_shakespeare_char_cpu.py')) as f:
         exec(f.read(), quick_start)
-    assert quick_start['batch_size'] * quick_start['block_size'] * 4 * quick_start['n_embd'] >= model_bio.FUSE_MIN_ELEMENTS
+    assert quick_start['batch_size'] * quick_start['block_size'] * 4 * quick_start['n_embd'] >= oscillation.FUSE_MIN_ELEMENTS
 
 
 @pytest.mark.slow

@@ -104,8 +104,7 @@ def test_a_v2_model_s_two_oscillating_activations_are_each_reported(tmp_path):
     scripts = [('analyze_wiggle.py', 'a/ckpt.pt', '--compare', 'b/ckpt.pt', '--out_dir', 'wiggle'),
                ('analyze_brainwaves.py', 'a/ckpt.pt', '--out_dir', 'waves')]
     with ThreadPoolExecutor(2) as pool:
-        list(pool.map(lambda args: run_script(tmp_path, os.path.join(ANALYSIS, args[0]), *args[1:],
-                                              env={**os.environ, 'OMP_NUM_THREADS': '1'}), scripts))
+        list(pool.map(lambda args: run_script(tmp_path, os.path.join(ANALYSIS, args[0]), *args[1:]), scripts))
     stats = json.loads((tmp_path / 'wiggle' / 'wiggle_stats.json').read_text())
     assert list(stats['activations']) == ['mlp.activation', 'mlp.event.activation']
     assert stats['n_neurons'] == 2 * (2 * 4 * 32)

@@ -7,8 +7,6 @@ plot_loss.py (with eval_bio.py's results as reference lines) and xor_neuron.py r
 import pytest
 import json
 import os
-import subprocess
-import sys
 
 import matplotlib.image
 import numpy as np
@@ -21,7 +19,7 @@ XOR_NEURON = os.path.join(REPO, 'analysis', 'xor_neuron.py')
 
 
 def run(tmp_path, script, *args):
-    return subprocess.run([sys.executable, script, *args], cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    return run_script(tmp_path, script, *args, check=False)
 
 
 def assert_png(path):

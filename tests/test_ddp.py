@@ -8,19 +8,18 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 
 import pytest
 import torch
 
-from conftest import REPO, TINY, load, read_log, run_script, simulated_env
+from conftest import REPO, TINY, load, python, read_log, run_script, simulated_env
 
 GELU = TINY + ['--use_bio_mlp=False']  # the activation does not matter here: no fused kernel to compile first
 
 
 def torchrun(*args):
-    return [sys.executable, '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args, '--backend=gloo']
+    return [python(), '-m', 'torch.distributed.run', '--standalone', '--nproc_per_node=2', *args, '--backend=gloo']
 
 
 @pytest.mark.slow
@@ -99,17 +98,17 @@ def test_a_signal_under_torchrun_saves_well_inside_its_grace(workdir, how):
     assert elapsed < 10, elapsed  # torchrun's grace is 30 s
 
 
-def worker_pid(agent_pid, local_rank):
-    """The pid of torchrun's worker process with this LOCAL_RANK."""
+def worker_pid(workdir, local_rank):
+    """The pid of the torchrun worker with this LOCAL_RANK running in workdir (the process torchrun started:
+    the preloaded Python's shim, where tests/preloaded.py runs it)."""
     for pid in filter(str.isdigit, os.listdir('/proc')):
         try:
-            with open(f'/proc/{pid}/stat') as f:
-                parent = int(f.read().rsplit(')', 1)[1].split()[1])
             with open(f'/proc/{pid}/environ', 'rb') as f:
                 environment = f.read().split(b'\0')
+            cwd = os.readlink(f'/proc/{pid}/cwd')
         except OSError:
             continue
-        if parent == agent_pid and f'LOCAL_RANK={local_rank}'.encode() in environment:
+        if cwd == str(workdir) and f'LOCAL_RANK={local_rank}'.encode() in environment:
             return int(pid)
     raise AssertionError(f'no worker with LOCAL_RANK={local_rank}')
 
@@ -120,7 +119,7 @@ def test_a_failing_process_makes_the_others_stop_promptly(workdir):
     proc = start_long_run(workdir)
     saved = (workdir / 'out' / 'ckpt.pt').read_bytes()
     start = time.time()
-    os.kill(worker_pid(proc.pid, 1), signal.SIGKILL)  # as the kernel's out-of-memory killer would
+    os.kill(worker_pid(workdir, 1), signal.SIGKILL)  # as the kernel's out-of-memory killer would
     out, err = proc.communicate(timeout=120)
     elapsed = time.time() - start
     assert proc.returncode != 0

@@ -107,15 +107,6 @@ def write_dataset(folder, name, tokens, chars=None):
     prepared_data.commit(str(data), 'tests/test_eval.py')
 
 
-@pytest.fixture(scope='module', autouse=True)
-def one_thread():
-    """Models this small run no faster on more threads, and far slower when another process holds a core."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope='module')
 def folder(tmp_path_factory):
     """The scripts, a random character model of TEXT's characters (block_size 16) with its dataset `shake`,
@@ -152,8 +143,7 @@ def folder(tmp_path_factory):
 
 
 def env(folder):
-    # one thread each: the runs go four at a time, and models this small gain nothing from more
-    return {**os.environ, 'OMP_NUM_THREADS': '1', 'HF_HUB_CACHE': str(folder / 'hub'), 'HF_HUB_OFFLINE': '1',
+    return {**os.environ, 'HF_HUB_CACHE': str(folder / 'hub'), 'HF_HUB_OFFLINE': '1',
             'HF_DATASETS_CACHE': str(folder / 'datasets'), 'HF_DATASETS_OFFLINE': '1'}
 
 
@@ -405,7 +395,7 @@ def test_mistakes_are_one_line_and_write_nothing(folder):
     def run(case):
         args, _, case_env = case
         return run_script(folder, 'eval_bio.py', *args, check=False,
-                          env={**(case_env or os.environ), 'OMP_NUM_THREADS': '1'})
+                          env=case_env)
 
     with ThreadPoolExecutor(4) as pool:
         for (args, line, _), proc in zip(cases, pool.map(run, cases)):

@@ -8,6 +8,7 @@ the real library reading a cache laid out as it lays one out, with HF_HUB_OFFLIN
 
 import json
 import os
+import shutil
 from concurrent.futures import ThreadPoolExecutor
 
 import httpx2
@@ -199,8 +200,8 @@ def test_exporting_again_keeps_a_card_edited_by_hand_unless_asked(workdir):
 
 
 @pytest.mark.slow
-def test_export_writes_a_hub_folder_that_loads_back_and_pushes_where_asked(workdir):
-    run_script(workdir, 'train_bio.py', *TINY, '--max_iters=4', '--eval_interval=2', '--out_dir=run')
+def test_export_writes_a_hub_folder_that_loads_back_and_pushes_where_asked(workdir, tiny_run):
+    shutil.copytree(tiny_run, workdir / 'run')
     run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=exported')
     exported = workdir / 'exported'
     assert sorted(os.listdir(exported)) == ['README.md', 'config.json', 'model.safetensors']

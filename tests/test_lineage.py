@@ -10,6 +10,7 @@ import inspect
 import json
 import math
 import shutil
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
@@ -23,7 +24,7 @@ import devices
 import lineage
 import prepared_data
 from checkpoints import load_model
-from conftest import ONE_THREAD, TINY, load, read_log, run_script
+from conftest import TINY, load, read_log, run_script
 from generation import generate_tokens
 from model_bio import GPT, GPTConfig
 from test_train import assert_same_state
@@ -171,6 +172,11 @@ def test_ddp_wraps_v1_and_v2_as_train_bio_does(tmp_path):
             for _ in range(2):
                 ddp(x, x)[1].backward()
             assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()), variant
+        # Destroying gloo's process group joins its threads while this one holds the GIL; a thread still
+        # finishing the last reduction needs the GIL too, and both would wait for ever: let it finish first
+        # (sleeping releases the GIL), and drop the wrapper while the group is still registered.
+        del ddp
+        time.sleep(0.1)
     finally:
         dist.destroy_process_group()
 
@@ -241,17 +247,15 @@ def test_v1_and_v2_train_resume_bit_exactly_log_their_sparsity_and_export(workdi
 
     def straight(variant):  # 4 iterations, then exported
         proc = run_script(workdir, 'train_bio.py', *RUN, *RUN_VARIANT[variant], '--max_iters=4',
-                          f'--out_dir={variant}-straight', env=ONE_THREAD)
-        run_script(workdir, 'export_hub.py', f'--out_dir={variant}-straight', f'--export_dir={variant}-hub',
-                   env=ONE_THREAD)
+                          f'--out_dir={variant}-straight')
+        run_script(workdir, 'export_hub.py', f'--out_dir={variant}-straight', f'--export_dir={variant}-hub')
         return proc
 
     def split(variant):  # 2 iterations, its checkpoint kept, then resumed to 4
-        run_script(workdir, 'train_bio.py', *RUN, *RUN_VARIANT[variant], '--max_iters=2', f'--out_dir={variant}-split',
-                   env=ONE_THREAD)
+        run_script(workdir, 'train_bio.py', *RUN, *RUN_VARIANT[variant], '--max_iters=2', f'--out_dir={variant}-split')
         shutil.copy(workdir / f'{variant}-split' / 'ckpt.pt', workdir / f'{variant}-iter2.pt')
         run_script(workdir, 'train_bio.py', *RUN, *RUN_VARIANT[variant], '--max_iters=4', f'--out_dir={variant}-split',
-                   '--init_from=resume', env=ONE_THREAD)
+                   '--init_from=resume')
 
     with ThreadPoolExecutor(4) as pool:
         runs = {(variant, how): pool.submit(how, variant) for variant in VARIANTS for how in (straight, split)}

@@ -10,7 +10,7 @@ import pytest
 import torch
 
 from conftest import REPO
-import model_bio
+import oscillation
 from checkpoints import load_model, save_checkpoint
 from model_bio import GPT, GPTConfig, OscillatingActivation, SparseGate, apply_rope, rope_tables
 
@@ -72,7 +72,7 @@ def test_sparse_gate_sparsity_is_the_zero_fraction_and_gate_learns():
 
 @pytest.mark.parametrize('impl', ['plain', 'function'])
 def test_sparse_gate_forward_is_exact_and_backward_is_the_sigmoid_surrogate(impl, monkeypatch):
-    monkeypatch.setattr(model_bio, 'OSCILLATION_IMPL', impl)
+    monkeypatch.setattr(oscillation, 'OSCILLATION_IMPL', impl)
     torch.manual_seed(0)
     gate, act = SparseGate(6, threshold=0.25).double(), OscillatingActivation(6).double()
     with torch.no_grad():
@@ -119,9 +119,10 @@ def test_param_counts_of_the_124m_config():
         exec(f.read(), settings)
     model_keys = ('n_layer', 'n_head', 'n_embd', 'block_size', 'bias', 'use_bio_mlp', 'use_rmsnorm', 'use_rope')
     cfg = {k: settings[k] for k in model_keys}
-    bio = GPT(GPTConfig(**cfg)).get_num_params()
-    gelu = GPT(GPTConfig(**{**cfg, 'use_bio_mlp': False})).get_num_params()
-    gated = GPT(GPTConfig(**cfg, use_sparse_gate=True)).get_num_params()
+    with torch.device('meta'):  # counted without allocating
+        bio = GPT(GPTConfig(**cfg)).get_num_params()
+        gelu = GPT(GPTConfig(**{**cfg, 'use_bio_mlp': False})).get_num_params()
+        gated = GPT(GPTConfig(**cfg, use_sparse_gate=True)).get_num_params()
     assert bio == 123_697_920
     assert bio - gelu == 110_592
     assert gated - bio == 2 * 3072 * 12
@@ -130,16 +131,16 @@ def test_param_counts_of_the_124m_config():
 def test_param_counts_of_the_lineage():
     # seed 002's small v2 and seed 000's v1 setup: 4 layers, 6 heads, 384 wide, no biases (no position embedding counted)
     small = dict(n_layer=4, n_head=6, n_embd=384, vocab_size=50304, bias=False, use_bio_mlp=True)
-    assert GPT(GPTConfig(**small, bio_variant='v2')).get_num_params() == 45_309_312  # seed 002's "45.31M"
-    assert GPT(GPTConfig(**small, bio_variant='v1', bio_compartments=2)).get_num_params() == 83_058_064  # not seed 000's 89M
-    # at GPT-2's size the H x H matrices dominate (seed 004's blow-ups); counted without allocating
-    with torch.device('meta'):
+    with torch.device('meta'):  # counted without allocating
+        assert GPT(GPTConfig(**small, bio_variant='v2')).get_num_params() == 45_309_312  # seed 002's "45.31M"
+        assert GPT(GPTConfig(**small, bio_variant='v1', bio_compartments=2)).get_num_params() == 83_058_064  # not 89M
+        # at GPT-2's size the H x H matrices dominate (seed 004's blow-ups)
         counts = {v: GPT(GPTConfig(bias=False, use_bio_mlp=True, bio_variant=v)).get_num_params() for v in ('v2', 'v1')}
-    assert counts == {'v2': 350_300_928, 'v1': 803_285_808}
-    # the parameter-matched GELU control: as many parameters as each bio MLP, to within one hidden neuron
-    for variant, bio in (('v3', 26_416_512), ('v2', 45_309_312), ('v1', 83_058_064)):
-        gelu = GPT(GPTConfig(**{**small, 'use_bio_mlp': False}, gelu_params_like=variant))
-        assert abs(gelu.get_num_params() - bio) <= 2 * 384 and isinstance(gelu.transformer.h[0].mlp.gelu, torch.nn.GELU)
+        assert counts == {'v2': 350_300_928, 'v1': 803_285_808}
+        # the parameter-matched GELU control: as many parameters as each bio MLP, to within one hidden neuron
+        for variant, bio in (('v3', 26_416_512), ('v2', 45_309_312), ('v1', 83_058_064)):
+            gelu = GPT(GPTConfig(**{**small, 'use_bio_mlp': False}, gelu_params_like=variant))
+            assert abs(gelu.get_num_params() - bio) <= 2 * 384 and isinstance(gelu.transformer.h[0].mlp.gelu, torch.nn.GELU)
 
 
 def test_the_size_bound_of_a_checkpoint_s_settings_holds_for_every_mlp():

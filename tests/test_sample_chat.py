@@ -5,15 +5,16 @@ sample_bio.py and chat.py run as users run them.
 """
 
 import re
+import shutil
 
 import pytest
 
-from conftest import TINY, message_lines, run_script, write_bpe_checkpoint
+from conftest import message_lines, run_script, write_bpe_checkpoint
 
 
 @pytest.mark.slow
-def test_sample_script_streams_from_a_trained_checkpoint(workdir):
-    run_script(workdir, 'train_bio.py', *TINY, '--max_iters=2', '--eval_interval=2', '--out_dir=out')
+def test_sample_script_streams_from_a_trained_checkpoint(workdir, tiny_run):
+    shutil.copytree(tiny_run, workdir / 'out')
     proc = run_script(workdir, 'sample_bio.py', '--out_dir=out', '--device=cpu', '--start=hello',
                       '--num_samples=2', '--max_new_tokens=5', '--top_p=0.9', '--repetition_penalty=1.2',
                       '--ckpt=ckpt_best.pt')
@@ -29,8 +30,8 @@ def test_sample_script_streams_from_a_trained_checkpoint(workdir):
 
 
 @pytest.mark.slow
-def test_sample_script_user_mistakes_are_one_line_errors(workdir):
-    run_script(workdir, 'train_bio.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out')
+def test_sample_script_user_mistakes_are_one_line_errors(workdir, tiny_run):
+    shutil.copytree(tiny_run, workdir / 'out')
     (workdir / 'junk.pt').write_text('not a checkpoint')
     for args, message in [(['--out_dir=nowhere'], 'no checkpoint at'),
                           (['--out_dir=.', '--ckpt=junk.pt'], 'not a readable checkpoint'),
@@ -106,14 +107,14 @@ def test_chat_drops_the_oldest_turns_to_fit_block_size(workdir):
 
 
 @pytest.mark.slow
-def test_chat_commands_and_bad_checkpoints(workdir):
+def test_chat_commands_and_bad_checkpoints(workdir, tiny_run):
     write_bpe_checkpoint(workdir / 'chat', block_size=64)
     proc = chat(workdir, ['/help', '/temp 0.5', '/temp hot', '/topk 5', '/nonsense', 'exit'])
     assert 'clear' in proc.stdout and '(temp = 0.5)' in proc.stdout and '(topk = 5)' in proc.stdout
     assert '/temp needs a number' in proc.stdout and 'unknown command /nonsense' in proc.stdout
     assert 'WiggleGPT: ' not in proc.stdout
     # a character-level checkpoint cannot chat: the template needs GPT-2's vocabulary
-    run_script(workdir, 'train_bio.py', *TINY, '--max_iters=1', '--eval_interval=1', '--out_dir=out')
+    shutil.copytree(tiny_run, workdir / 'out')
     proc = run_script(workdir, 'chat.py', '--out_dir=out', '--device=cpu', check=False, input='hi\n')
     assert proc.returncode != 0 and 'needs a GPT-2 BPE model' in proc.stderr and 'Traceback' not in proc.stderr
 

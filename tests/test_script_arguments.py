@@ -8,14 +8,12 @@ and writes nothing.
 import json
 import os
 import shutil
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import torch
 
 from checkpoints import save_checkpoint
-from conftest import REPO
+from conftest import REPO, run_script
 from model_bio import GPT, GPTConfig
 
 XOR = 'analysis/xor_neuron.py'
@@ -102,8 +100,8 @@ def snapshot(folder):
 def run_case(folder, script, args):
     """The script's CompletedProcess, run from folder, and the paths in folder it added, changed or removed."""
     before = snapshot(folder)
-    proc = subprocess.run([sys.executable, os.path.join(REPO, script), *args], cwd=folder, capture_output=True,
-                          text=True, timeout=120, env={**os.environ, 'HF_HUB_OFFLINE': '1'})
+    proc = run_script(folder, os.path.join(REPO, script), *args, check=False, timeout=120,
+                      env={**os.environ, 'HF_HUB_OFFLINE': '1'})
     return proc, sorted({path for path, _ in set(snapshot(folder).items()) ^ set(before.items())})
 
 

@@ -8,13 +8,12 @@ value and what is allowed, exit status 2, no traceback, and nothing written.
 import os
 import shutil
 import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 
-from conftest import TINY, load, message_lines, read_log, run_script, write_original_checkpoint
+from conftest import TINY, load, message_lines, python, read_log, run_script, write_original_checkpoint
 import prepared_data
 
 TRAIN = [*TINY, '--use_bio_mlp=False', '--max_iters=2', '--eval_interval=2', '--out_dir=out']
@@ -123,8 +122,7 @@ def test_every_bad_setting_is_one_line_and_writes_nothing(workdir):
     def run(case):
         script, args, _ = case
         common = TRAIN if script in ('train_bio.py', 'finetune_native.py') else ['--device=cpu', '--out_dir=out']
-        return subprocess.run([sys.executable, script, *common, *args], cwd=workdir, capture_output=True,
-                              text=True, timeout=120)
+        return run_script(workdir, script, *common, *args, check=False, timeout=120)
 
     with ThreadPoolExecutor(4) as pool:
         results = list(pool.map(run, CASES))
@@ -224,7 +222,7 @@ def test_help_prints_the_docstring_and_every_setting_with_what_it_allows(workdir
 @pytest.mark.slow
 def test_two_runs_started_into_one_new_folder_at_once_never_share_it(workdir):
     # both pass the start's check while the folder is empty; the first to make it claims it
-    procs = [subprocess.Popen([sys.executable, 'train_bio.py', *TRAIN, '--max_iters=6'], cwd=workdir, text=True,
+    procs = [subprocess.Popen([python(), 'train_bio.py', *TRAIN, '--max_iters=6'], cwd=workdir, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for _ in range(2)]
     results = [(proc.wait(timeout=300), proc.stderr.read()) for proc in procs]
     assert sorted(code for code, _ in results) == [0, 2], results

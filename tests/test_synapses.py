@@ -18,7 +18,7 @@ from torch.func import functional_call
 
 import synapses
 from checkpoints import checked_config, load_model
-from conftest import ONE_THREAD, TINY, load, read_log, run_script
+from conftest import TINY, load, read_log, run_script
 from generation import generate_tokens
 from model_bio import GPT, GPTConfig
 from test_train import assert_same_state
@@ -239,12 +239,11 @@ RUN = [*TINY, '--use_bio_mlp=True', '--use_presynaptic=True', '--stochastic_rele
 @pytest.mark.slow
 def test_train_bio_trains_resumes_bit_exactly_samples_and_exports(workdir):
     def split():  # 2 iterations, then resumed to 4
-        run_script(workdir, 'train_bio.py', *RUN, '--max_iters=2', '--out_dir=split', env=ONE_THREAD)
-        run_script(workdir, 'train_bio.py', *RUN, '--max_iters=4', '--out_dir=split', '--init_from=resume',
-                   env=ONE_THREAD)
+        run_script(workdir, 'train_bio.py', *RUN, '--max_iters=2', '--out_dir=split')
+        run_script(workdir, 'train_bio.py', *RUN, '--max_iters=4', '--out_dir=split', '--init_from=resume')
     with ThreadPoolExecutor(2) as pool:
-        runs = [pool.submit(run_script, workdir, 'train_bio.py', *RUN, '--max_iters=4', '--out_dir=straight',
-                            env=ONE_THREAD), pool.submit(split)]
+        runs = [pool.submit(run_script, workdir, 'train_bio.py', *RUN, '--max_iters=4', '--out_dir=straight'),
+                pool.submit(split)]
         [run.result() for run in runs]
     straight, resumed = load(workdir / 'straight' / 'ckpt.pt'), load(workdir / 'split' / 'ckpt.pt')
     assert straight['iter_num'] == resumed['iter_num'] == 4

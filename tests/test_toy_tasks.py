@@ -7,7 +7,6 @@ checked against parameter counts worked out by hand here; a bad argument is one 
 import json
 import math
 import os
-import subprocess
 import sys
 from concurrent.futures import ThreadPoolExecutor
 
@@ -133,8 +132,7 @@ def test_bad_arguments_are_one_error_line(tmp_path):
               f'error: --out_dir=notes.txt cannot be a folder: {tmp_path}/notes.txt is a file; name another folder')]
 
     def run(args):
-        return subprocess.run([sys.executable, SCRIPT, *args], cwd=tmp_path, capture_output=True, text=True,
-                              timeout=120)
+        return run_script(tmp_path, SCRIPT, *args, check=False, timeout=120)
     with ThreadPoolExecutor(len(cases)) as pool:  # each spends its time importing torch
         procs = list(pool.map(run, [args for args, _ in cases]))
     for (args, expected), proc in zip(cases, procs):

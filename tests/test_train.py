@@ -19,7 +19,7 @@ import torch
 import checkpoints
 import prepared_data
 from checkpoints import save_checkpoint
-from conftest import (REPO, TINY, load, message_lines, read_log, run_script, simulated_env,
+from conftest import (REPO, TINY, load, message_lines, python, read_log, run_script, simulated_env,
                       trained_straight_and_in_halves)
 
 GATED = TINY + ['--use_bio_mlp=True', '--use_sparse_gate=True', '--dropout=0.1']
@@ -107,7 +107,7 @@ def assert_same_values(a, b, where):
 
 @pytest.mark.slow
 def test_ctrl_c_saves_a_checkpoint_of_that_iteration(workdir):
-    cmd = [sys.executable, 'train_bio.py', *TINY, '--use_bio_mlp=True', '--max_iters=100000',
+    cmd = [python(), 'train_bio.py', *TINY, '--use_bio_mlp=True', '--max_iters=100000',
            '--eval_interval=100000', '--out_dir=out']
     proc = subprocess.Popen(cmd, cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     last_iter = 0

@@ -16,7 +16,6 @@ import signal
 import socket
 import struct
 import subprocess
-import sys
 import threading
 import time
 
@@ -26,7 +25,7 @@ import torch
 import web_chat
 from chat_template import chat_turn
 from chatbot import Chatbot
-from conftest import message_lines, write_bpe_checkpoint
+from conftest import message_lines, python, run_script, write_bpe_checkpoint
 
 SAMPLING = dict(max_new_tokens=12, temperature=0.0, top_k=50, top_p=1.0, repetition_penalty=1.15, penalty_window=64)
 
@@ -541,7 +540,7 @@ def test_chat_py_serves_the_page_on_localhost_and_stops_on_ctrl_c(tmp_path):
     """chat.py --web=True as a user runs it: it binds 127.0.0.1, answers, and Ctrl-C ends it cleanly."""
     write_bpe_checkpoint(tmp_path / 'chat', block_size=64)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    proc = subprocess.Popen([sys.executable, os.path.join(repo, 'chat.py'), '--out_dir=chat', '--device=cpu',
+    proc = subprocess.Popen([python(), os.path.join(repo, 'chat.py'), '--out_dir=chat', '--device=cpu',
                              '--web=True', '--port=0', '--max_new_tokens=4', '--system=Be brief.'], cwd=tmp_path,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
@@ -566,8 +565,8 @@ def test_chat_py_serves_the_page_on_localhost_and_stops_on_ctrl_c(tmp_path):
                          (['--port=70000'], 'error: port = 70000 is not allowed'),
                          (['--host='], 'error: --host is empty'),
                          (['--port=0', '--allowed_hosts=name:8000'], "error: --allowed_hosts names 'name:8000'")]:
-        busy = subprocess.run([sys.executable, os.path.join(repo, 'chat.py'), '--out_dir=chat', '--device=cpu', '--web=True',
-                               *args], cwd=tmp_path, capture_output=True, text=True, timeout=120)
+        busy = run_script(tmp_path, os.path.join(repo, 'chat.py'), '--out_dir=chat', '--device=cpu', '--web=True', *args,
+                          check=False, timeout=120)
         lines = message_lines(busy.stderr)
         assert busy.returncode == 2 and len(lines) == 1 and lines[0].startswith(reason), busy.stderr
     taken.close()

@@ -14,11 +14,10 @@ import json
 import os
 import shutil
 import subprocess
-import sys
 
 import pytest
 
-from conftest import REPO, write_bpe_checkpoint
+from conftest import REPO, python, write_bpe_checkpoint
 
 CHROMIUM = shutil.which('chromium') or shutil.which('chromium-browser')
 playwright = pytest.importorskip('playwright.sync_api', reason='the playwright package is not installed')
@@ -35,7 +34,7 @@ def test_a_conversation_in_the_browser_with_the_keyboard_alone(tmp_path):
         ckpt = str(tmp_path / 'chat' / 'ckpt.pt')
     shots = os.environ.get('WEB_CHAT_SCREENSHOTS') or str(tmp_path / 'shots')
     os.makedirs(shots, exist_ok=True)
-    server = subprocess.Popen([sys.executable, os.path.join(REPO, 'chat.py'), f'--ckpt={os.path.abspath(ckpt)}',
+    server = subprocess.Popen([python(), os.path.join(REPO, 'chat.py'), f'--ckpt={os.path.abspath(ckpt)}',
                                '--device=cpu', '--web=True', '--port=0', '--max_new_tokens=16'],
                               cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     try:
