@@ -8,15 +8,17 @@ torchrun), the simulated machines (simulated_env), and small checkpoints and hub
     python -m pytest tests -m "not slow"    without the tests that take seconds (training runs,
                                             torchrun, the data scripts, a compile), for a quick check
                                             while editing (about half a minute); it still starts every
-                                            script once in a fresh interpreter
-    TESTS_FRESH_PYTHON=1 python -m pytest tests    every script in a fresh interpreter (three times slower)
+                                            script once, in a fresh interpreter, as far as its settings
+    TESTS_FRESH_PYTHON=1 python -m pytest tests    every script in a fresh interpreter (four times slower)
 
 tests/pytest.ini runs the tests side by side, a process per core (pytest-xdist): each test keeps to its
 own folders and ports. Each process computes on one thread (OMP_NUM_THREADS=1 unless set): models this
 small run no faster on more, and far slower when processes share the cores with threads that spin.
 A script's process is forked from a Python that has imported torch already (tests/preloaded.py says what
 stays the same as a fresh interpreter, and when a fresh one is started instead): a run starts in a tenth
-of a second, not three.
+of a second, not three. One run of each script, a happy path (fresh=True), and the resumed half of each
+straight-and-resumed pair start in a fresh interpreter, where a module the script uses without importing it,
+or an order that changes with the hash seed, would show.
 
 What a CPU cannot show is simulated in tests/simulated/, loaded at interpreter start
 (sitecustomize.py, which lists every variable) when a test sets one of its variables:
@@ -165,7 +167,8 @@ def trained_straight_and_in_halves(workdir, script, *args, iters):
         straight, _ = pool.map(lambda run: run_script(workdir, script, *args, *run),
                                [(f'--max_iters={iters}', '--out_dir=straight'),
                                 (f'--max_iters={iters // 2}', '--out_dir=split')])
-    run_script(workdir, script, *args, f'--max_iters={iters}', '--out_dir=split', '--init_from=resume')
+    # the resumed half in a new interpreter (tests/preloaded.py): its own hash seed, and the script's imports alone
+    run_script(workdir, script, *args, f'--max_iters={iters}', '--out_dir=split', '--init_from=resume', fresh=True)
     return straight
 
 

@@ -79,7 +79,7 @@ def test_analyze_wiggle_numbers_match_the_state_dict(tmp_path):
     state = write_model(tmp_path / 'a' / 'ckpt.pt', use_sparse_gate=True)
     shifted = write_model(tmp_path / 'b' / 'ckpt.pt', omega_shift=0.05, use_sparse_gate=True)
     run_script(tmp_path, os.path.join(ANALYSIS, 'analyze_wiggle.py'), 'a/ckpt.pt', '--compare', 'b/ckpt.pt',
-               '--out_dir', 'out')
+               '--out_dir', 'out', fresh=True)
     stats = json.loads((tmp_path / 'out' / 'wiggle_stats.json').read_text())
     assert stats['n_neurons'] == 2 * 4 * 32 and list(stats['activations']) == ['mlp.activation']
     activation = stats['activations']['mlp.activation']
@@ -139,7 +139,7 @@ def test_analysis_of_a_gelu_model_is_a_one_line_error(tmp_path):
 @pytest.mark.slow
 def test_brainwaves_band_shares_match_the_state_dict(tmp_path):
     state = write_model(tmp_path / 'a' / 'ckpt.pt', layer1_moved=32)  # a quarter of layer 1's 128 neurons
-    run_script(tmp_path, os.path.join(ANALYSIS, 'analyze_brainwaves.py'), 'a/ckpt.pt', '--out_dir', 'out')
+    run_script(tmp_path, os.path.join(ANALYSIS, 'analyze_brainwaves.py'), 'a/ckpt.pt', '--out_dir', 'out', fresh=True)
     report = json.loads((tmp_path / 'out' / 'brainwaves.json').read_text())
     assert list(report['activations']) == ['mlp.activation'] and report['n_neurons'] == 2 * 4 * 32
     activation = report['activations']['mlp.activation']
@@ -283,6 +283,6 @@ def test_a_learning_rate_that_diverges_counts_as_infinite_and_the_sweep_goes_on(
         'final_val_loss'] == math.inf
     assert report['best_lr'] == {'decay': 0.01, 'plain': 0.01}  # the sweep went on to 0.01, which is judged
     assert report['arms']['decay']['1e+30']['final_val_loss']['mean'] == math.inf
-    again = run_script(workdir, *sweep)
+    again = run_script(workdir, *sweep, fresh=True)
     assert again.stdout.count('diverged already') == 2 and again.stdout.count('done already') == 2
 

@@ -65,7 +65,7 @@ def test_plot_loss_draws_eval_results_as_reference_lines(tmp_path):
     gpt2 = {'ckpt': 'gpt2', 'val': {'loss': 3.12, 'tokens': 1000, 'dataset': 'openwebtext', 'split': 'val'},
             'hellaswag': {'acc': 0.29, 'acc_norm': 0.31, 'n': 10042}}
     (tmp_path / 'gpt2.json').write_text(json.dumps(gpt2))
-    run_script(tmp_path, PLOT_LOSS, 'run', '--out_dir', 'plain')
+    run_script(tmp_path, PLOT_LOSS, 'run', '--out_dir', 'plain', fresh=True)
     proc = run_script(tmp_path, PLOT_LOSS, 'run', '--evals', 'gpt2.json', '--out_dir', 'out')
     assert 'gpt2: val 3.1200 measured by eval_bio.py (gpt2.json)' in proc.stdout.splitlines()
     summary = json.loads((tmp_path / 'out' / 'loss_summary.json').read_text())
@@ -106,7 +106,8 @@ def test_plot_loss_user_mistakes_are_one_line_errors(tmp_path):
 
 @pytest.mark.slow
 def test_xor_neuron_oscillating_solves_what_monotone_cannot(tmp_path):
-    proc = run(tmp_path, XOR_NEURON, '--seeds', '3', '--steps', '1500', '--json', 'out.json')
+    proc = run_script(tmp_path, XOR_NEURON, '--seeds', '3', '--steps', '1500', '--json', 'out.json', check=False,
+                      fresh=True)
     assert proc.returncode == 0, proc.stderr
     assert_png(tmp_path / 'analysis_out' / 'xor' / 'xor_boundaries.png')
     results = json.loads((tmp_path / 'out.json').read_text())

@@ -29,7 +29,8 @@ bias = False
 def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
     (workdir / 'config_bench_tiny.py').write_text(TINY_CONFIG)
     proc = run_script(workdir, 'bench_bio.py', 'config_bench_tiny.py', '--device=cpu', '--rounds=2',
-                      '--act_calls=1', '--sample_repeats=1', '--new_tokens=4', '--bench_out=bench.json', timeout=600)
+                      '--act_calls=1', '--sample_repeats=1', '--new_tokens=4', '--bench_out=bench.json', timeout=600,
+                      fresh=True)
     report = json.loads((workdir / 'bench.json').read_text())
     assert report['device'].startswith('cpu') and report['dtype'] == 'float32'
     # the activation keeps its (32 x 128) input and its three 128-vectors; GELU keeps the input alone

@@ -162,7 +162,7 @@ def runs(folder):
 
     def run(name):
         proc = run_script(folder, 'eval_bio.py', *eval_bio_args[name], '--device=cpu', f'--out=results/{name}.json',
-                          env=env(folder))
+                          env=env(folder), fresh=name == 'char')
         return proc, json.loads((folder / 'results' / f'{name}.json').read_text())
 
     (folder / 'results').mkdir()

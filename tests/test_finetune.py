@@ -30,11 +30,11 @@ CONVERSATIONS = [
      for i in range(40)]
 
 
-def prepare(tmp_path, *args, records=CONVERSATIONS):
+def prepare(tmp_path, *args, records=CONVERSATIONS, fresh=False):
     source = tmp_path / 'conv.jsonl'
     source.write_text(''.join(json.dumps(r) + '\n' for r in records))
     out = tmp_path / 'out'
-    proc = run_script(tmp_path, PREPARE, f'--dataset={source}', f'--out_dir={out}', *args)
+    proc = run_script(tmp_path, PREPARE, f'--dataset={source}', f'--out_dir={out}', *args, fresh=fresh)
     return out, proc
 
 
@@ -47,7 +47,7 @@ def read_split(out, split):
 
 @pytest.mark.slow
 def test_mask_covers_exactly_the_assistant_replies(tmp_path):
-    out, proc = prepare(tmp_path, '--val_fraction=0.2')
+    out, proc = prepare(tmp_path, '--val_fraction=0.2', fresh=True)
     meta = json.loads((out / 'meta.json').read_text())
     assert meta['records'] == 44 and meta['skipped'] == 2
     assert meta['train']['conversations'] + meta['val']['conversations'] == 42 and meta['val']['conversations'] > 0

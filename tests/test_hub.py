@@ -202,7 +202,7 @@ def test_exporting_again_keeps_a_card_edited_by_hand_unless_asked(workdir):
 @pytest.mark.slow
 def test_export_writes_a_hub_folder_that_loads_back_and_pushes_where_asked(workdir, tiny_run):
     shutil.copytree(tiny_run, workdir / 'run')
-    run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=exported')
+    run_script(workdir, 'export_hub.py', '--out_dir=run', '--export_dir=exported', fresh=True)
     exported = workdir / 'exported'
     assert sorted(os.listdir(exported)) == ['README.md', 'config.json', 'model.safetensors']
     ckpt_model, ckpt = load_model(str(workdir / 'run' / 'ckpt.pt'), 'cpu')

@@ -6,19 +6,15 @@ and train_bio.py's training, bit-exact resuming and checkpoint names, export_hub
     python -m pytest tests/test_lineage.py              (-m "not slow": the quick ones only)
 """
 
-import inspect
 import json
 import math
 import shutil
-import time
 from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
 import torch.nn.functional as F
-from torch.nn.parallel import DistributedDataParallel as DDP
 
 import devices
 import lineage
@@ -159,26 +155,36 @@ def test_training_steps_under_float16_and_bfloat16_autocast(variant):
         assert np.allclose(values, losses['float32'], atol=0.05), (dtype, values, losses['float32'])
 
 
-def test_ddp_wraps_v1_and_v2_as_train_bio_does(tmp_path):
-    # one process: DDP still stops at the second step if a parameter got no gradient in the first
-    dist.init_process_group('gloo', init_method=f'file://{tmp_path}/store', rank=0, world_size=1)
-    try:
-        buffer_sync = ('forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters
-                   else 'broadcast_buffers')  # as train_bio.py picks it
-        x = torch.randint(0, 50, (2, 16))
-        for variant in VARIANTS:
-            model = small_model(variant)
-            ddp = DDP(model, **{buffer_sync: False})
-            for _ in range(2):
-                ddp(x, x)[1].backward()
-            assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()), variant
-        # Destroying gloo's process group joins its threads while this one holds the GIL; a thread still
-        # finishing the last reduction needs the GIL too, and both would wait for ever: let it finish first
-        # (sleeping releases the GIL), and drop the wrapper while the group is still registered.
-        del ddp
-        time.sleep(0.1)
-    finally:
-        dist.destroy_process_group()
+DDP_STEPS = """
+import inspect, sys
+import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
+from model_bio import GPT, GPTConfig
+
+dist.init_process_group('gloo', init_method=sys.argv[1], rank=0, world_size=1)
+buffer_sync = ('forward_sync_buffers' if 'forward_sync_buffers' in inspect.signature(DDP).parameters
+               else 'broadcast_buffers')  # as train_bio.py picks it
+x = torch.randint(0, 50, (2, 16))
+for variant in ('v1', 'v2'):
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**SMALL, bio_variant=variant))
+    ddp = DDP(model, **{buffer_sync: False})
+    for _ in range(2):
+        ddp(x, x)[1].backward()
+    print(variant, all(p.grad is not None and p.grad.abs().sum() > 0 for p in model.parameters()))
+dist.barrier()
+dist.destroy_process_group()
+"""
+
+
+def test_ddp_wraps_v1_and_v2_as_train_bio_does(workdir):
+    # one process: DDP still stops at the second step if a parameter got no gradient in the first. In a process of
+    # its own: destroying gloo's group in the test process once hung for ever (its thread, freeing the last
+    # reduction's thread state, waited for the GIL that this thread held while joining it)
+    (workdir / 'ddp_steps.py').write_text(DDP_STEPS.replace('**SMALL', f'**{SMALL!r}'))
+    proc = run_script(workdir, 'ddp_steps.py', f'file://{workdir}/store', timeout=120)
+    assert proc.stdout.splitlines() == ['v1 True', 'v2 True'], proc.stdout
 
 
 def sparsity_of(model, batches):

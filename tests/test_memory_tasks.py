@@ -94,7 +94,8 @@ def test_each_arm_is_paired_seed_by_seed_with_the_first():
 @pytest.mark.slow
 def test_a_short_run_as_a_user_runs_it(tmp_path):
     proc = run_script(tmp_path, SCRIPT, '--seeds', '2', '--steps', '2', '--batch_size', '4', '--eval_examples', '2',
-                      '--lrs', '1e-3', '3e-3', '--arms', 'plain', 'both', '--n_embd', '16', '--out_dir', 'out')
+                      '--lrs', '1e-3', '3e-3', '--arms', 'plain', 'both', '--n_embd', '16', '--out_dir', 'out',
+                      fresh=True)
     report = json.loads((tmp_path / 'out' / 'memory_tasks.json').read_text())
     assert report['tasks'] == mt.TASKS and set(report['arms']) == {'plain', 'both'}
     plain, both = report['arms']['plain'], report['arms']['both']

@@ -27,8 +27,8 @@ os.environ.setdefault("TIKTOKEN_CACHE_DIR", os.path.join(SHARED, "tiktoken_cache
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 
-def run(args, cwd, env=None):
-    return run_script(cwd, *args, check=False, env=env)
+def run(args, cwd, env=None, fresh=False):
+    return run_script(cwd, *args, check=False, env=env, fresh=fresh)
 
 
 def read_tokens(path):
@@ -44,7 +44,7 @@ def test_shakespeare_char(tmp_path):
     elsewhere = tmp_path / "elsewhere"
     elsewhere.mkdir()
 
-    result = run([str(script_dir / "prepare.py")], cwd=elsewhere, env={**os.environ, "PYTHONPATH": REPO})
+    result = run([str(script_dir / "prepare.py")], cwd=elsewhere, env={**os.environ, "PYTHONPATH": REPO}, fresh=True)
     assert result.returncode == 0, result.stderr
 
     assert os.listdir(elsewhere) == []  # outputs land beside the script, not in the cwd
@@ -74,9 +74,9 @@ def write_jsonl(path, docs):
             f.write(json.dumps({"text": doc}) + "\n")
 
 
-def prepare_owt(tmp_path, dataset, out_name, *extra):
+def prepare_owt(tmp_path, dataset, out_name, *extra, fresh=False):
     out_dir = tmp_path / out_name
-    result = run([OWT_SCRIPT, "--dataset", str(dataset), "--out_dir", str(out_dir), *extra], cwd=tmp_path)
+    result = run([OWT_SCRIPT, "--dataset", str(dataset), "--out_dir", str(out_dir), *extra], cwd=tmp_path, fresh=fresh)
     assert result.returncode == 0, result.stderr
     assert sorted(os.listdir(out_dir)) == ["manifest.json", "train.bin", "val.bin"]  # nothing left behind
     return read_tokens(out_dir / "train.bin"), read_tokens(out_dir / "val.bin")
@@ -96,7 +96,7 @@ def test_openwebtext_local_jsonl(tmp_path):
     write_jsonl(dataset, docs)
     encoding = tiktoken.get_encoding("gpt2")
 
-    train, val = prepare_owt(tmp_path, dataset, "out", "--val_fraction", "0.2")
+    train, val = prepare_owt(tmp_path, dataset, "out", "--val_fraction", "0.2", fresh=True)
     assert len(train) + len(val) == sum(len(encoding.encode_ordinary(d)) + 1 for d in docs)
     assert train.count(encoding.eot_token) + val.count(encoding.eot_token) == len(docs)
     val_docs = split_docs(val)

@@ -17,7 +17,7 @@ def test_sample_script_streams_from_a_trained_checkpoint(workdir, tiny_run):
     shutil.copytree(tiny_run, workdir / 'out')
     proc = run_script(workdir, 'sample_bio.py', '--out_dir=out', '--device=cpu', '--start=hello',
                       '--num_samples=2', '--max_new_tokens=5', '--top_p=0.9', '--repetition_penalty=1.2',
-                      '--ckpt=ckpt_best.pt')
+                      '--ckpt=ckpt_best.pt', fresh=True)
     samples = proc.stdout.split('---------------')
     assert len(samples) == 3 and samples[-1].strip() == ''
     for sample in samples[:2]:
@@ -43,16 +43,16 @@ def test_sample_script_user_mistakes_are_one_line_errors(workdir, tiny_run):
         assert message in proc.stderr and len(message_lines(proc.stderr)) == 1, (args, proc.stderr)
 
 
-def chat(workdir, lines, *args):
+def chat(workdir, lines, *args, fresh=False):
     return run_script(workdir, 'chat.py', '--out_dir=chat', '--device=cpu', '--temperature=0', '--max_new_tokens=6',
-                      '--show_prompt=True', *args, input=''.join(line + '\n' for line in lines))
+                      '--show_prompt=True', *args, input=''.join(line + '\n' for line in lines), fresh=fresh)
 
 
 @pytest.mark.slow
 def test_chat_through_a_pipe_sends_the_template_and_clears(workdir):
     write_bpe_checkpoint(workdir / 'chat', block_size=256)
     proc = chat(workdir, ['Hello there', 'How are you?', 'clear', 'Third turn', 'quit', 'never read'],
-                '--system=Be brief.')
+                '--system=Be brief.', fresh=True)
     assert proc.returncode == 0
     assert proc.stdout.count('WiggleGPT: ') == 3 and '(conversation cleared)' in proc.stdout
     assert 'never read' not in proc.stdout

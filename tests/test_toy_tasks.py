@@ -79,7 +79,7 @@ def test_a_run_is_deterministic_and_scores_on_the_held_out_splits():
 
 @pytest.mark.slow
 def test_quick_run_reports_every_task_and_architecture(tmp_path):
-    proc = run_script(tmp_path, SCRIPT, *QUICK)
+    proc = run_script(tmp_path, SCRIPT, *QUICK, fresh=True)
     png = tmp_path / 'out' / 'toy_tasks.png'
     assert png.read_bytes()[:8] == b'\x89PNG\r\n\x1a\n' and matplotlib.image.imread(png).shape[0] > 0
     report = json.loads((tmp_path / 'out' / 'toy_tasks.json').read_text())

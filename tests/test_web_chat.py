@@ -540,9 +540,11 @@ def test_chat_py_serves_the_page_on_localhost_and_stops_on_ctrl_c(tmp_path):
     """chat.py --web=True as a user runs it: it binds 127.0.0.1, answers, and Ctrl-C ends it cleanly."""
     write_bpe_checkpoint(tmp_path / 'chat', block_size=64)
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    # started as from a terminal, where Ctrl-C is not ignored (as it is for a shell's background job)
     proc = subprocess.Popen([python(), os.path.join(repo, 'chat.py'), '--out_dir=chat', '--device=cpu',
                              '--web=True', '--port=0', '--max_new_tokens=4', '--system=Be brief.'], cwd=tmp_path,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     try:
         line = proc.stdout.readline()
         assert line.startswith('WiggleGPT chat (chat/ckpt.pt) at http://127.0.0.1:'), line
@@ -555,7 +557,10 @@ def test_chat_py_serves_the_page_on_localhost_and_stops_on_ctrl_c(tmp_path):
         assert '"system": "Be brief."' in connection.getresponse().read().decode()
     finally:
         proc.send_signal(signal.SIGINT)
-        out, err = proc.communicate(timeout=30)
+        try:
+            out, err = proc.communicate(timeout=30)
+        finally:  # not left serving when it does not stop
+            proc.kill()
     assert proc.returncode == 0 and 'stopped' in err and 'Traceback' not in err
 
     taken = socket.socket()
