@@ -61,7 +61,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from dataclasses import fields
+from dataclasses import asdict, fields
 
 import torch
 import torch.nn.functional as F
@@ -69,7 +69,9 @@ import torch.nn.functional as F
 import devices
 import model_bio
 import oscillation
-from configurator import configure, declared_rules, fail, script_defaults
+from checkpoints import config_problem
+from configurator import check_folder, configure, declared_rules, fail, script_defaults
+from files import WriteError, write_file
 from generation import generate_tokens
 from model_bio import GPT, GPTConfig
 from optimizers import OPTIMIZERS, build_optimizers, state_bytes
@@ -95,6 +97,9 @@ BENCH_SETTINGS = dict(
     synapses='',  # the training step with these of synapses.py's mechanisms too, e.g. 'presynaptic,fast_weights,all'
     bench_out='',  # write the figures to this JSON file
 )
+# what each of them allows, in the rules train_bio.py declares its own in (configurator.py checks both)
+BENCH_RULES = {'part': 'one of steps, act, attn, step, optim, sample, whole', 'rounds': '>= 1', 'act_calls': '>= 1',
+               'sample_repeats': '>= 1', 'new_tokens': '>= 1', 'whole_pairs': '>= 1', 'whole_iters': '>= 1'}
 
 
 def median_times(variants, device, rounds, calls):
@@ -383,10 +388,16 @@ def main():
     argv = sys.argv[1:]
     train_script = os.path.join(REPO, 'train_bio.py')
     train_defaults = script_defaults(train_script)
-    cfg = configure({**train_defaults, **BENCH_SETTINGS}, argv, declared_rules(train_script))
+    cfg = configure({**train_defaults, **BENCH_SETTINGS}, argv, {**declared_rules(train_script), **BENCH_RULES})
+    # the model's settings as train_bio.py checks them, so the bench measures only models it could train
+    problem = config_problem({**asdict(GPTConfig()), **{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}})
+    if problem:
+        fail(problem)
+    if cfg['bench_out']:  # now, not once the benchmark is done
+        if os.path.isdir(cfg['bench_out']):
+            fail(f"bench_out={cfg['bench_out']} is a folder; name a JSON file to write")
+        check_folder('bench_out', os.path.dirname(cfg['bench_out']) or '.')
     parts = {'steps': ('act', 'attn', 'step', 'optim', 'sample')}.get(cfg['part'], (cfg['part'],))
-    if not set(parts) <= {'act', 'attn', 'step', 'optim', 'sample', 'whole'}:
-        fail(f"part={cfg['part']!r} is not one of 'steps', 'act', 'attn', 'step', 'optim', 'sample', 'whole'")
     bio_variants = [v.strip() for v in cfg['bio_variants'].split(',') if v.strip()]
     if not set(bio_variants) <= {'v3', 'v2', 'v1'}:
         fail(f"bio_variants={cfg['bio_variants']!r} must list bio variants out of v3, v2, v1, e.g. 'v3,v2,v1'")
@@ -394,9 +405,6 @@ def main():
     if not set(synapse_rows) <= set(SYNAPSE_FLAGS):
         fail(f"synapses={cfg['synapses']!r} must list mechanisms out of {', '.join(SYNAPSE_FLAGS)}, "
              "e.g. 'presynaptic,fast_weights,all'")
-    counts = ('rounds', 'act_calls', 'sample_repeats', 'new_tokens', 'whole_pairs', 'whole_iters')
-    if min(cfg[k] for k in counts) < 1:
-        fail(f"{', '.join(counts)} must each be at least 1")
     report = {'torch': torch.__version__, 'argv': argv}
     if 'whole' in parts:
         report['whole'] = bench_whole_runs(cfg, train_defaults)
@@ -426,10 +434,13 @@ def main():
                 report[key] = value
     print('\n' + '\n'.join(f'{k} = {v:.3f}' for k, v in report.items() if '_ratio' in k and not isinstance(v, list)))
     if cfg['bench_out']:
-        with open(cfg['bench_out'], 'w') as f:
-            json.dump(report, f, indent=2)
+        os.makedirs(os.path.dirname(cfg['bench_out']) or '.', exist_ok=True)
+        write_file(cfg['bench_out'], json.dumps(report, indent=2))
         print(f"wrote {cfg['bench_out']}")
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except WriteError as e:  # an output that cannot be written (a full disk, a link in the way): one line
+        fail(str(e))

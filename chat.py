@@ -173,6 +173,9 @@ while True:
     except KeyboardInterrupt:
         print('\n(reply stopped)')
         continue  # an interrupted exchange is not kept
+    except ValueError as e:  # output that is not finite: every later reply would be the same
+        print(flush=True)
+        fail(str(e))
     print()
     if bot.ran_out(generated, max_new_tokens):
         print(f'[the reply ran to max_new_tokens={max_new_tokens} without its end marker]', file=sys.stderr)

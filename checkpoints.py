@@ -58,61 +58,44 @@ import pickle
 import posixpath
 import shutil
 import sys
-import time
 import zipfile
 from dataclasses import asdict, fields
 
 import torch
 
 from codec import GPT2_TOKENIZER, GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, check_tokenizer
+from files import WriteError, remove_entry, replace_file, write_error, write_file, write_temp
 from model_bio import GPT, GPTConfig
 
 
-# seconds to wait between tries of a rename: Windows refuses to replace a file that another program
-# holds open (sample_bio.py reading it, a virus scan, a sync client such as OneDrive)
-RENAME_WAITS = (0.1, 0.2, 0.5, 1.0, 2.0, 4.0)
 FORMAT_VERSION = 1  # of the checkpoints train_bio.py writes (the original release's have none)
 
 
-def replace_file(src, dst):
-    """os.replace(src, dst), retried while dst is held open; False, with a one-line warning, if it stays held."""
-    for wait in RENAME_WAITS + (None,):
-        try:
-            os.replace(src, dst)
-            return True
-        except PermissionError:
-            if wait is None:
-                break
-            time.sleep(wait)
-    print(f'warning: could not replace {dst} (another program holds it open); the new file is complete '
-          f'at {src}, and the next save tries again', file=sys.stderr)
-    return False
-
-
 def save_checkpoint(checkpoint, path, copy_to=None):
-    """torch.save through a temp file and a rename, so a crash mid-save leaves the old file whole.
+    """torch.save through a new temp file and a rename (files.py), so a crash mid-save leaves the old file
+    whole and no link at the path is written through.
 
     copy_to, if given, is a second path that gets the same checkpoint (a hard link, where the
-    file system has them). Returns False when a rename stayed refused (see replace_file).
+    file system has them). Returns False when a rename stayed refused (see files.replace_file).
     """
-    tmp_path = path + '.tmp'
-    if os.path.exists(tmp_path):
-        # left by a refused rename, and maybe hard-linked to the best checkpoint: writing into it would change that too
-        os.remove(tmp_path)
-    with open(tmp_path, 'wb') as f:
-        torch.save(checkpoint, f)
-        f.flush()
-        os.fsync(f.fileno())
+    tmp_path = write_temp(path, lambda f: torch.save(checkpoint, f))
     copied = True
     if copy_to:
         copy_tmp = copy_to + '.tmp'
-        if os.path.exists(copy_tmp):
-            os.remove(copy_tmp)
+
+        def copy(f):
+            with open(tmp_path, 'rb') as saved:
+                shutil.copyfileobj(saved, f)
         try:
-            os.link(tmp_path, copy_tmp)  # costs nothing; the next save renames a new file over path, not into it
-        except OSError:
-            shutil.copyfile(tmp_path, copy_tmp)
-        copied = replace_file(copy_tmp, copy_to)
+            remove_entry(copy_tmp)
+            try:
+                os.link(tmp_path, copy_tmp)  # costs nothing; the next save renames a new file over path, not into it
+            except OSError:
+                copy_tmp = write_temp(copy_to, copy)
+            copied = replace_file(copy_tmp, copy_to)
+        except (OSError, WriteError) as e:  # a full disk, a folder at copy_to: no temporary is left either
+            os.remove(tmp_path)
+            raise e if isinstance(e, WriteError) else write_error(copy_to, e) from None
     return replace_file(tmp_path, path) and copied
 
 
@@ -477,6 +460,10 @@ def build_model(source, config, state_dict, device):
         model.load_state_dict(state_dict)
     except Exception as e:  # the shapes fit: a weight of a type no parameter takes
         raise ValueError(f'{source} holds weights the model cannot take ({error_line(e)})') from None
+    for name, tensor in model.state_dict().items():  # training never saves such weights: a damaged or foreign file
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            raise ValueError(f'{source} holds weights that are not finite (NaN or infinity, in {name}): nothing can be '
+                             'sampled, evaluated or trained from it; use an earlier checkpoint')
     model.to(device)
     return model
 
@@ -484,7 +471,7 @@ def build_model(source, config, state_dict, device):
 def export_model(model, checkpoint, tokenizer, folder):
     """Write model as an exported folder: model.safetensors (the tied embedding once) and config.json
     (the architecture, the tokenizer facts, and the run's settings and progress from checkpoint)."""
-    from safetensors.torch import save_file
+    from safetensors.torch import save
     state_dict = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items() if k != TIED_COPY}
     best_val_loss = float(checkpoint.get('best_val_loss', float('inf')))
     config = {
@@ -498,9 +485,8 @@ def export_model(model, checkpoint, tokenizer, folder):
     }
     config_text = json.dumps(config, indent=2)  # before any file is written: a failure here leaves no half-made folder
     os.makedirs(folder, exist_ok=True)
-    save_file(state_dict, os.path.join(folder, EXPORT_WEIGHTS), metadata={'format': 'pt'})
-    with open(os.path.join(folder, EXPORT_CONFIG), 'w', encoding='utf-8') as f:
-        f.write(config_text)
+    write_file(os.path.join(folder, EXPORT_WEIGHTS), save(state_dict, metadata={'format': 'pt'}))
+    write_file(os.path.join(folder, EXPORT_CONFIG), config_text)
 
 
 def read_export_config(config_path, shown_as=None):

@@ -57,6 +57,30 @@ def read_meta(path):
     return meta
 
 
+def dataset_tokenizer(data_dir):
+    """The tokenizer facts (see tokenizer_facts) of a prepared dataset: its meta.pkl's characters, else GPT-2
+    BPE's (what every prepare script without a meta.pkl writes). ValueError for a meta.pkl that cannot be read."""
+    meta_path = os.path.join(data_dir, 'meta.pkl')
+    if os.path.isfile(meta_path):
+        itos = read_meta(meta_path)['itos']
+        return {'type': 'characters', 'chars': [itos[i] for i in range(len(itos))]}
+    return GPT2_TOKENIZER
+
+
+def tokenizer_difference(data, trained):
+    """None where two tokenizer facts give every id the same meaning, else how the data's (data) differ from
+    those a checkpoint was trained with (trained), in words."""
+    def kind(facts):
+        return f'{len(facts["chars"])} characters' if facts['type'] == 'characters' else f'{facts["encoding"]} BPE'
+    if data['type'] != trained['type'] or kind(data) != kind(trained):
+        return f'the data has {kind(data)}, the checkpoint {kind(trained)}'
+    if data['type'] == 'characters' and data['chars'] != trained['chars']:
+        i = next(i for i, (a, b) in enumerate(zip(data['chars'], trained['chars'])) if a != b)
+        return (f'both have {kind(data)}, but id {i} is {data["chars"][i]!r} in the data and '
+                f'{trained["chars"][i]!r} in the checkpoint')
+    return None
+
+
 def is_dataset_name(dataset):
     """Whether dataset names a folder of data/ and nothing else (no path, no '..')."""
     return isinstance(dataset, str) and DATASET_NAME.fullmatch(dataset) is not None and dataset not in ('.', '..')
@@ -105,9 +129,9 @@ def tokenizer_facts(checkpoint):
     meta_path = os.path.join(DATA_DIR, str(dataset), 'meta.pkl')
     if dataset is not None and os.path.isfile(meta_path):
         itos = read_meta(meta_path)['itos']
-        if len(itos) > vocab_size:
-            raise ValueError(f'{meta_path} has {len(itos)} characters but the checkpoint only {vocab_size} tokens: '
-                             f'it is another preparation; run python data/{dataset}/prepare.py again')
+        if len(itos) > vocab_size or len(itos) < vocab_size < GPT2_VOCAB_SIZE:  # a character model: a token per character
+            raise ValueError(f'{meta_path} has {len(itos)} characters but the checkpoint was trained on {vocab_size}: '
+                             f'data/{dataset} was prepared again since, with other text; prepare it as it was')
         return {'type': 'characters', 'chars': [itos[i] for i in range(len(itos))]}
     if vocab_size < GPT2_VOCAB_SIZE and dataset is None:
         raise ValueError(f'the checkpoint has a {vocab_size}-token vocabulary but names no dataset whose meta.pkl '

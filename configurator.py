@@ -185,6 +185,8 @@ def _apply_override(config, item):
         value = text  # not a literal, so it can only be a bare string
     if isinstance(default, str) and not isinstance(value, str):
         value = text  # --out_dir=123 means the directory '123'
+    if isinstance(default, float) and isinstance(value, str) and text.strip().lower().lstrip('+-') in ('nan', 'inf', 'infinity'):
+        fail(f'--{key}={text} is not allowed: it must be a finite number')
     checked = _coerce(value, default)
     if checked is _BAD:
         fail(f"--{key} expects {type(default).__name__}, got '{text}' ({type(value).__name__})")
@@ -204,6 +206,8 @@ def _apply_file(config, path):
         fail(f"config file '{path}' could not be read: {e}")
     try:
         exec(compile(source, path, 'exec'), namespace)
+    except SystemExit:  # exit() would end the script with status 0 and nothing done, as if it had succeeded
+        fail(f"config file '{path}' calls exit(); a config file only sets settings (remove the call)")
     except Exception as e:  # whatever the file does wrong, report it in one line
         fail(f"config file '{path}' failed: {type(e).__name__}: {e}")
     changed = []

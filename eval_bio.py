@@ -47,8 +47,11 @@ its eval_results.json, and its README.md gets them as the table between the mark
 section (added at its end if missing; the rest of the card, edited by hand or not, stays as it is).
 Scores are computed in float32 unless --dtype says otherwise (the harness scores GPT-2 so); batches
 made up differently round differently, by about 1e-5 nats in float32. An exported folder in the hub's
-cache (a download) is not written into. Files are written whole or not at all (a temp file, then a rename). Every mistake in the settings, or in
-a file given, is one line `error: ...` and exit status 2, before anything is written.
+cache (a download) is not written into; one being written (by export_hub.py, another evaluation) is refused,
+as evaluating holds its lock (files.py). Files are written whole or not at all, never through a link (a new temp
+file, then a rename). Every mistake in the settings, or in a file given, is one line `error: ...` and exit
+status 2, before anything is written; so is data prepared with another vocabulary than the checkpoint's, and a
+result that is not finite (NaN weights or logits), of which nothing is written.
 """
 
 import json
@@ -68,8 +71,9 @@ from tqdm import tqdm
 import devices
 import prepared_data
 from checkpoints import error_line, is_hub_name, load_model, note_local_gpt2
-from codec import is_dataset_name, load_codec, read_meta, tokenizer_facts
+from codec import dataset_tokenizer, is_dataset_name, load_codec, tokenizer_difference, tokenizer_facts
 from eval_results import RESULTS_FILE, TASKS, card_section, merged, read_results, result_rows, with_card_section, write_json
+from files import claim_folder, create_new, remove_entry, write_file
 
 ckpt = ''  # what to evaluate: a path, an exported folder, hf:OWNER/REPO[/FILE.pt], or gpt2 (-medium, -large, -xl)
 tasks = ''  # comma-separated: val, bpb, hellaswag
@@ -194,15 +198,11 @@ def read_split(dataset, split, max_tokens, facts, token_count):
     note = prepared_data.check(data_dir, [f'{split}.bin'], prepare)
     if note:
         print(note, file=sys.stderr)
-    meta_path = os.path.join(data_dir, 'meta.pkl')
-    if os.path.isfile(meta_path):
-        itos = read_meta(meta_path)['itos']
-        if facts['type'] != 'characters' or facts['chars'] != [itos[i] for i in range(len(itos))]:
-            raise ValueError(f'data/{dataset} is prepared as characters (its meta.pkl) that are not the model\'s '
-                             'tokens; evaluate it on a dataset of its own tokenizer (--dataset)')
-    elif facts['type'] != 'tiktoken':
-        raise ValueError(f'data/{dataset} has no meta.pkl, so it holds GPT-2 BPE tokens, but the model reads '
-                         'characters; evaluate it on a dataset of its own characters (--dataset)')
+    difference = tokenizer_difference(dataset_tokenizer(data_dir), facts)
+    if difference:
+        raise ValueError(f'data/{dataset} was prepared with another vocabulary than the model was trained on '
+                         f'({difference}); evaluate it on the data it was made for (--dataset), or prepare '
+                         f'data/{dataset} as it was')
     size = os.path.getsize(path)
     if size % 2:
         raise ValueError(f'{shown} has an odd number of bytes, so it is not uint16 token ids; run {prepare} again')
@@ -288,7 +288,8 @@ def download_hellaswag(path):
     os.makedirs(os.path.dirname(path), exist_ok=True)
     print(f'downloading {HELLASWAG_URL} to {path}', file=sys.stderr)
     try:
-        with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as response, open(tmp, 'wb') as f:
+        remove_entry(tmp)
+        with urllib.request.urlopen(HELLASWAG_URL, timeout=60) as response, create_new(tmp) as f:
             while chunk := response.read(1 << 20):
                 f.write(chunk)
                 if f.tell() > HELLASWAG_MAX_BYTES:
@@ -302,6 +303,21 @@ def download_hellaswag(path):
         raise ValueError(f'could not download HellaSwag from {HELLASWAG_URL} ({error_line(e)}); download it yourself '
                          'and pass it with --hellaswag_path=FILE') from None
     os.replace(tmp, path)
+
+
+def first_not_finite(results):
+    """'task metric' of the first number among results ({task: {metric: value}}, harness tasks nested) that
+    is not finite, or None."""
+    for task, metrics in results.items():
+        if task == 'harness':
+            found = first_not_finite(metrics)
+            if found:
+                return found
+            continue
+        for name, value in metrics.items():
+            if isinstance(value, float) and not math.isfinite(value):
+                return f'{task} {name}'
+    return None
 
 
 def hellaswag_loglikelihoods(model, items, encode, start_id, autocast):
@@ -453,8 +469,11 @@ if __name__ == '__main__':
     if export_folder:
         card_path = os.path.join(export_folder, 'README.md')
         try:
-            folder_results = read_results(os.path.join(export_folder, RESULTS_FILE))
-            if os.path.exists(card_path):  # read now: a card that cannot be rewritten stops the run before it starts
+            claim_folder(export_folder, 'model')  # its results and card have one writer
+            # a link planted at either is not read (its target's text would land in the card): it is replaced
+            results_path = os.path.join(export_folder, RESULTS_FILE)
+            folder_results = {} if os.path.islink(results_path) else read_results(results_path)
+            if os.path.exists(card_path) and not os.path.islink(card_path):  # read now: one that cannot be rewritten stops the run first
                 with open(card_path, encoding='utf-8', newline='') as f:
                     card = f.read()
         except (OSError, UnicodeDecodeError) as e:  # UnicodeDecodeError before ValueError: it is one
@@ -525,7 +544,10 @@ if __name__ == '__main__':
                 scores = hellaswag_loglikelihoods(model, items, encode, start_id, autocast)
             except ValueError as e:
                 fail(f'hellaswag: {e}')
-            results['hellaswag'] = hellaswag_accuracy(items, scores)
+            if not all(math.isfinite(s) for item_scores in scores for s in item_scores):
+                results['hellaswag'] = {'loglikelihood': math.nan}  # the accuracy of NaN scores is no result
+            else:
+                results['hellaswag'] = hellaswag_accuracy(items, scores)
             count, unit = len(items), 'items'
         speeds[task] = f'{count / (time.perf_counter() - started):,.1f} {unit}/s'
     if harness_list:
@@ -540,6 +562,10 @@ if __name__ == '__main__':
         scored, seconds = sum(result.get('n', 0) for result in results['harness'].values()), time.perf_counter() - started
         harness_speed = f'lm-evaluation-harness: {scored:,} items in {seconds:.1f} s ({scored / seconds:,.1f} items/s)'
 
+    not_finite = first_not_finite(results)
+    if not_finite:  # a result no one can use, and that would make the folder's files unreadable: nothing is written
+        fail(f"{not_finite} is not finite: the model's output is NaN or infinite (its weights, or float16's range: "
+             'try --dtype=float32); nothing was written')
     rows = result_rows(results)
     width = max(len(task) for task, _ in rows)
     for task, text in rows:
@@ -550,14 +576,12 @@ if __name__ == '__main__':
         if export_folder:  # the card first: results recorded in the folder must be what its card shows
             folder_results = merged(folder_results, results)
             card_path = os.path.join(export_folder, 'README.md')
-            with open(card_path + '.tmp', 'w', encoding='utf-8', newline='') as f:
-                f.write(with_card_section(card, card_section(folder_results)))
-            os.replace(card_path + '.tmp', card_path)
+            write_file(card_path, with_card_section(card, card_section(folder_results)))
             write_json(os.path.join(export_folder, RESULTS_FILE), folder_results)
             print(f'recorded the results in {export_folder} ({RESULTS_FILE}, README.md)', file=sys.stderr)
         if out:
             os.makedirs(os.path.dirname(out) or '.', exist_ok=True)
             write_json(out, {'ckpt': ckpt, **merged({k: v for k, v in previous.items() if k != 'ckpt'}, results)})
             print(f'wrote {out}', file=sys.stderr)
-    except OSError as e:
-        fail(f'could not write the results ({error_line(e)})')
+    except ValueError as e:
+        fail(f'could not write the results ({e})')

@@ -10,6 +10,9 @@ here, so compare_runs.py --evals and plot_loss.py start without it.
 import json
 import math
 import os
+import re
+
+from files import write_file
 
 TASKS = ('val', 'bpb', 'hellaswag')  # eval_bio.py's own; lm-evaluation-harness tasks go under "harness"
 RESULTS_FILE = 'eval_results.json'  # an exported folder's own results
@@ -111,12 +114,8 @@ def merged(old, new):
 
 
 def write_json(path, results):
-    """Write results to path whole or not at all: a temp file, then a rename over the old one."""
-    tmp = path + '.tmp'
-    with open(tmp, 'w', encoding='utf-8') as f:
-        json.dump(results, f, indent=2)
-        f.write('\n')
-    os.replace(tmp, path)
+    """Write results to path whole or not at all, never through a link (files.write_file); ValueError if it cannot."""
+    write_file(path, json.dumps(results, indent=2) + '\n')
 
 
 def describe(task, result):
@@ -143,11 +142,18 @@ def result_rows(results):
     return rows
 
 
+def card_text(value):
+    """value (text from a checkpoint or a file, which anyone may have written) as Markdown that shows it as it is:
+    on one line, the marks that Markdown reads escaped, so it makes no heading, link, table cell or HTML tag."""
+    text = ' '.join(str(value).splitlines())
+    return re.sub(r'([\\`*_\[\]<>|!&~{}#:])', r'\\\1', text)
+
+
 def card_section(results):
     """The model card's Evaluation section (markers included) for an exported folder's results."""
     lines = [CARD_START, '## Evaluation', '', 'Measured with `eval_bio.py` (its docstring says how each is scored):', '',
              '| task | result |', '| --- | --- |']
-    lines += ['| ' + ' | '.join(cell.replace('|', '\\|') for cell in row) + ' |' for row in result_rows(results)]
+    lines += ['| ' + ' | '.join(card_text(cell) for cell in row) + ' |' for row in result_rows(results)]
     return '\n'.join(lines + [CARD_END])
 
 

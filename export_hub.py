@@ -19,8 +19,10 @@ out_dir/hub); push_to_hub=OWNER/REPO also uploads it; overwrite_card as above. I
 model.safetensors stores lm_head.weight, which is tied to transformer.wte.weight, once;
 config.json holds the architecture, the tokenizer (a character list, or GPT-2 BPE), the run's
 settings, its iteration and its best val loss; the card lists the architecture, the settings and
-the evaluations of the log.jsonl beside the checkpoint. The script writes only into a new or empty
-folder or over an earlier export, never over other files. --push_to_hub creates the repository if
+the evaluations of the log.jsonl beside the checkpoint, its text from the checkpoint escaped (no setting
+can add a heading, a link or HTML to the card). The script writes only into a new or empty folder or over
+an earlier export, never over other files and never through a link planted there, and holds the folder's
+lock while it writes (files.py), so an evaluation writing into it meanwhile is refused. --push_to_hub creates the repository if
 it is missing; log in first with `hf auth login`. The folder loads back wherever a checkpoint is
 taken, e.g. --ckpt=wigglegpt-shakespeare.
 """
@@ -33,7 +35,8 @@ import sys
 from checkpoints import (EXPORT_CONFIG, EXPORT_MODEL_TYPE, EXPORT_WEIGHTS, TIED_COPY, checkpoint_location, error_line,
                          export_model, is_hub_name, load_model)
 from codec import tokenizer_facts
-from eval_results import RESULTS_FILE, card_section, read_results
+from eval_results import RESULTS_FILE, card_section, card_text, read_results
+from files import LOCK_NAME, claim_folder, write_file
 from prepared_data import HUB_NAME
 from run_log import read_log
 
@@ -56,13 +59,13 @@ if push_to_hub and not HUB_NAME.fullmatch(push_to_hub):
 # the folder is written into only if it is new, empty or an earlier export: never over other files
 if os.path.isfile(export_dir):
     fail(f'export_dir={export_dir} is a file; name a folder')
-if os.path.isdir(export_dir) and set(os.listdir(export_dir)) - {'.cache'}:
+if os.path.isdir(export_dir) and set(os.listdir(export_dir)) - {'.cache', LOCK_NAME}:
     try:
         with open(os.path.join(export_dir, EXPORT_CONFIG), encoding='utf-8') as f:
             earlier_export = json.load(f).get('model_type') == EXPORT_MODEL_TYPE
     except (OSError, ValueError, AttributeError, RecursionError):  # RecursionError: JSON nested past Python's stack
         earlier_export = False
-    others = sorted(set(os.listdir(export_dir)) - {EXPORT_CONFIG, EXPORT_WEIGHTS, CARD, NEW_CARD, RESULTS_FILE, '.cache'})
+    others = sorted(set(os.listdir(export_dir)) - {EXPORT_CONFIG, EXPORT_WEIGHTS, CARD, NEW_CARD, RESULTS_FILE, '.cache', LOCK_NAME})
     if not earlier_export or others:
         fail(f'{export_dir} already holds other files ({", ".join(others or os.listdir(export_dir))}); '
              'export into a new or empty folder (--export_dir=...)')
@@ -94,7 +97,7 @@ def holds_weights_of(folder, model):
 # writes the same weights again, and dropped where it writes others
 results_path = os.path.join(export_dir, RESULTS_FILE)
 try:
-    eval_results = read_results(results_path)
+    eval_results = {} if os.path.islink(results_path) else read_results(results_path)  # a planted link is not read
 except ValueError as e:
     fail(str(e))
 stale_results = bool(eval_results) and not holds_weights_of(export_dir, model)
@@ -115,7 +118,7 @@ def model_card():
                   else f"GPT-2 BPE ({tokenizer['encoding']}, <|endoftext|> = {tokenizer['eot_id']})")
     lines = ['---', 'library_name: wigglegpt', 'pipeline_tag: text-generation',
              'tags: [wigglegpt, oscillating-activation, text-generation]', '---', '',
-             f'# {name}', '',
+             f'# {card_text(name)}', '',
              f'A GPT language model of the WiggleGPT repository: {mlp}.', '',
              '| | |', '| --- | --- |',
              f'| parameters | {model.get_num_params(non_embedding=False) / 1e6:.2f}M |',
@@ -126,11 +129,11 @@ def model_card():
     lines += ['## Training', '']
     if settings:
         iters, tokens = checkpoint.get('iter_num'), checkpoint.get('tokens')
-        lines += [f"Dataset `{settings.get('dataset', '?')}` ({settings.get('task', 'pretrain')})"
+        lines += [f"Dataset {card_text(settings.get('dataset', '?'))} ({card_text(settings.get('task', 'pretrain'))})"
                   + (f', {iters:,} iterations' if iters else '') + (f', {tokens:,} tokens' if tokens else '')
                   + '. Settings:', '',
                   '| setting | value |', '| --- | --- |']
-        lines += [f'| {k} | `{v!r}` |' for k, v in sorted(settings.items())]
+        lines += [f'| {card_text(k)} | {card_text(repr(v))} |' for k, v in sorted(settings.items())]
     else:
         lines += ['The checkpoint records no training settings.']
     lines += ['', '## Results', '']
@@ -161,15 +164,21 @@ def model_card():
 
 card = model_card()  # before any file is written: a failure here leaves no half-made folder
 # an earlier export's card may have been edited by hand since: it is kept unless asked otherwise
-card_name = NEW_CARD if os.path.isfile(os.path.join(export_dir, CARD)) and not overwrite_card else CARD
+card_path = os.path.join(export_dir, CARD)  # a link there is no card of the folder's: it is replaced
+card_name = NEW_CARD if os.path.isfile(card_path) and not os.path.islink(card_path) and not overwrite_card else CARD
+try:
+    claim_folder(export_dir, 'model')  # one writer: another export, or eval_bio.py writing its results
+except ValueError as e:
+    fail(str(e))
 try:
     export_model(model, checkpoint, tokenizer, export_dir)
     if stale_results:
         os.remove(results_path)
         print(f'note: {results_path} measured the weights exported before, not these: removed (run eval_bio.py '
               'again)', file=sys.stderr)
-    with open(os.path.join(export_dir, card_name), 'w', encoding='utf-8') as f:
-        f.write(card)
+    write_file(os.path.join(export_dir, card_name), card)
+except ValueError as e:  # already one line, naming the file
+    fail(f'{e}; choose another --export_dir')
 except OSError as e:
     fail(f'cannot write the export to {export_dir} ({e.strerror or e}); choose another --export_dir')
 kept = (f'; {CARD} is kept as it was, the new card is {card_name} (--overwrite_card=True replaces {CARD})'
@@ -184,7 +193,7 @@ if push_to_hub:
     api = HfApi()
     try:
         api.create_repo(push_to_hub, exist_ok=True)
-        commit = api.upload_folder(repo_id=push_to_hub, folder_path=export_dir, ignore_patterns=['.cache/*', NEW_CARD],
+        commit = api.upload_folder(repo_id=push_to_hub, folder_path=export_dir, ignore_patterns=['.cache/*', NEW_CARD, LOCK_NAME],
                                    commit_message=f'WiggleGPT export of {source}')
     except Exception as e:  # no network, no login, no rights, a bad name: whatever stops the upload, in one line
         fail(f'could not upload to the hub repository {push_to_hub} ({error_line(e)}); log in with `hf auth login` '

@@ -37,7 +37,7 @@ def sample_next_token(logits, temperature=1.0, top_k=None, top_p=None, generator
     """One token id from logits (vocab,): greedy at temperature 0, else softmax sampling after top-k and top-p."""
     if temperature < 1e-6:  # greedy; a tinier one would only overflow the scaled logits
         return int(logits.argmax())
-    logits = logits / temperature
+    logits = (logits - logits.max()) / temperature  # the same softmax; the largest at 0 cannot overflow
     if top_k:
         kth = torch.topk(logits, min(top_k, logits.size(-1))).values[-1]
         logits = logits.masked_fill(logits < kth, float('-inf'))
@@ -60,6 +60,7 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=No
     token; once the text outgrows block_size the window slides, every position changes and the
     cache is rebuilt from the window at each step, so the tokens always equal a full recompute.
     repetition_penalty applies to the ids among the last penalty_window tokens, except penalty_exempt.
+    Output that is not finite raises ValueError (one line).
     """
     assert len(prompt_ids) > 0, 'the prompt needs at least one token'
     block_size = model.config.block_size
@@ -76,6 +77,9 @@ def generate_tokens(model, prompt_ids, max_new_tokens, temperature=1.0, top_k=No
                 kv_cache = model.new_kv_cache() if use_cache else None
                 logits, _ = model(torch.tensor([ids[-block_size:]], device=device), kv_cache=kv_cache)
         logits = logits[0, -1].float()
+        if not torch.isfinite(logits).all():  # NaN would sample garbage (or raise deep in torch); stop in one line
+            raise ValueError(f'the model\'s output is not finite (NaN or infinity) at new token {len(ids) - len(prompt_ids) + 1}: '
+                             'its weights or its dtype\'s range cannot be sampled from (try --dtype=float32)')
         apply_repetition_penalty(logits, ids[-penalty_window:], repetition_penalty, penalty_exempt)
         next_id = sample_next_token(logits, temperature, top_k, top_p, generator)
         ids.append(next_id)

@@ -4,7 +4,8 @@ records come from (a local .jsonl, .json, .txt or .parquet file, or a HuggingFac
 how a script's output files are put in place as one set, and the check that training reads a set
 that belongs together.
 
-A prepare script writes its outputs into <out_dir>/.preparing/ and then `commit`s them: a
+A prepare script writes its outputs into <out_dir>/.preparing/, a folder made new for them (so no file
+in it can be a link planted beforehand), and then `commit`s them, each renamed over its target: a
 manifest.json that marks the set incomplete goes first, the files move into place, and the new
 manifest (every file with its size) comes last. So an interrupted prepare leaves the previous
 complete set, or a set marked incomplete, which `check` refuses; never a mix that training would
@@ -22,6 +23,8 @@ import shutil
 import sys
 import time
 import urllib.request
+
+from files import remove_entry, write_file
 
 MANIFEST = 'manifest.json'
 STAGING = '.preparing'
@@ -69,6 +72,7 @@ def open_records(source, formats, config=None, split='train'):
 def staging_dir(out_dir):
     """An empty folder for a prepare script's outputs (a leftover from an interrupted run is cleared)."""
     staging = os.path.join(out_dir, STAGING)
+    remove_entry(staging)  # a link planted there is removed, not followed: the outputs go into a folder made here
     shutil.rmtree(staging, ignore_errors=True)
     os.makedirs(staging)
     return staging
@@ -107,9 +111,7 @@ def download_once(url, path):
             downloaded = response.read()
     except OSError as e:  # URLError, timeouts and refused connections are all OSErrors
         raise ValueError(f'cannot download {url} ({getattr(e, "reason", e)}); put the file at {path} and rerun')
-    with open(path + '.tmp', 'wb') as f:
-        f.write(downloaded)
-    os.replace(path + '.tmp', path)
+    write_file(path, downloaded)
 
 
 def discard(out_dir):

@@ -82,9 +82,13 @@ except ValueError as e:
 generator = torch.Generator(device=device).manual_seed(seed)
 for _ in range(num_samples):
     print(start, end='', flush=True)
-    with autocast:
-        tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k or None,
-                                 top_p=top_p, repetition_penalty=repetition_penalty, generator=generator)
-        for piece in stream_text(tokens, decode):
-            print(piece, end='', flush=True)
+    try:
+        with autocast:
+            tokens = generate_tokens(model, prompt_ids, max_new_tokens, temperature=temperature, top_k=top_k or None,
+                                     top_p=top_p, repetition_penalty=repetition_penalty, generator=generator)
+            for piece in stream_text(tokens, decode):
+                print(piece, end='', flush=True)
+    except ValueError as e:
+        print(flush=True)
+        fail(str(e))
     print('\n---------------')

@@ -46,11 +46,17 @@ ckpt_best.pt whenever val loss improves, with the original's keys plus the GradS
 random state; both load with torch.load(weights_only=True).
 
 A run never overwrites another: a new run (any init_from but resume; a rehearsal writes nothing)
-refuses an out_dir that holds a checkpoint (any *.pt, such as ckpt.pt and ckpt_best.pt, or a
-*.pt.tmp that a refused rename left) or a log.jsonl, before touching anything; for a ckpt.pt it
-names the iteration held and the two ways on (--init_from=resume, or another --out_dir). The
-folder is made, and claimed by an empty log.jsonl, only once every check has passed: a refused run
-leaves nothing behind, and of two runs started into one new folder at once the second stops.
+refuses an out_dir that holds a checkpoint (any *.pt or *.pth, such as ckpt.pt and ckpt_best.pt, or
+a *.pt.tmp that a refused rename left) or a log.jsonl, before touching anything; for a ckpt.pt it
+names the iteration held and the two ways on (--init_from=resume, or another --out_dir). A run
+folder has one writer: the run holds a lock on it (files.py) while it lives, taken by a resume
+before it reads the checkpoint and by a new run once every check has passed (wandb importable, the
+data, the settings), when the folder is made and claimed by an empty log.jsonl. A second writer is
+refused in one line naming the process that holds it, and a refused run leaves nothing behind; a
+run that fails before it saves anything (a compile that cannot build, say) takes its claim away
+again. Every file is written through a new temporary renamed over it, never through a link.
+A checkpoint records its data's vocabulary (the characters, or GPT-2 BPE): resuming or starting
+from it on data prepared with another one is refused, naming the difference.
 
 --init_from=resume continues exactly: N iterations equal N/2 plus a resumed N/2, bit for bit on a
 CPU (in float32 with every optimizer and schedule, in float16 with AdamW). Settings that leave the
@@ -62,8 +68,9 @@ gpt2-large, gpt2-xl) starts a new run from a checkpoint's weights, in any of tho
 (checkpoints.py). A new run that asks for the other MLP than the checkpoint's (use_bio_mlp=True from
 GPT-2) is refused: the two hold different weights.
 
-Ctrl-C or SIGTERM finishes the iteration, saves it and exits (a second Ctrl-C quits without
-saving); running out of GPU memory is one line saying what to lower.
+Ctrl-C or SIGTERM finishes the iteration, saves it and exits with status 130 (143 for SIGTERM), so
+`train && export` stops there; a second Ctrl-C quits without saving, and one before training starts
+quits quietly. Running out of GPU memory, a full disk or a compile that fails is one line.
 
 Several processes (torchrun): on CPUs add --device=cpu --backend=gloo. gradient_accumulation_steps
 is the total over all processes, so the data a run sees does not depend on their number. The
@@ -75,6 +82,7 @@ projected time of the whole run, so an 8 GB user learns in a minute whether the 
 and how long it takes. wandb_log=True logs to Weights & Biases.
 """
 
+import atexit
 import inspect
 import json
 import math
@@ -85,6 +93,13 @@ import time
 from contextlib import nullcontext
 from dataclasses import asdict, fields
 
+
+def interrupted_at_start(signum, frame):
+    print('\ninterrupted before training started: nothing was saved', file=sys.stderr)  # maybe mid-line: a line of its own
+    sys.exit(130)
+
+
+signal.signal(signal.SIGINT, interrupted_at_start)  # the loop's own handler, which saves, is set once there is a run
 # -----------------------------------------------------------------------------
 # defaults: the 124M WiggleGPT on OpenWebText
 out_dir = 'out'
@@ -169,10 +184,12 @@ from torch.nn.parallel import DistributedDataParallel as DDP  # noqa: E402
 
 import devices  # noqa: E402
 import prepared_data  # noqa: E402
-from checkpoints import (ARCHITECTURE, FORMAT_VERSION, TRAINING_ONLY, config_problem, fetch_from_hub,  # noqa: E402
-                         is_checkpoint_location, is_hub_name, load_model, note_local_gpt2, replace_file,
+from checkpoints import (ARCHITECTURE, CHECKPOINT_SUFFIXES, FORMAT_VERSION, TRAINING_ONLY, config_problem,  # noqa: E402
+                         error_line, fetch_from_hub, is_checkpoint_location, is_hub_name, load_model, note_local_gpt2,
                          save_checkpoint)
-from codec import GPT2_VOCAB_SIZE, is_dataset_name, read_meta  # noqa: E402
+from codec import (GPT2_VOCAB_SIZE, dataset_tokenizer, is_dataset_name, read_meta, tokenizer_difference,  # noqa: E402
+                   tokenizer_facts)
+from files import append_line, claim_folder, create_new, write_file  # noqa: E402
 from model_bio import GPT, GPTConfig  # noqa: E402
 from optimizers import (OPTIMIZERS, SCHEDULES, build_optimizers, describe, load_optimizer_state,  # noqa: E402
                         optimizer_state, scheduled_lr, state_megabytes)
@@ -205,6 +222,9 @@ data_files = ['.bin'] if task == 'pretrain' else ['.bin', '_mask.bin', '_offsets
 for split in ('train', 'val'):
     for suffix in data_files:
         if not os.path.isfile(os.path.join(data_dir, split + suffix)):
+            if suffix != '.bin' and os.path.isfile(os.path.join(data_dir, split + '.bin')):
+                fail(f'data/{dataset} holds token streams, not conversations ({data_dir}/{split}{suffix} not found): '
+                     'fine-tuning reads a chat dataset, e.g. python data/smoltalk/prepare.py and --dataset=smoltalk')
             fail(f'{data_dir}/{split}{suffix} not found; prepare the data first: python data/{dataset}/prepare.py')
 try:
     note = prepared_data.check(data_dir, [s + f for s in ('train', 'val') for f in data_files],
@@ -213,6 +233,11 @@ except ValueError as e:
     fail(str(e))
 if note and int(os.environ.get('RANK', 0)) == 0:
     print(note, file=sys.stderr)
+if wandb_log and rehearsal_iters == 0 and int(os.environ.get('RANK', 0)) == 0:
+    try:
+        import wandb
+    except ImportError:
+        fail('wandb_log=True but wandb is not installed (pip install wandb, or --wandb_log=False)')
 
 # DDP: torchrun sets RANK; each process gets one device and a share of the gradient accumulation
 ddp = int(os.environ.get('RANK', -1)) != -1
@@ -242,10 +267,27 @@ ckpt_path = os.path.join(out_dir, 'ckpt.pt')
 best_path = os.path.join(out_dir, 'ckpt_best.pt')
 log_path = os.path.join(out_dir, 'log.jsonl')
 writes = rehearsal_iters == 0
+# any checkpoint (ckpt.pt, ckpt_best.pt, model.pth, one a refused rename left as .pt.tmp) or log is a run's work
+RUN_FILES = CHECKPOINT_SUFFIXES + tuple(suffix + '.tmp' for suffix in CHECKPOINT_SUFFIXES)
+
+
+def held_files():
+    """The run's files out_dir holds (an empty log.jsonl is a claim that its run left unused: killed, say, before
+    its first evaluation; a run holding it still holds the folder's lock)."""
+    def is_run_file(name):
+        path = os.path.join(out_dir, name)
+        return name.lower().endswith(RUN_FILES) or (
+            name == 'log.jsonl' and (os.path.islink(path) or not os.path.isfile(path) or os.path.getsize(path) > 0))
+    return sorted(filter(is_run_file, os.listdir(out_dir) if os.path.isdir(out_dir) else []))
+
+
+def kept_state():
+    """What a run that stops on an error leaves, for its message."""
+    return f'{ckpt_path} keeps the last good state' if os.path.isfile(ckpt_path) else 'no checkpoint was saved'
+
+
 if writes and init_from != 'resume':
-    # any checkpoint (ckpt.pt, ckpt_best.pt, one a refused rename left as .pt.tmp) or log is a run's work
-    held = sorted(name for name in (os.listdir(out_dir) if os.path.isdir(out_dir) else [])
-                  if name.endswith(('.pt', '.pt.tmp')) or name == 'log.jsonl')
+    held = held_files()
     if 'ckpt.pt' in held:
         try:  # mmap: the iteration number without reading the whole file
             at_iter = f" at iter {torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)['iter_num']}"
@@ -258,6 +300,11 @@ if writes and init_from != 'resume':
              'start the new run with another --out_dir')
 if writes and init_from == 'resume' and not os.path.isfile(ckpt_path):
     fail(f'init_from=resume but {ckpt_path} does not exist (train from scratch first, or fix out_dir)')
+if writes and master and init_from == 'resume':
+    try:  # before the checkpoint is read: a run being written by another process is not resumed under it
+        claim_folder(out_dir)
+    except ValueError as e:
+        fail(str(e))
 # a checkpoint to start from is found (downloaded, for a hub name: gigabytes, so once the folder is known to be
 # free) before the run's folder is made
 source = None
@@ -340,6 +387,7 @@ if os.path.isfile(meta_path):
     if master:
         print(f'vocab_size = {meta_vocab_size} (from {meta_path})')
 data_vocab_size = meta_vocab_size or GPT2_VOCAB_SIZE
+data_tokenizer = dataset_tokenizer(data_dir)  # checked against a checkpoint's, and saved in this run's
 # the ids a split holds, checked whole where that takes a fraction of a second (up to 2**27 tokens); a larger
 # one (OpenWebText's train, 9 GB) is trusted to the tokenizer that made it, whose range is checked against the model
 for split in ('train', 'val'):
@@ -365,6 +413,14 @@ else:
     except ValueError as e:
         fail(str(e))
     model_args = asdict(model.config)
+    try:  # a checkpoint written before checkpoints recorded it: its dataset's characters, as sampling reads them
+        trained_tokenizer = tokenizer_facts(checkpoint)
+    except ValueError:
+        trained_tokenizer = None  # cannot be told (its dataset is not here): taken as the data's
+    difference = trained_tokenizer and tokenizer_difference(data_tokenizer, trained_tokenizer)
+    if difference:
+        fail(f'data/{dataset} was prepared with another vocabulary than {source} was trained on ({difference}); '
+             f'train it on the data it was made for, or prepare data/{dataset} as it was')
     if init_from != 'resume' and 'use_bio_mlp' in asked and use_bio_mlp != model_args['use_bio_mlp']:
         # the two MLPs hold different weights: a new run asking for the other one is not what it would get
         has, other = ('the oscillating MLP', 'GELU') if model_args['use_bio_mlp'] else ('a GELU MLP', 'the oscillating one')
@@ -521,7 +577,7 @@ def write_checkpoint(rng_states, also_best):
     """Save the run on the master process; weights that are not finite are never saved."""
     # every process holds the same weights, so all of them reach the same verdict
     if not weights_are_finite():
-        fail(f'weights are not finite at iter {iter_num}; not saving, {ckpt_path} keeps the last good state')
+        fail(f'weights are not finite at iter {iter_num}; not saving, {kept_state()}')
     if not master:
         return
     checkpoint = {
@@ -536,44 +592,64 @@ def write_checkpoint(rng_states, also_best):
         'skipped_steps': skipped_steps,
         'scaler': scaler.state_dict(),
         'rng': rng_states,
+        'tokenizer': data_tokenizer,  # what the ids mean: resuming, fine-tuning and evaluating check the data's
     }
-    if save_checkpoint(checkpoint, ckpt_path, copy_to=best_path if also_best else None):
+    try:
+        saved = save_checkpoint(checkpoint, ckpt_path, copy_to=best_path if also_best else None)
+    except ValueError as e:
+        fail(str(e))
+    if saved:
         print(f'saved checkpoint at iter {iter_num} to {out_dir}')
 
 
 def log_json(record):
     if master and writes:
-        with open(log_path, 'a') as f:
-            f.write(json.dumps(record) + '\n')
+        try:
+            append_line(log_path, json.dumps(record))
+        except ValueError as e:
+            fail(str(e))
 
 
-if master and writes:
-    os.makedirs(out_dir, exist_ok=True)  # only now: a run refused by any check above leaves no folder behind
-    if init_from != 'resume':
-        try:  # the folder is claimed: a second run started into it at the same time stops here
-            open(log_path, 'x').close()
-        except FileExistsError:
-            fail(f'{out_dir} was taken by another run started at the same time; start this one with another --out_dir')
-if master and writes and init_from == 'resume' and os.path.isfile(log_path):
-    # drop what a crashed run logged after the checkpoint it is resumed from, so the log has no repeats
+def unclaim_if_unused():
+    """At exit, a new run that saved nothing (a failure after its folder was claimed) leaves no log to refuse the next."""
+    if not os.path.islink(log_path) and os.path.isfile(log_path) and os.path.getsize(log_path) == 0 and not any(
+            name.endswith(RUN_FILES) for name in os.listdir(out_dir)):
+        os.remove(log_path)
+
+
+if master and writes and init_from != 'resume':
+    try:  # only now: a run refused by any check above leaves no folder behind
+        claim_folder(out_dir)
+        if not held_files() and os.path.isfile(log_path) and not os.path.islink(log_path):
+            os.remove(log_path)  # an unused claim (see held_files): the lock is this run's now
+        create_new(log_path).close()  # the folder's first run: one that started it first and ended holds a log
+    except FileExistsError:
+        fail(f'{out_dir} was taken by another run started at the same time; start this one with another --out_dir')
+    except (ValueError, OSError) as e:
+        fail(str(e) if isinstance(e, ValueError) else f'cannot start the run in {out_dir} ({error_line(e)})')
+    atexit.register(unclaim_if_unused)  # runs before the claim is released (atexit goes last to first)
+if master and writes and init_from == 'resume':
+    # drop what a crashed run logged after the checkpoint it is resumed from, so the log has no repeats (a link
+    # planted at log.jsonl is not read, and replaced by the run's own file)
     kept = []
-    with open(log_path) as f:
-        for line in f:
-            try:
-                if json.loads(line)['iter'] <= iter_num:
-                    kept.append(line)
-            except (ValueError, KeyError, TypeError, RecursionError):  # a line cut short by a crash, or garbled
-                pass
-    with open(log_path + '.tmp', 'w') as f:
-        f.writelines(kept)
-    replace_file(log_path + '.tmp', log_path)
+    if os.path.isfile(log_path) and not os.path.islink(log_path):
+        with open(log_path, errors='replace') as f:
+            for line in f:
+                try:
+                    if json.loads(line)['iter'] <= iter_num:
+                        kept.append(line)
+                except (ValueError, KeyError, TypeError, RecursionError):  # a line cut short by a crash, or garbled
+                    pass
+    try:
+        write_file(log_path, ''.join(kept))
+    except ValueError as e:
+        fail(str(e))
 
 if wandb_log and master and writes:
     try:
-        import wandb
-    except ImportError:
-        fail('wandb_log=True but wandb is not installed (pip install wandb, or --wandb_log=False)')
-    wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+        wandb.init(project=wandb_project, name=wandb_run_name, config=config)
+    except Exception as e:  # not logged in, offline: one line, and the run's claim goes with it
+        fail(f'wandb could not start ({error_line(e)}); log in with `wandb login`, or --wandb_log=False')
 
 # Ctrl-C (or torchrun's SIGTERM) asks the loop to stop after the current iteration and save;
 # a second Ctrl-C quits at once without saving
@@ -639,6 +715,9 @@ try:
         if writes and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (
                 iter_num != start_iter or init_from != 'resume' or eval_only):
             losses = estimate_loss()
+            if not all(math.isfinite(loss) for loss in losses.values()):  # checked first: never logged, never saved
+                fail(f"loss is not finite (train {losses['train']}, val {losses['val']}) at iter {iter_num}; stopping, "
+                     f'{kept_state()}')
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 log_json({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'tokens': tokens_seen})
@@ -646,8 +725,6 @@ try:
                     wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'tokens': tokens_seen})
             if eval_only:
                 break
-            if not math.isfinite(losses['val']):
-                fail(f'val loss is not finite ({losses["val"]}) at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
             improved = losses['val'] < best_val_loss
             best_val_loss = min(best_val_loss, losses['val'])
             write_checkpoint(random_states(), also_best=improved)
@@ -706,10 +783,10 @@ try:
         stop_requested = bool(shared[1] > 0) if ddp else signal_seen is not None
         if skipped_in_a_row >= max_skipped_steps:
             if not weights_are_finite():
-                fail(f'weights are not finite at iter {iter_num}; stopping, {ckpt_path} keeps the last good state')
+                fail(f'weights are not finite at iter {iter_num}; stopping, {kept_state()}')
             fail(f'the last {skipped_in_a_row} steps all had gradients that are not finite (loss '
-                 f'{loss_sum.item() / world_size:.4g}); stopping at iter {iter_num}, {ckpt_path} keeps the last good '
-                 'state (a lower learning_rate, or dtype=bfloat16, may help)')
+                 f'{loss_sum.item() / world_size:.4g}); stopping at iter {iter_num}, {kept_state()} '
+                 '(a lower learning_rate, or dtype=bfloat16, may help)')
 
         if iter_num % log_interval == 0:
             if ddp:
@@ -734,10 +811,12 @@ try:
 except torch.cuda.OutOfMemoryError:  # said by each process that ran out, which need not be the first
     fail(f'out of memory on {devices.describe(device)} with batch_size={batch_size}, block_size={block_size}: lower '
          'batch_size (raising gradient_accumulation_steps keeps the tokens per iteration), or use '
-         f'--gradient_checkpointing=True; {ckpt_path} keeps the last saved state')
-except RuntimeError as e:
+         f'--gradient_checkpointing=True; {kept_state()}')
+except Exception as e:
+    if compile and type(e).__module__.startswith(('torch._dynamo', 'torch._inductor')):
+        fail(f'torch.compile failed ({error_line(e)}); train without it: --compile=False')
     # a process that failed (or was killed) breaks the others' collectives: they stop at once, not wait
-    if not ddp or not (isinstance(e, dist.DistError) or 'by peer' in str(e)):
+    if not ddp or not isinstance(e, RuntimeError) or not (isinstance(e, dist.DistError) or 'by peer' in str(e)):
         raise
     print(f'error: process {rank}: another process of this run stopped ({str(e).strip().splitlines()[0]}); '
           f'stopping too, {ckpt_path} keeps the last saved state', file=sys.stderr)
@@ -749,3 +828,5 @@ if not writes and master:
 if ddp:
     dist.barrier()  # rank 0 may still be writing; leaving together avoids a gloo teardown race
     dist.destroy_process_group()
+if signal_seen is not None:  # saved; the status says the run did not finish, so `train && export` stops here
+    sys.exit(128 + signal_seen)

@@ -30,7 +30,8 @@ import numpy as np  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 from analyze_wiggle import neuron_params  # noqa: E402
-from configurator import check_folder, one_line_errors  # noqa: E402  (analyze_wiggle put the repo root on the path)
+from configurator import check_folder, fail, one_line_errors  # noqa: E402  (analyze_wiggle put the repo root on the path)
+from files import WriteError, save_figure, write_file  # noqa: E402
 
 BANDS = {'delta': (0.0, 0.4), 'theta': (0.4, 0.8), 'alpha': (0.8, 1.2), 'beta': (1.2, 1.8), 'gamma': (1.8, 3.0),
          'other': (3.0, np.inf)}
@@ -96,7 +97,7 @@ def main():
         ax_map.set_xlabel('layer')
         fig.colorbar(image, ax=ax_map)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, 'brainwaves_bands.png'), dpi=110)
+    save_figure(fig, os.path.join(args.out_dir, 'brainwaves_bands.png'), dpi=110)
 
     fig, ax = plt.subplots(figsize=(8, 4))
     for site in sites:
@@ -107,7 +108,7 @@ def main():
     ax.set_xlabel('|omega|')
     ax.set_ylabel('density')
     ax.legend(fontsize=8)
-    fig.savefig(os.path.join(args.out_dir, 'brainwaves_spectrum.png'), dpi=110)
+    save_figure(fig, os.path.join(args.out_dir, 'brainwaves_spectrum.png'), dpi=110)
 
     t = np.linspace(-2 * np.pi, 2 * np.pi, 400)
     fig, axes = plt.subplots(len(sites), 1, figsize=(8, 4 * len(sites)), squeeze=False)
@@ -119,7 +120,7 @@ def main():
         ax.set_ylabel('mean sin(omega t + phi)')
         ax.legend(fontsize=7, ncol=2)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, 'brainwaves_waveforms.png'), dpi=110)
+    save_figure(fig, os.path.join(args.out_dir, 'brainwaves_waveforms.png'), dpi=110)
 
     fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 4.5), squeeze=False)
     for ax, site in zip(axes[0], sites):
@@ -129,12 +130,14 @@ def main():
         ax.set_ylabel('layer')
         fig.colorbar(image, ax=ax)
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, 'brainwaves_similarity.png'), dpi=110)
+    save_figure(fig, os.path.join(args.out_dir, 'brainwaves_similarity.png'), dpi=110)
 
-    with open(os.path.join(args.out_dir, 'brainwaves.json'), 'w') as f:
-        json.dump(report, f, indent=2)
+    write_file(os.path.join(args.out_dir, 'brainwaves.json'), json.dumps(report, indent=2))
     print(f'wrote {args.out_dir}/brainwaves.json and plots')
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except WriteError as e:  # an output that cannot be written (a full disk, a link in the way): one line
+        fail(str(e))

@@ -32,6 +32,7 @@ import numpy as np  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from checkpoints import load_model  # noqa: E402
 from configurator import check_folder, fail, one_line_errors  # noqa: E402
+from files import WriteError, save_figure, write_file  # noqa: E402
 from oscillation import OscillatingActivation  # noqa: E402
 
 PARAMS = ('omega', 'phi', 'baseline')
@@ -125,7 +126,7 @@ def main():
         for ax in row[len(values):]:
             ax.axis('off')
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, 'wiggle_hist.png'), dpi=110)
+    save_figure(fig, os.path.join(args.out_dir, 'wiggle_hist.png'), dpi=110)
 
     fig, axes = plt.subplots(1, len(sites), figsize=(5 * len(sites), 5), squeeze=False)
     for ax, (site, values) in zip(axes[0], params.items()):
@@ -134,7 +135,7 @@ def main():
         ax.set_xlabel('omega (frequency)')
         ax.set_ylabel('phi (phase)')
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, 'wiggle_scatter.png'), dpi=110)
+    save_figure(fig, os.path.join(args.out_dir, 'wiggle_scatter.png'), dpi=110)
 
     rows = [(site, name) for site in sites for name in PARAMS]
     fig, axes = plt.subplots(len(rows), 1, figsize=(max(6, n_layers), 2.7 * len(rows)), sharex=True)
@@ -143,7 +144,7 @@ def main():
         ax.set_ylabel(f'{site}.{name}', fontsize=8)
     axes[-1].set_xlabel('layer')
     fig.tight_layout()
-    fig.savefig(os.path.join(args.out_dir, 'wiggle_layers.png'), dpi=110)
+    save_figure(fig, os.path.join(args.out_dir, 'wiggle_layers.png'), dpi=110)
 
     if other:
         stats['compare'] = {'checkpoint': args.compare, 'activations': {site: {} for site in sites}}
@@ -162,12 +163,14 @@ def main():
             axes[top + 1, col].set_xlabel('before')
             axes[top + 1, col].set_ylabel('after')
         fig.tight_layout()
-        fig.savefig(os.path.join(args.out_dir, 'wiggle_compare.png'), dpi=110)
+        save_figure(fig, os.path.join(args.out_dir, 'wiggle_compare.png'), dpi=110)
 
-    with open(os.path.join(args.out_dir, 'wiggle_stats.json'), 'w') as f:
-        json.dump(stats, f, indent=2)
+    write_file(os.path.join(args.out_dir, 'wiggle_stats.json'), json.dumps(stats, indent=2))
     print(f'wrote {args.out_dir}/wiggle_stats.json and plots')
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except WriteError as e:  # an output that cannot be written (a full disk, a link in the way): one line
+        fail(str(e))

@@ -35,9 +35,9 @@ several learning rates, final val loss against learning rate (compare_lr.png) to
 A run that diverges (train_bio.py stops it for losses or weights that are not finite) counts as an
 infinite loss and the sweep goes on. Picking each arm's best rate on the val split that reports it
 flatters every arm slightly and alike; the output says so. Other arms: the sparse gate on and off,
-or muon:optimizer=muon adamw:optimizer=adamw. A bad argument, or a mistake in any arm's settings
-(checked as train_bio.py checks them), is one 'error: ' line and exit status 2 before anything
-trains.
+or muon:optimizer=muon adamw:optimizer=adamw. A bad argument, or anything train_bio.py refuses in an arm
+(its settings, data, init_from: each arm first rehearses two iterations, which write nothing), is one
+'error: ' line and exit status 2 before anything trains.
 
 --evals RESULTS ...: no training and no runs, only eval_bio.py's results files side by side: one
 column per file (named by --labels, else by the file's ckpt), one row per metric any file holds
@@ -69,6 +69,7 @@ sys.path.insert(0, REPO)
 import eval_results  # noqa: E402
 import run_log  # noqa: E402
 from configurator import check_folder, configure, declared_rules, fail, one_line_errors, ruled, script_defaults  # noqa: E402
+from files import WriteError, open_append, save_figure, write_file  # noqa: E402
 # the sparse gate is part of the oscillating MLP, so the GELU arm goes without it
 DEFAULT_ARMS = ['bio:use_bio_mlp=True', 'gelu:use_bio_mlp=False,use_sparse_gate=False']
 SCALED_WITH_LR = ('min_lr', 'muon_learning_rate')  # rates that follow learning_rate in a sweep
@@ -100,6 +101,18 @@ def resolve(settings):
     except SystemExit:
         sys.stderr.write(''.join(line for line in captured.getvalue().splitlines(True) if line.startswith('error: ')))
         raise
+
+
+def rehearsal_error(settings):
+    """train_bio.py's error for these settings, or None: each arm rehearses two iterations (which write nothing)
+    before any run trains, so that an arm train_bio.py refuses (its settings, its data, its init_from) stops the
+    comparison at once, not after the arms before it have trained."""
+    command = [sys.executable, os.path.join(REPO, 'train_bio.py'), *settings, '--rehearsal_iters=2']
+    proc = subprocess.run(command, capture_output=True, text=True)
+    if proc.returncode == 0:
+        return None
+    errors = [line[len('error: '):] for line in proc.stderr.splitlines() if line.startswith('error: ')]
+    return errors[-1] if errors else f'train_bio.py exited {proc.returncode}: {proc.stderr.strip().splitlines()[-1:]}'
 
 
 def parse_arms(specs):
@@ -157,15 +170,14 @@ def train(settings, run_dir):
     command = [sys.executable, os.path.join(REPO, 'train_bio.py'), *settings, *resume]
     print(f"{run_dir}: {' '.join(command[1:])}", flush=True)
     os.makedirs(run_dir, exist_ok=True)
-    with open(os.path.join(run_dir, 'train.out'), 'a') as out:  # a resumed run's output follows its first part
+    with open_append(os.path.join(run_dir, 'train.out')) as out:  # a resumed run's output follows its first part
         code = subprocess.call(command, stdout=out, stderr=subprocess.STDOUT)
     if code != 0:
         with open(os.path.join(run_dir, 'train.out')) as f:
             errors = [line for line in f.read().splitlines() if line.startswith('error: ')]
         # a rate too high for the arm: its loss is counted as infinite and the sweep goes on
         if errors and 'not finite' in errors[-1]:
-            with open(os.path.join(run_dir, DIVERGED), 'w') as f:
-                f.write(errors[-1] + '\n')
+            write_file(os.path.join(run_dir, DIVERGED), errors[-1] + '\n')
             print(f'{run_dir}: diverged ({errors[-1][len("error: "):]}); its loss counts as infinite')
             return
         fail(f'{run_dir} failed (exit {code}); see {run_dir}/train.out')
@@ -252,10 +264,8 @@ def compare_evals(paths, labels, out_dir):
         print(note)
         markdown += ['', note]
     os.makedirs(out_dir, exist_ok=True)
-    with open(os.path.join(out_dir, 'compare_evals.md'), 'w', encoding='utf-8') as f:
-        f.write('\n'.join(markdown) + '\n')
-    with open(os.path.join(out_dir, 'compare_evals.json'), 'w', encoding='utf-8') as f:
-        json.dump({'columns': labels, 'files': paths, 'rows': table, 'different_data': differing}, f, indent=2)
+    write_file(os.path.join(out_dir, 'compare_evals.md'), '\n'.join(markdown) + '\n')
+    write_file(os.path.join(out_dir, 'compare_evals.json'), json.dumps({'columns': labels, 'files': paths, 'rows': table, 'different_data': differing}, indent=2))
     print(f'wrote {out_dir}/compare_evals.md and {out_dir}/compare_evals.json')
 
 
@@ -312,6 +322,11 @@ def main():
             if twin:
                 fail(f'arms {twin} and {name} train with the same settings; give each arm a setting of its own')
             resolved[name] = configured
+        for name, arm_settings in arms.items():
+            problem = rehearsal_error(run_settings(args, arm_settings, (args.lrs or [None])[0], 1337,
+                                                   os.path.join(args.runs_dir, run_name(name, None, 1337))))
+            if problem:
+                fail(f'arm {name}: {problem}')
         grid_seeds = min(args.grid_seeds or args.seeds, args.seeds)
         for seed in range(1337, 1337 + grid_seeds):
             for lr in args.lrs or [None]:
@@ -415,7 +430,7 @@ def main():
     ax.set_ylabel('val loss')
     ax.set_title('val loss, each arm at its best learning rate')
     ax.legend(fontsize=7)
-    fig.savefig(os.path.join(out_dir, 'compare_curves.png'), dpi=120)
+    save_figure(fig, os.path.join(out_dir, 'compare_curves.png'), dpi=120)
     written = ['compare_curves.png']
     if any(lr is not None for _, lr, _ in runs):
         fig, ax = plt.subplots(figsize=(7, 5))
@@ -429,12 +444,14 @@ def main():
         ax.set_ylabel('final val loss (mean +- std over seeds)')
         ax.set_title('final val loss against learning rate')
         ax.legend()
-        fig.savefig(os.path.join(out_dir, 'compare_lr.png'), dpi=120)
+        save_figure(fig, os.path.join(out_dir, 'compare_lr.png'), dpi=120)
         written.append('compare_lr.png')
-    with open(os.path.join(out_dir, 'compare.json'), 'w') as f:
-        json.dump(report, f, indent=2)
+    write_file(os.path.join(out_dir, 'compare.json'), json.dumps(report, indent=2))
     print(f"wrote {', '.join(f'{out_dir}/{name}' for name in written)} and {out_dir}/compare.json")
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except WriteError as e:  # an output that cannot be written (a full disk, a link in the way): one line
+        fail(str(e))

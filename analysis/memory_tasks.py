@@ -64,7 +64,8 @@ HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
 from compare_runs import interval  # noqa: E402  (mean, std and 95% t interval, as the run comparison gives them)
-from configurator import check_folder, one_line_errors, ruled  # noqa: E402
+from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
+from files import WriteError, save_figure, write_file  # noqa: E402
 from model_bio import GPT, GPTConfig  # noqa: E402
 from optimizers import build_optimizers, scheduled_lr  # noqa: E402
 
@@ -213,7 +214,7 @@ def plot(table, path):
     ax.set_ylabel('test accuracy at the answer')
     ax.legend(ncol=len(table), fontsize=8, loc='upper center')
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -279,11 +280,13 @@ def main():
           f'{args.steps} steps x batch {args.batch_size}, rates {args.lrs}, {time.time() - start:.0f}s)')
 
     os.makedirs(args.out_dir, exist_ok=True)
-    with open(os.path.join(args.out_dir, 'memory_tasks.json'), 'w') as f:
-        json.dump({'settings': vars(args), 'tasks': TASKS, 'arms': table, 'paired': paired}, f, indent=2)
+    write_file(os.path.join(args.out_dir, 'memory_tasks.json'), json.dumps({'settings': vars(args), 'tasks': TASKS, 'arms': table, 'paired': paired}, indent=2))
     plot(table, os.path.join(args.out_dir, 'memory_tasks.png'))
     print(f'wrote memory_tasks.json and memory_tasks.png to {args.out_dir}')
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except WriteError as e:  # an output that cannot be written (a full disk, a link in the way): one line
+        fail(str(e))

@@ -33,6 +33,7 @@ import matplotlib.pyplot as plt  # noqa: E402
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import run_log  # noqa: E402
 from configurator import check_folder, fail, one_line_errors  # noqa: E402
+from files import WriteError, save_figure, write_file  # noqa: E402
 from compare_runs import read_eval_results  # noqa: E402
 
 TRAIN_KEYS = {'iter', 'loss', 'tokens'}
@@ -99,7 +100,7 @@ def plot(runs, summary, references, x_key, x_label, path):
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     fig.tight_layout()
-    fig.savefig(path, dpi=110)
+    save_figure(fig, path, dpi=110)
     plt.close(fig)
 
 
@@ -135,8 +136,7 @@ def main():
     os.makedirs(args.out_dir, exist_ok=True)
     plot(runs, summary, references, 'iter', 'iteration', os.path.join(args.out_dir, 'loss_by_iter.png'))
     plot(runs, summary, references, 'tokens', 'tokens seen', os.path.join(args.out_dir, 'loss_by_tokens.png'))
-    with open(os.path.join(args.out_dir, 'loss_summary.json'), 'w') as f:
-        json.dump({**summary, **references}, f, indent=2)
+    write_file(os.path.join(args.out_dir, 'loss_summary.json'), json.dumps({**summary, **references}, indent=2))
 
     for label, s in summary.items():
         best = 'no evals' if s['best_val_iter'] is None else \
@@ -149,4 +149,7 @@ def main():
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except WriteError as e:  # an output that cannot be written (a full disk, a link in the way): one line
+        fail(str(e))

@@ -69,7 +69,8 @@ import lineage  # noqa: E402
 import model_bio  # noqa: E402
 import oscillation  # noqa: E402
 from compare_runs import interval  # noqa: E402  (mean, std and 95% t interval, as the run comparison gives them)
-from configurator import check_folder, one_line_errors, ruled  # noqa: E402
+from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
+from files import WriteError, save_figure, write_file  # noqa: E402
 
 THRESHOLD = model_bio.GPTConfig.bio_threshold
 COMPARTMENTS = model_bio.GPTConfig.bio_compartments
@@ -282,7 +283,7 @@ def plot(tables, path):
         ax.set_title(title.replace('_', ' '))
         ax.legend(ncol=len(archs), fontsize=8, loc='upper center')
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -328,11 +329,13 @@ def main():
                                'test_inputs_seen_in_training': statistics.mean(seen_share(d) for d in datasets[name])}
                         for name, task in tasks.items()},
               'comparisons': tables}
-    with open(os.path.join(args.out_dir, 'toy_tasks.json'), 'w') as f:
-        json.dump(report, f, indent=2)
+    write_file(os.path.join(args.out_dir, 'toy_tasks.json'), json.dumps(report, indent=2))
     plot(tables, os.path.join(args.out_dir, 'toy_tasks.png'))
     print(f'wrote toy_tasks.json and toy_tasks.png to {args.out_dir}')
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except WriteError as e:  # an output that cannot be written (a full disk, a link in the way): one line
+        fail(str(e))

@@ -27,6 +27,7 @@ import torch.nn.functional as F  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
+from files import WriteError, save_figure, write_file  # noqa: E402
 from oscillation import oscillate_reference  # noqa: E402
 
 INPUTS = torch.tensor([[0.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 1.0]])
@@ -94,7 +95,7 @@ def boundary_plot(trained, results, path):
         ax.set_ylabel('x2')
         ax.set_aspect('equal')
     fig.tight_layout()
-    fig.savefig(path, dpi=100)
+    save_figure(fig, path, dpi=100)
     plt.close(fig)
 
 
@@ -133,11 +134,13 @@ def main():
     print(f'({args.seeds} seeds x {args.steps} steps, lr {args.lr}, {time.time() - start:.1f}s)')
 
     for path in [os.path.join(args.out_dir, 'xor.json')] + ([args.json] if args.json else []):
-        with open(path, 'w') as f:
-            json.dump(results, f, indent=2)
+        write_file(path, json.dumps(results, indent=2))
     boundary_plot(trained, results, os.path.join(args.out_dir, 'xor_boundaries.png'))
     print(f'wrote xor.json and xor_boundaries.png to {args.out_dir}')
 
 
 if __name__ == '__main__':
-    main()
+    try:
+        main()
+    except WriteError as e:  # an output that cannot be written (a full disk, a link in the way): one line
+        fail(str(e))

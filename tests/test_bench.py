@@ -66,9 +66,12 @@ def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
 def test_each_bio_variant_s_step_is_timed_beside_gelu(workdir):
     # the config's own variant is the bio row; each other one listed gets its row, against the same GELU rows
     (workdir / 'config_bench_tiny.py').write_text(TINY_CONFIG + "bio_variant = 'v2'\n")
+    (workdir / 'theirs.txt').write_text('theirs\n')
+    os.symlink(workdir / 'theirs.txt', workdir / 'bench.json')  # planted: replaced, never written through
     proc = run_script(workdir, 'bench_bio.py', 'config_bench_tiny.py', '--device=cpu', '--part=step', '--rounds=1',
                       '--bench_compiled=False', '--bio_variants=v3,v2,v1', '--synapses=presynaptic,fast_weights',
                       '--bench_out=bench.json', timeout=600)
+    assert (workdir / 'theirs.txt').read_text() == 'theirs\n' and not os.path.islink(workdir / 'bench.json')
     report = json.loads((workdir / 'bench.json').read_text())
     step = report['step']
     assert step['bio_variant'] == 'v2' and 'bio is bio_variant v2' in proc.stdout
@@ -112,7 +115,7 @@ def test_whole_runs_are_timed_as_processes_of_the_config(workdir):
 def test_bench_user_mistakes_are_one_line_errors(workdir):
     for args, message in [(['nope.py'], "config file 'nope.py' not found"),
                           (['--device=cpu', '--dtype=half'], "dtype='half' is not one of"),
-                          (['--part=everything'], "part='everything' is not one of"),
+                          (['--part=everything'], "part = 'everything' is not allowed: it must be one of steps,"),
                           (['--synapses=dendrites'], "synapses='dendrites' must list mechanisms out of presynaptic")]:
         proc = run_script(workdir, 'bench_bio.py', *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)

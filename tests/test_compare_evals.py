@@ -62,7 +62,13 @@ def test_evals_table_shows_each_file_side_by_side(tmp_path):
 def test_evals_on_the_same_data_are_named_by_their_ckpt_without_a_note(tmp_path):
     write_json(tmp_path / 'a.json', WIGGLE)
     write_json(tmp_path / 'b.json', {**WIGGLE, 'ckpt': 'gpt2', 'val': {**WIGGLE['val'], 'loss': 3.1}})
+    out = tmp_path / 'analysis_out' / 'evals'
+    out.mkdir(parents=True)
+    for name in ('compare_evals.md', 'compare_evals.json.tmp'):  # planted links: removed or replaced, never written through
+        os.symlink(tmp_path / 'a.json', out / name)
     proc = run_script(tmp_path, COMPARE, '--evals', 'a.json', 'b.json')  # into analysis_out/evals, the default
+    assert json.loads((tmp_path / 'a.json').read_text()) == WIGGLE
+    assert not os.path.islink(out / 'compare_evals.md') and not os.path.exists(out / 'compare_evals.json.tmp')
     table = printed_table(proc.stdout)
     assert table['metric'] == ['out-wiggle/ckpt.pt', 'gpt2'] and table['val.loss'] == ['3.3000', '3.1000']
     assert 'note:' not in proc.stdout

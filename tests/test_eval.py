@@ -372,8 +372,10 @@ def test_mistakes_are_one_line_and_write_nothing(folder):
                                                     'least 2 are needed, one to predict from and one to predict'),
         ([*char, '--tasks=val', '--dataset=wide'], f'error: data/wide/val.bin holds token id 200, outside the model\'s '
                                                    f'{len(set(TEXT))}-token vocabulary; run python data/wide/prepare.py again'),
-        ([*char, '--tasks=bpb', '--dataset=bpe'], 'error: data/bpe has no meta.pkl, so it holds GPT-2 BPE tokens, but the '
-                                                  'model reads characters; evaluate it on a dataset of its own characters (--dataset)'),
+        ([*char, '--tasks=bpb', '--dataset=bpe'], 'error: data/bpe was prepared with another vocabulary than the model was '
+                                                  f'trained on (the data has gpt2 BPE, the checkpoint {len(set(TEXT))} '
+                                                  'characters); evaluate it on the data it was made for (--dataset), or '
+                                                  'prepare data/bpe as it was'),
         ([*char, '--tasks=bpb', '--text_path=unknown.txt'], f'error: --text_path=unknown.txt has characters outside the '
                                                             f"model's {len(set(TEXT))}-character vocabulary: ['3', '@']"),
         ([*char, '--tasks=bpb', '--text_path=data'], 'error: --text_path=data is a folder; name a text file'),

@@ -19,6 +19,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 from configurator import one_line_errors, ruled  # noqa: E402
+from files import write_file  # noqa: E402
 
 COLOURS = {'sky': 'blue', 'grass': 'green', 'snow': 'white', 'coal': 'black', 'sun': 'yellow', 'blood': 'red'}
 WORDS = ['apple', 'river', 'candle', 'mountain', 'violin', 'garden', 'pepper', 'window', 'rocket', 'forest']
@@ -55,17 +56,16 @@ for _ in range(4):
     heldout.append(f'Count from {start} to {start + heldout_rng.randrange(2, 5)}.')
 heldout += [f'Say the word {w}.' for w in ('banana', 'pencil', 'harbor', 'lantern')]
 heldout += [f'What colour is the {t}?' for t in ('sky', 'snow', 'coal', 'grass')]
-with open(os.path.join(here, 'heldout_prompts.txt'), 'w') as f:
-    f.write(''.join(f'{question}\nclear\n' for question in heldout) + 'quit\n')
+write_file(os.path.join(here, 'heldout_prompts.txt'), ''.join(f'{question}\nclear\n' for question in heldout) + 'quit\n')
 
 path = os.path.join(here, 'conversations.jsonl')
-with open(path + '.tmp', 'w') as f:
-    for _ in range(args.conversations):
-        messages = [{'role': 'system', 'content': 'Answer briefly.'}] if rng.random() < 0.2 else []
-        for _ in range(2 if rng.random() < 0.33 else 1):
-            question, answer = exchange()
-            messages += [{'role': 'user', 'content': question}, {'role': 'assistant', 'content': answer}]
-        f.write(json.dumps({'messages': messages}) + '\n')
-os.replace(path + '.tmp', path)
+lines = []
+for _ in range(args.conversations):
+    messages = [{'role': 'system', 'content': 'Answer briefly.'}] if rng.random() < 0.2 else []
+    for _ in range(2 if rng.random() < 0.33 else 1):
+        question, answer = exchange()
+        messages += [{'role': 'user', 'content': question}, {'role': 'assistant', 'content': answer}]
+    lines.append(json.dumps({'messages': messages}) + '\n')
+write_file(path, ''.join(lines))
 smoltalk = os.path.join(os.path.dirname(here), 'smoltalk', 'prepare.py')
 sys.exit(subprocess.call([sys.executable, smoltalk, '--dataset', path, '--out_dir', here, '--max_tokens', '256']))

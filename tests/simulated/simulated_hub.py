@@ -106,7 +106,10 @@ def simulate_uploads(folder):
     def upload_folder(self, *, repo_id, folder_path, ignore_patterns=None, **kwargs):
         record({'call': 'upload_folder', 'repo_id': repo_id, 'folder_path': str(folder_path),
                 'ignore_patterns': ignore_patterns, **kwargs})
-        shutil.copytree(folder_path, os.path.join(folder, *repo_id.split('/')), dirs_exist_ok=True)
+        def ignored(where, names):  # as the library matches them: each path relative to the folder
+            return [name for name in names if any(fnmatch.fnmatch(os.path.relpath(os.path.join(where, name), folder_path), p)
+                                                  for p in ignore_patterns or [])]
+        shutil.copytree(folder_path, os.path.join(folder, *repo_id.split('/')), dirs_exist_ok=True, ignore=ignored)
 
     huggingface_hub.HfApi.create_repo = create_repo
     huggingface_hub.HfApi.upload_folder = upload_folder
