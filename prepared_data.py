@@ -24,7 +24,9 @@ import sys
 import time
 import urllib.request
 
-from files import remove_entry, write_file
+import numpy as np
+
+from files import NO_ROOM, remove_entry, write_file
 
 MANIFEST = 'manifest.json'
 STAGING = '.preparing'
@@ -78,6 +80,16 @@ def staging_dir(out_dir):
     return staging
 
 
+def write_array(target, array):
+    """A numpy array's bytes to target, a path or a binary file object. Not numpy's tofile: its short write on
+    a full disk raises an OSError without an errno ('N requested and M written'), which abandon cannot tell."""
+    if isinstance(target, str):
+        with open(target, 'wb') as f:
+            f.write(memoryview(np.ascontiguousarray(array)))
+    else:
+        target.write(memoryview(np.ascontiguousarray(array)))
+
+
 def commit(out_dir, written_by):
     """Move every file of the staging folder into out_dir, then write the manifest that vouches for them."""
     staging = os.path.join(out_dir, STAGING)
@@ -119,16 +131,21 @@ def discard(out_dir):
 
 
 def abandon(out_dir, error):
-    """Clear the staging folder of a prepare stopped by error; Ctrl-C then ends the script (status 130),
-    anything else is for the caller to re-raise."""
+    """Clear the staging folder of a prepare stopped by error; Ctrl-C then ends the script (status 130), a full
+    disk (or file-size limit) with one line (status 2); anything else is for the caller to re-raise."""
     discard(out_dir)
-    if isinstance(error, KeyboardInterrupt):
-        print(f'\ninterrupted: {out_dir} keeps the files it had', file=sys.stderr)
+    if isinstance(error, KeyboardInterrupt) or (isinstance(error, OSError) and error.errno in NO_ROOM):
+        if isinstance(error, KeyboardInterrupt):
+            print(f'\ninterrupted: {out_dir} keeps the files it had', file=sys.stderr)
+        else:
+            print(f'error: no room to write the prepared files in {out_dir} ({error.strerror}): the disk is full or '
+                  f'a size limit was reached; {out_dir} keeps the files it had; free some space and run again',
+                  file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         # not sys.exit: a streaming dataset's C++ reader threads, still running when the interpreter shuts
         # down, abort it ('terminate called without an active exception', SIGABRT); nothing is left to save
-        os._exit(130)
+        os._exit(130 if isinstance(error, KeyboardInterrupt) else 2)
 
 
 def is_file_name(name):

@@ -310,6 +310,24 @@ def test_a_full_disk_keeps_the_last_checkpoint_and_leaves_no_temporary(workdir, 
     assert sorted(os.listdir(workdir / 'out')) == ['ckpt.pt', 'ckpt_best.pt', 'log.jsonl']
 
 
+def test_a_full_disk_while_preparing_is_one_line_and_keeps_the_set_it_had(workdir):
+    data = workdir / 'data' / 'shakespeare_char'
+    data.mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, 'data', 'shakespeare_char', 'prepare.py'), data)
+    shutil.copy(os.path.join(os.path.dirname(REPO), 'shared', 'data', 'tinyshakespeare', 'input.txt'), data)
+
+    def small_files():  # train.bin (2 MB) cannot be written, as on a full disk
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (100_000, 100_000))
+
+    proc = subprocess.run([sys.executable, 'data/shakespeare_char/prepare.py'], cwd=workdir, capture_output=True,
+                          text=True, timeout=120, preexec_fn=small_files)
+    assert one_error(proc) == (f'error: no room to write the prepared files in {data} (File too large): the disk is full '
+                               f'or a size limit was reached; {data} keeps the files it had; free some space and run again')
+    assert sorted(os.listdir(data)) == ['input.txt', 'prepare.py']
+
+
 def test_a_refused_start_leaves_nothing(workdir, tiny_run):
     (workdir / 'exits.py').write_text('import sys\nsys.exit(0)\n')
     (workdir / 'quits.py').write_text('exit()\n')

@@ -81,7 +81,7 @@ class TokenFile:
 
     def flush(self):
         if self.buffer:
-            np.concatenate(self.buffer).tofile(self.file)
+            prepared_data.write_array(self.file, np.concatenate(self.buffer))
         self.buffer = []
         self.buffered = 0
 

@@ -30,8 +30,12 @@ with open(input_path, encoding='utf-8') as f:
 split_at = int(len(text) * 0.9)
 encoding = tiktoken.get_encoding('gpt2')
 staging = prepared_data.staging_dir(here)
-for name, part in (('train', text[:split_at]), ('val', text[split_at:])):
-    tokens = np.array(encoding.encode_ordinary(part), dtype=np.uint16)
-    tokens.tofile(os.path.join(staging, f'{name}.bin'))
-    print(f'{name}: {len(tokens):,} tokens')
+try:
+    for name, part in (('train', text[:split_at]), ('val', text[split_at:])):
+        tokens = np.array(encoding.encode_ordinary(part), dtype=np.uint16)
+        prepared_data.write_array(os.path.join(staging, f'{name}.bin'), tokens)
+        print(f'{name}: {len(tokens):,} tokens')
+except BaseException as error:  # a full disk, Ctrl-C: the folder keeps the set it had
+    prepared_data.abandon(here, error)
+    raise
 prepared_data.commit(here, 'data/shakespeare/prepare.py')

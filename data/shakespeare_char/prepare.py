@@ -43,8 +43,12 @@ val_ids = np.array([stoi[ch] for ch in text[split_at:]], dtype=np.uint16)
 print(f"train has {len(train_ids):,} tokens, val has {len(val_ids):,} tokens")
 
 staging = prepared_data.staging_dir(HERE)
-train_ids.tofile(os.path.join(staging, "train.bin"))
-val_ids.tofile(os.path.join(staging, "val.bin"))
-with open(os.path.join(staging, "meta.pkl"), "wb") as f:
-    pickle.dump({"vocab_size": len(chars), "stoi": stoi, "itos": itos}, f)
+try:
+    prepared_data.write_array(os.path.join(staging, "train.bin"), train_ids)
+    prepared_data.write_array(os.path.join(staging, "val.bin"), val_ids)
+    with open(os.path.join(staging, "meta.pkl"), "wb") as f:
+        pickle.dump({"vocab_size": len(chars), "stoi": stoi, "itos": itos}, f)
+except BaseException as error:  # a full disk, Ctrl-C: the folder keeps the set it had
+    prepared_data.abandon(HERE, error)
+    raise
 prepared_data.commit(HERE, "data/shakespeare_char/prepare.py")

@@ -114,8 +114,8 @@ class SplitWriter:
 
     def add(self, tokens, mask):
         self.offsets.append(self.tokens)
-        np.array(tokens, dtype=np.uint16).tofile(self.files['.bin'])
-        np.array(mask, dtype=np.uint8).tofile(self.files['_mask.bin'])
+        prepared_data.write_array(self.files['.bin'], np.array(tokens, dtype=np.uint16))
+        prepared_data.write_array(self.files['_mask.bin'], np.array(mask, dtype=np.uint8))
         self.tokens += len(tokens)
         self.masked += sum(mask)
 
