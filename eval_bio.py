@@ -13,10 +13,12 @@ or gpt2, gpt2-medium, gpt2-large, gpt2-xl. --tasks (comma-separated) takes:
   tokens. The tokens are cut into windows of the model's block_size that do not overlap: the window at
   token i predicts tokens i+1 .. i+block_size from tokens i .. i+block_size-1, and the last one may be
   shorter, so every token but the first is predicted once. --batch_size windows run per forward.
-- bpb: bits per byte, which compares models across tokenizers (characters, GPT-2 BPE): the predicted
-  tokens' summed loss / ln 2 / their UTF-8 bytes, over the same windows, of --text_path (a UTF-8 text) or,
-  without one, of the split val reads. A token's bytes are its bytes in GPT-2's BPE (<|endoftext|> counts
-  the 13 of its name) or its character's.
+- bpb: bits per byte, which compares models across tokenizers (characters, GPT-2 BPE), as
+  lm-evaluation-harness defines it: the summed loss / ln 2 / the UTF-8 bytes of the whole of --text_path (a
+  UTF-8 text) or, without one, of the split val reads, scored as its loglikelihood_rolling scores a
+  document: every token after <|endoftext|> (a character model's first character begins it, unscored), in
+  windows of block_size predicted tokens, the last after a full context. A token's bytes are its bytes in
+  GPT-2's BPE (<|endoftext|> counts the 13 of its name) or its character's.
 - hellaswag: the 10,042 items of HellaSwag's validation set (the first --limit), zero-shot, scored exactly
   as lm-evaluation-harness 0.4 scores its hellaswag task. The context is "<activity_label>: <ctx_a>
   <ctx_b, capitalized>" and each choice an ending, both cleaned as the harness cleans them (stripped,
@@ -32,8 +34,8 @@ or gpt2, gpt2-medium, gpt2-large, gpt2-xl. --tasks (comma-separated) takes:
 of this checkpoint: loglikelihood through the scoring of hellaswag above (--batch_size requests per
 forward), loglikelihood_rolling in the harness's windows of block_size tokens after <|endoftext|>, and
 generate_until one request at a time with generation.py (greedy, or at the request's temperature from
-a generator seeded 1337), stopping at the request's strings, <|endoftext|> or max_gen_toks (256 unless
-the task sets it). A character model has no <|endoftext|>: an empty context starts at the text's first
+a generator seeded 1337; a prompt cut from the left to leave room for max_gen_toks, as the harness cuts it),
+stopping at the request's strings, <|endoftext|> or max_gen_toks (256 unless the task sets it). A character model has no <|endoftext|>: an empty context starts at the text's first
 character, which is not scored. --harness_include_path adds a folder of task YAMLs (lm-eval's
 --include_path), e.g. tasks on local files; --limit applies too. The harness's metrics are recorded
 without their ",none" filter suffix, with n, the items scored.
@@ -152,6 +154,27 @@ def score_all(model, pairs, batch_size, autocast, desc):
         for i, score in zip(batch, score_continuations(model, [pairs[i] for i in batch], autocast)):
             scores[i] = score
     return scores
+
+
+def rolling_windows(ids, prefix, block_size):
+    """(context, continuation) pairs that predict every token of ids once, as lm-evaluation-harness's rolling
+    log-likelihood does (its get_rolling_token_windows with context_len=1, made disjoint): the first predicts
+    ids[:block_size] after prefix, each later one the next block_size tokens (the rest, at the end) after the
+    tokens before them, as many as fit in block_size + 1 with it (so the last keeps a full context)."""
+    pairs = []
+    for start in range(0, len(ids), block_size):
+        end = min(start + block_size, len(ids))
+        pairs.append(([prefix] if start == 0 else ids[end - block_size - 1:start], ids[start:end]))
+    return pairs
+
+
+def rolling_nats(model, ids, start_id, batch_size, autocast, desc):
+    """(summed loss in nats, tokens scored) of ids as the harness's loglikelihood_rolling scores a document: every
+    token after <|endoftext|> (start_id); a character model has none, so its first token begins, unscored."""
+    ids = [int(i) for i in ids]
+    prefix, scored = (start_id, ids) if start_id is not None else (ids[0], ids[1:])
+    pairs = rolling_windows(scored, prefix, model.config.block_size)
+    return -sum(loglikelihood for loglikelihood, _ in score_all(model, pairs, batch_size, autocast, desc)), len(scored)
 
 
 def summed_loss(model, tokens, batch_size, autocast, desc):
@@ -345,7 +368,6 @@ def harness_model(model, encode, decode, start_id, batch_size, autocast):
     """An lm-evaluation-harness model (a subclass of its lm_eval.api.model.LM) that runs the loaded checkpoint."""
     from lm_eval.api.model import LM
     from lm_eval.models.utils import handle_stop_sequences, normalize_gen_kwargs
-    from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
     block_size = model.config.block_size
     end_text = None if start_id is None else decode([start_id])
 
@@ -361,8 +383,8 @@ def harness_model(model, encode, decode, start_id, batch_size, autocast):
                 ids = encode(text)
                 # a character model has no start token: its first character begins the text, unscored
                 prefix, ids = (start_id, ids) if start_id is not None else (ids[0] if ids else None, ids[1:])
-                for window in get_rolling_token_windows(ids, prefix, block_size, context_len=1):
-                    windows.append(make_disjoint_window(window))
+                for window in rolling_windows(ids, prefix, block_size):
+                    windows.append(window)
                     owners.append(n)
             totals = [0.0] * len(requests)
             for n, (loglikelihood, _) in zip(owners, score_all(model, windows, batch_size, autocast, 'rolling')):
@@ -376,7 +398,8 @@ def harness_model(model, encode, decode, start_id, batch_size, autocast):
             for context, gen_kwargs in tqdm([request.args for request in requests], desc='generate', unit='request'):
                 settings = normalize_gen_kwargs(gen_kwargs, 256)
                 stops = [stop for stop in handle_stop_sequences(settings['until'], end_text) if stop]
-                prompt = encode(context) or ([start_id] if start_id is not None else [])
+                # as the harness cuts a prompt: from the left, to leave max_gen_toks of the context (none slides)
+                prompt = (encode(context) or ([start_id] if start_id is not None else []))[-max(block_size - settings['max_gen_toks'], 1):]
                 if not prompt:
                     raise ValueError('a generate_until request has an empty context, and a character model has no '
                                      'start token to generate from')
@@ -533,11 +556,11 @@ if __name__ == '__main__':
             count, unit = len(tokens) - 1, 'tokens'
         elif task == 'bpb':
             tokens = inputs['text'] if text_path else inputs['split']
-            nats = summed_loss(model, tokens, batch_size, autocast, 'bpb')
-            n_bytes = int(bytes_of[np.asarray(tokens[1:], dtype=np.int64)].sum())
-            results['bpb'] = {'bpb': nats / math.log(2) / n_bytes, 'bytes': n_bytes, 'tokens': len(tokens) - 1,
+            nats, scored = rolling_nats(model, tokens, start_id, batch_size, autocast, 'bpb')
+            n_bytes = int(bytes_of[np.asarray(tokens, dtype=np.int64)].sum())  # the whole text's, as the harness counts
+            results['bpb'] = {'bpb': nats / math.log(2) / n_bytes, 'bytes': n_bytes, 'tokens': scored,
                               'source': text_path or f'data/{dataset}/{split}.bin'}
-            count, unit = len(tokens) - 1, 'tokens'
+            count, unit = scored, 'tokens'
         else:
             items = inputs['hellaswag']
             try:

@@ -88,6 +88,29 @@ def window_loss(model, ids):
     return total
 
 
+def rolling_reference(model, sequence):
+    """The summed log-likelihood of each token of sequence[1:] predicted once: windows of block_size predictions,
+    each from its own tokens alone, except that the last, if shorter, sees the block_size tokens before its end."""
+    block_size, total = model.config.block_size, 0.0
+    for start in range(0, len(sequence) - 1, block_size):
+        end = min(start + block_size, len(sequence) - 1)
+        first = start if start == 0 or end - start == block_size else end - block_size
+        with torch.no_grad():
+            logits = model(torch.tensor([sequence[first:end]]), all_positions=True)[0][0]
+        log_probs = F.log_softmax(logits.float(), dim=-1)[start - first:]
+        total += sum(log_probs[j, t].item() for j, t in enumerate(sequence[start + 1:end + 1]))
+    return total
+
+
+def test_rolling_windows_are_the_harness_s():
+    lm_eval_utils = pytest.importorskip('lm_eval.utils')
+    for length in (0, 1, 5, 15, 16, 17, 31, 32, 33, 50):
+        ids = list(range(100, 100 + length))
+        expected = [lm_eval_utils.make_disjoint_window(window)
+                    for window in lm_eval_utils.get_rolling_token_windows(ids, 7, 16, context_len=1)]
+        assert eval_bio.rolling_windows(ids, 7, 16) == [(list(a), list(b)) for a, b in expected], length
+
+
 def char_codec():
     """(encode, decode) of the character model, whose characters are TEXT's."""
     chars = sorted(set(TEXT))
@@ -281,17 +304,19 @@ def test_val_is_the_loss_of_every_token_but_the_first_in_windows_of_block_size(f
 
 @pytest.mark.slow
 def test_bits_per_byte_of_a_character_and_a_bpe_model_on_one_text(folder, runs, gpt2):
+    # as lm-evaluation-harness scores a document: every token after <|endoftext|> (a character model's first
+    # character unscored), the last window after a full context; over the whole text's bytes
     char_model, _ = load_model(str(folder / 'char' / 'ckpt.pt'), 'cpu')
     encode, _ = char_codec()
     gpt2_model, _ = gpt2
     bpe_ids = tiktoken.get_encoding('gpt2').encode(TEXT)
     text_bytes = len(TEXT.encode('utf-8'))
-    first_bpe_bytes = len(tiktoken.get_encoding('gpt2').decode_single_token_bytes(bpe_ids[0]))
-    for name, nats, first_bytes, tokens in (('char', window_loss(char_model.eval(), encode(TEXT)), 1, len(TEXT) - 1),
-                                            ('gpt2', window_loss(gpt2_model, bpe_ids), first_bpe_bytes, len(bpe_ids) - 1)):
+    for name, loglikelihood, tokens in (('char', rolling_reference(char_model.eval(), encode(TEXT)), len(TEXT) - 1),
+                                        ('gpt2', rolling_reference(gpt2_model, [50256] + bpe_ids), len(bpe_ids))):
         bpb = runs[name][1]['bpb']
-        assert (bpb['bytes'], bpb['tokens'], bpb['source']) == (text_bytes - first_bytes, tokens, 'text.txt')
-        assert math.isfinite(bpb['bpb']) and bpb['bpb'] == pytest.approx(nats / math.log(2) / bpb['bytes'], rel=1e-5)
+        assert (bpb['bytes'], bpb['tokens'], bpb['source']) == (text_bytes, tokens, 'text.txt')
+        assert math.isfinite(bpb['bpb']) and bpb['bpb'] == pytest.approx(-loglikelihood / math.log(2) / text_bytes,
+                                                                          rel=1e-5)
     assert len(TEXT) < text_bytes  # the text's non-ASCII characters take more than a byte
 
 
@@ -302,19 +327,6 @@ def test_the_harness_model_rolls_generates_and_scores_as_defined(folder, gpt2):
 
     def requests(kind, *args):
         return [Instance(kind, {}, arguments, 0) for arguments in args]
-
-    def rolling_reference(model, sequence):
-        """Each token of sequence[1:] predicted once: windows of block_size predictions, each from its own
-        tokens alone, except that the last, if shorter, sees the block_size tokens before its end."""
-        block_size, total = model.config.block_size, 0.0
-        for start in range(0, len(sequence) - 1, block_size):
-            end = min(start + block_size, len(sequence) - 1)
-            first = start if start == 0 or end - start == block_size else end - block_size
-            with torch.no_grad():
-                logits = model(torch.tensor([sequence[first:end]]), all_positions=True)[0][0]
-            log_probs = F.log_softmax(logits.float(), dim=-1)[start - first:]
-            total += sum(log_probs[j, t].item() for j, t in enumerate(sequence[start + 1:end + 1]))
-        return total
 
     char_model, _ = load_model(str(folder / 'char' / 'ckpt.pt'), 'cpu')
     encode, decode = char_codec()
@@ -335,19 +347,26 @@ def test_the_harness_model_rolls_generates_and_scores_as_defined(folder, gpt2):
         log_probs = F.log_softmax(gpt2_model(torch.tensor([[50256, 18435]]), all_positions=True)[0][0], dim=-1)
     assert score == pytest.approx(log_probs[0, 18435].item() + log_probs[1, 995].item(), abs=1e-4)
 
-    # greedy generation, the model seeing its last block_size tokens (73 pass its 64), cut at the first stop string
+    def greedy(prompt, count):  # the model seeing its last block_size tokens
+        ids = list(prompt)
+        for _ in range(count):
+            with torch.no_grad():
+                ids.append(int(gpt2_model(torch.tensor([ids[-GPT2_CONTEXT:]]))[0][0, -1].argmax()))
+        return bpe.decode(ids[len(prompt):])
+
+    # greedy generation cut at the first stop string; the prompt cut from the left to leave max_gen_toks of the
+    # context, as the harness cuts it (70 new tokens pass the 64 of the context: the prompt's last token alone)
     prompt = bpe.encode('ROMEO:')
-    ids = list(prompt)
-    for _ in range(70):
-        with torch.no_grad():
-            ids.append(int(gpt2_model(torch.tensor([ids[-GPT2_CONTEXT:]]))[0][0, -1].argmax()))
-    generated = bpe.decode(ids[len(prompt):])
-    stop = generated[30:36]
-    assert generated.find(stop) == 30
+    generated = greedy(prompt[-1:], 70)
+    cut = next(i for i in range(30, len(generated) - 6) if generated.find(generated[i:i + 6]) == i)
+    stop = generated[cut:cut + 6]  # its first appearance: the reply ends before it
+    long_prompt = 'ROMEO: But soft, what light through yonder window breaks? ' * 4
     replies = gpt2_lm.generate_until(requests('generate_until', ('ROMEO:', {'until': [stop], 'max_gen_toks': 70}),
                                               ('ROMEO:', {'until': ['\x00'], 'max_gen_toks': 70, 'do_sample': False}),
-                                              ('ROMEO:', {'until': [], 'max_gen_toks': 7})))
-    assert replies == [generated[:30], generated, bpe.decode(ids[len(prompt):len(prompt) + 7])]
+                                              ('ROMEO:', {'until': [], 'max_gen_toks': 7}),
+                                              (long_prompt, {'until': [], 'max_gen_toks': 10})))
+    assert len(bpe.encode(long_prompt)) + 10 > GPT2_CONTEXT
+    assert replies == [generated[:cut], generated, greedy(prompt, 7), greedy(bpe.encode(long_prompt)[-54:], 10)]
 
 
 @pytest.mark.slow
