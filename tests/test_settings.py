@@ -13,7 +13,7 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import pytest
 
-from conftest import TINY, load, message_lines, python, read_log, run_script, write_original_checkpoint
+from conftest import REPO, TINY, load, message_lines, python, read_log, run_script, write_original_checkpoint
 import prepared_data
 
 TRAIN = [*TINY, '--use_bio_mlp=False', '--max_iters=2', '--eval_interval=2', '--out_dir=out']
@@ -232,3 +232,18 @@ def test_two_runs_started_into_one_new_folder_at_once_never_share_it(workdir):
         'another --out_dir' in refusal[0] or 'is being written by another process' in refusal[0]), refusal
     iters = [record['iter'] for record in read_log(workdir / 'out') if 'val_loss' in record]
     assert iters == [0, 2, 4, 6]  # one run's evaluations, not two interleaved
+
+
+@pytest.mark.parametrize('name', sorted(n for n in os.listdir(REPO) if n.startswith('config_') and n.endswith('.py')))
+def test_every_config_holds_settings_train_bio_takes(name, capsys):
+    from dataclasses import asdict
+
+    from checkpoints import config_problem
+    from configurator import configure, declared_rules, script_defaults
+    from model_bio import GPTConfig
+    train = os.path.join(REPO, 'train_bio.py')
+    config = configure(script_defaults(train), [os.path.join(REPO, name)], declared_rules(train))
+    model = {k: config[k] for k in asdict(GPTConfig()) if k in config}
+    # a run from a checkpoint takes its architecture from there: its own settings are held to their ranges alone
+    assert config_problem({**asdict(GPTConfig()), **model}, relations=config['init_from'] == 'scratch') is None
+    assert os.path.isfile(os.path.join(REPO, 'data', config['dataset'], 'prepare.py')), config['dataset']
