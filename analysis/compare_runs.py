@@ -15,7 +15,9 @@ with rates of its own, to a --runs_dir that a later --tabulate --arms ... compar
 --lrs: each run gets learning_rate=LR, and the config's other rates (min_lr, muon_learning_rate)
 are scaled with it, so the schedule's shape stays as configured. --grid_seeds N (with --lrs): the
 rates are swept on the first N seeds only, and the other seeds train each arm at its best rate on
-those (lowest mean final val loss; ties: the first listed), for arms too slow to sweep on every seed:
+those (lowest mean final val loss; ties: the lowest rate), for arms too slow to sweep on every seed. An arm
+whose best rate is the lowest or highest of its grid gets another rate 3x beyond it (on the grid's seeds),
+up to 3 times, until the grid brackets its best; a best still at an edge is marked as such in the output:
 
     python analysis/compare_runs.py --config config_shakespeare_char_cpu.py --seeds 3 --grid_seeds 1 \
         --lrs 1.5e-3 3e-3 6e-3 --arms v2:bio_variant=v2 v3:bio_variant=v3
@@ -77,6 +79,8 @@ SCALED_WITH_LR = ('min_lr', 'muon_learning_rate')  # rates that follow learning_
 T_95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
         2.120, 2.110, 2.101, 2.093, 2.086, 2.080, 2.074, 2.069, 2.064, 2.060, 2.056, 2.052, 2.048, 2.045, 2.042]
 DIVERGED = 'diverged.txt'  # in a run's folder: train_bio.py stopped it for losses or weights that were not finite
+GRID_STEP = 3.0  # a rate grid that does not bracket its best is extended by this factor at that side
+GRID_EXTENSIONS = 3  # at most this many times per arm; a best still at an edge is marked in the tables
 OPTIMISM = ('note: each best learning rate is picked on the same val split its loss is reported on, which '
             'flatters every arm slightly and alike')
 # a task's fields that say what it measured: where they differ between files, the files measured different data
@@ -194,6 +198,14 @@ def grid_best(runs_dir, arm, lrs, grid_seeds):
     first listed)."""
     return min(lrs, key=lambda lr: statistics.mean(final_val_loss(os.path.join(runs_dir, run_name(arm, lr, seed)))
                                                   for seed in range(1337, 1337 + grid_seeds)))
+
+
+def rate_beyond(rates, best):
+    """The rate that would make best interior to rates (a grid of two or more): GRID_STEP beyond it at the side
+    where it lies, None where it is interior already."""
+    if len(rates) < 2 or min(rates) < best < max(rates):
+        return None
+    return float(f'{best / GRID_STEP if best == min(rates) else best * GRID_STEP:.3g}')
 
 
 def run_name(arm, lr, seed):
@@ -333,7 +345,20 @@ def main():
                 for arm, arm_settings in arms.items():
                     run_dir = os.path.join(args.runs_dir, run_name(arm, lr, seed))
                     train(run_settings(args, arm_settings, lr, seed, run_dir), run_dir)
-        best = {arm: grid_best(args.runs_dir, arm, args.lrs, grid_seeds) for arm in arms} if args.lrs else {}
+        best = {}
+        for arm, arm_settings in arms.items() if args.lrs else ():
+            rates = sorted(args.lrs)
+            best[arm] = grid_best(args.runs_dir, arm, rates, grid_seeds)
+            for _ in range(GRID_EXTENSIONS):  # until the grid brackets the arm's best
+                extra = rate_beyond(rates, best[arm])
+                if extra is None:
+                    break
+                print(f'{arm}: its best rate {best[arm]:g} is at the edge of its grid; adding {extra:g}', flush=True)
+                for seed in range(1337, 1337 + grid_seeds):
+                    run_dir = os.path.join(args.runs_dir, run_name(arm, extra, seed))
+                    train(run_settings(args, arm_settings, extra, seed, run_dir), run_dir)
+                rates = sorted(rates + [extra])
+                best[arm] = grid_best(args.runs_dir, arm, rates, grid_seeds)
         for seed in range(1337 + grid_seeds, 1337 + args.seeds):
             for arm, arm_settings in arms.items():
                 run_dir = os.path.join(args.runs_dir, run_name(arm, best.get(arm), seed))
@@ -365,7 +390,7 @@ def main():
               + ('diverged' if row['diverged'] else f"{row['final_iter']:8d}"))
 
     # per arm and learning rate, over seeds; each arm's best rate by its mean final val loss
-    report = {'runs': table, 'arms': {}, 'best_lr': {}, 'paired': {}, 'iters_to_baseline': {}}
+    report = {'runs': table, 'arms': {}, 'best_lr': {}, 'best_lr_at_edge': {}, 'paired': {}, 'iters_to_baseline': {}}
     for arm in arms:
         for lr in sorted({lr for a, lr, _ in runs if a == arm}, key=lambda lr: lr or 0):
             rows = [row for row in table.values() if row['arm'] == arm and row['lr'] == lr]
@@ -383,9 +408,13 @@ def main():
         best = min((lr for lr, stats in by_lr.items() if len(stats['final_val_loss']['values']) == most),
                    key=lambda lr: by_lr[lr]['final_val_loss']['mean'])
         report['best_lr'][arm] = None if best == 'None' else float(best)
+        rates = [float(lr) for lr in by_lr if lr != 'None']
+        report['best_lr_at_edge'][arm] = best != 'None' and rate_beyond(rates, float(best)) is not None
     if any(lr is not None for _, lr, _ in runs):
         print('best learning rates (lowest mean final val loss among the rates run on the most seeds): '
-              + ', '.join(f'{arm} {lr:g}' for arm, lr in report['best_lr'].items() if lr is not None))
+              + ', '.join(f'{arm} {lr:g}' + (' (at the edge of its grid: the best may lie beyond)'
+                                             if report['best_lr_at_edge'][arm] else '')
+                          for arm, lr in report['best_lr'].items() if lr is not None))
         print(OPTIMISM)
 
     def at_best(arm):

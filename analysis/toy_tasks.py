@@ -34,7 +34,8 @@ inputs are new.
 Fairness: every architecture trains the same steps (--steps) on the same batches (--batch_size, drawn from
 the seed) with Adam at each rate of --lrs, from initial weights drawn from the seed (torch.manual_seed; seeds
 0, 1, ...). Its rate is the one with the best mean accuracy over seeds on the validation examples (ties: the
-smaller rate); the table reports, at that rate, accuracy on the separate test examples: the mean over --seeds and its 95%
+smaller rate); where that is the lowest or highest of its grid, a rate 3x beyond it is added, up to 3 times
+(compare_runs.py's rule), and a best still at an edge is starred; the table reports, at that rate, accuracy on the separate test examples: the mean over --seeds and its 95%
 t interval, the parameter count and the mean training seconds per run (CPU, one thread; noisy on a shared
 machine). A run whose outputs are not finite scores 0. Equal width: every hidden layer --width neurons.
 Equal parameters: each architecture at the hidden width whose count is closest to a target, the largest
@@ -68,7 +69,7 @@ sys.path.insert(0, HERE)
 import lineage  # noqa: E402
 import model_bio  # noqa: E402
 import oscillation  # noqa: E402
-from compare_runs import interval  # noqa: E402  (mean, std and 95% t interval, as the run comparison gives them)
+from compare_runs import GRID_EXTENSIONS, interval, rate_beyond  # noqa: E402  (the run comparison's intervals and grids)
 from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
 from files import WriteError, save_figure, write_file  # noqa: E402
 
@@ -235,12 +236,20 @@ def compare(tasks, widths_of, args, datasets, runs):
         n_in = datasets[name][0]['train'][0].shape[1]
         for arch, width in widths_of(name).items():
             key = (name, arch, width)
-            if key not in runs:
-                runs[key] = {lr: [train(arch, width, task, datasets[name][seed], lr, seed, args.steps, args.batch_size)
-                                  for seed in range(args.seeds)] for lr in args.lrs}
-            val = {lr: statistics.mean(run[0] for run in runs[key][lr]) for lr in args.lrs}
-            best = max(args.lrs, key=lambda lr: (val[lr], -lr))
-            table[name][arch] = {'width': width, 'best_lr': best,
+            runs.setdefault(key, {})
+            rates = sorted(args.lrs)
+            for extensions in range(GRID_EXTENSIONS + 1):  # the grid extended until it brackets the best rate
+                for lr in rates:
+                    if lr not in runs[key]:
+                        runs[key][lr] = [train(arch, width, task, datasets[name][seed], lr, seed, args.steps,
+                                               args.batch_size) for seed in range(args.seeds)]
+                val = {lr: statistics.mean(run[0] for run in runs[key][lr]) for lr in rates}
+                best = max(rates, key=lambda lr: (val[lr], -lr))
+                extra = rate_beyond(rates, best)
+                if extra is None or extensions == GRID_EXTENSIONS:
+                    break
+                rates = sorted(rates + [extra])
+            table[name][arch] = {'width': width, 'best_lr': best, 'best_at_edge': extra is not None,
                                  'params': count_parameters(ARCHITECTURES[arch](n_in, width, output_size(task))),
                                  'val_accuracy_by_lr': {repr(lr): v for lr, v in val.items()},
                                  'test_accuracy': interval([run[1] for run in runs[key][best]]),
@@ -261,7 +270,8 @@ def print_table(title, table):
             ('test accuracy, mean +- 95% half-interval',
              lambda r: f"{r['test_accuracy']['mean']:.3f} +-{half_interval(r['test_accuracy']):.3f}"),
             ('hidden width / parameters', lambda r: f"{r['width']}/{r['params']}"),
-            ('best rate / seconds per run', lambda r: f"{r['best_lr']:g}/{r['seconds_per_run']:.2f}")):
+            ('best rate (* at its grid\'s edge) / seconds per run',
+             lambda r: f"{r['best_lr']:g}{'*' if r['best_at_edge'] else ''}/{r['seconds_per_run']:.2f}")):
         print(label)
         for name, row in table.items():
             print(f'{name:12s}' + ''.join(f'{cell(row[arch]):>17s}' for arch in archs))
@@ -321,7 +331,7 @@ def main():
     print('parameter targets of the equal-parameter table (the largest count at the base width): '
           + ', '.join(f'{name} {target}' for name, target in targets.items()))
     print(f'({args.seeds} seeds x {args.steps} steps x batch {args.batch_size}, rates {args.lrs}, '
-          f'{len(runs) * len(args.lrs) * args.seeds} runs, {time.time() - start:.0f}s)')
+          f'{sum(map(len, runs.values())) * args.seeds} runs, {time.time() - start:.0f}s)')
 
     os.makedirs(args.out_dir, exist_ok=True)
     report = {'settings': {**vars(args), 'sizes': SIZES, 'threshold': THRESHOLD, 'compartments': COMPARTMENTS},

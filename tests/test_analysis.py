@@ -220,8 +220,15 @@ def test_compare_runs_sweeps_learning_rates_and_judges_each_arm_at_its_best(work
                       '--grid_seeds', '2', '--set', *settings, '--runs_dir', 'runs', '--lrs', '0.01', '0.03',
                       '--arms', 'muon:optimizer=muon', 'adamw:optimizer=adamw')
     names = sorted(p.name for p in (workdir / 'runs').iterdir() if p.is_dir())
-    grid = [f'{arm}-lr{lr}-seed{seed}' for arm in ('muon', 'adamw') for lr in ('0.01', '0.03') for seed in (1337, 1338)]
-    assert sorted(set(names) - set(grid)) == sorted(n for n in names if n.endswith('seed1339')) and len(names) == 10
+    # each arm's grid, extended 3x beyond its best while that lies at an edge (a grid of two always needs it once)
+    rates = {arm: sorted({n.split('-lr')[1].split('-')[0] for n in names if n.startswith(arm + '-')}, key=float)
+             for arm in ('muon', 'adamw')}
+    for arm in rates:
+        assert {'0.01', '0.03'} < set(rates[arm]) and f'{arm}: its best rate' in proc.stdout
+        assert all(f'{arm}-lr{lr}-seed{seed}' in names for lr in rates[arm] for seed in (1337, 1338))
+        for low, high in zip(rates[arm], rates[arm][1:]):
+            assert math.isclose(float(high) / float(low), 3, rel_tol=0.02) or (low, high) == ('0.01', '0.03')
+    assert len([n for n in names if n.endswith('seed1339')]) == 2  # the third seed at each arm's best alone
     # the config's other rates follow learning_rate: 0.03 is 3x the config's 0.01
     config = load(workdir / 'runs' / 'muon-lr0.03-seed1337' / 'ckpt.pt')['config']
     assert (config['optimizer'], config['learning_rate']) == ('muon', 0.03)
@@ -233,8 +240,11 @@ def test_compare_runs_sweeps_learning_rates_and_judges_each_arm_at_its_best(work
     report = json.loads((workdir / 'runs' / 'compare.json').read_text())
     best = {}
     for arm in ('muon', 'adamw'):
-        means = {lr: statistics.mean(finals[f'{arm}-lr{lr}-seed{s}'][-1][1] for s in (1337, 1338)) for lr in ('0.01', '0.03')}
+        means = {lr: statistics.mean(finals[f'{arm}-lr{lr}-seed{s}'][-1][1] for s in (1337, 1338)) for lr in rates[arm]}
         best[arm] = min(means, key=means.get)
+        # interior to its grid, or marked as at its edge once the extensions ran out
+        at_edge = best[arm] in (rates[arm][0], rates[arm][-1])
+        assert report['best_lr_at_edge'][arm] == at_edge and (not at_edge or len(rates[arm]) == 2 + 3)
         # the third seed ran at the grid's best alone, and that rate is judged, now over 3 seeds
         assert f'{arm}-lr{best[arm]}-seed1339' in names and report['best_lr'][arm] == float(best[arm])
         means[best[arm]] = statistics.mean(finals[f'{arm}-lr{best[arm]}-seed{s}'][-1][1] for s in (1337, 1338, 1339))
@@ -281,8 +291,14 @@ def test_a_learning_rate_that_diverges_counts_as_infinite_and_the_sweep_goes_on(
     report = json.loads((workdir / 'runs' / 'compare.json').read_text())
     assert report['runs']['plain-lr1e+30-seed1337']['diverged'] and report['runs']['plain-lr1e+30-seed1337'][
         'final_val_loss'] == math.inf
-    assert report['best_lr'] == {'decay': 0.01, 'plain': 0.01}  # the sweep went on to 0.01, which is judged
+    # the sweep went on to 0.01, best of the two, and on below it until the grid bracketed the best
+    assert 'decay: its best rate 0.01 is at the edge of its grid; adding 0.00333' in proc.stdout
+    for arm in ('decay', 'plain'):
+        rates = sorted(float(lr) for lr in report['arms'][arm])
+        assert report['best_lr_at_edge'][arm] is (report['best_lr'][arm] in (rates[0], rates[-1]))
+        assert report['best_lr'][arm] != 1e30 and len(rates) >= 3
     assert report['arms']['decay']['1e+30']['final_val_loss']['mean'] == math.inf
     again = run_script(workdir, *sweep, fresh=True)
-    assert again.stdout.count('diverged already') == 2 and again.stdout.count('done already') == 2
+    runs = len(report['runs'])
+    assert again.stdout.count('diverged already') == 2 and again.stdout.count('done already') == runs - 2
 

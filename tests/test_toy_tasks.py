@@ -102,8 +102,12 @@ def test_quick_run_reports_every_task_and_architecture(tmp_path):
                 low, high = accuracy['ci95']
                 assert low <= accuracy['mean'] <= high, where
                 val = {float(lr): v for lr, v in result['val_accuracy_by_lr'].items()}
-                assert sorted(val) == [0.01, 0.03], where
+                rates = sorted(val)  # the grid, and 3x beyond it while the best lay at an edge
+                assert {0.01, 0.03} <= set(rates) and len(rates) <= 2 + 3, where
+                assert all(math.isclose(b / a, 3, rel_tol=0.02) for a, b in zip(rates, rates[1:])), where
                 assert result['best_lr'] == max(val, key=lambda lr: (val[lr], -lr)), where  # ties: the smaller
+                at_edge = result['best_lr'] in (rates[0], rates[-1])
+                assert result['best_at_edge'] == at_edge and (not at_edge or len(rates) == 5), where
                 assert result['seconds_per_run'] > 0, where
                 if comparison == 'equal_width':
                     assert result['width'] == 8, where
