@@ -50,10 +50,10 @@ def read_meta(path):
     itos = meta.get('itos') if isinstance(meta, dict) else None
     if not isinstance(vocab_size, int) or isinstance(vocab_size, bool) or not 1 <= vocab_size <= MAX_VOCAB_SIZE:
         raise ValueError(f'{path} has no vocab_size (a whole number from 1 to {MAX_VOCAB_SIZE:,}); run {prepare} again')
-    if (not isinstance(itos, dict) or set(itos) != set(range(len(itos))) or len(itos) > vocab_size
-            or not all(isinstance(c, str) for c in itos.values())):
-        raise ValueError(f'{path} has no itos mapping the ids 0, 1, 2, ... (at most vocab_size of them) to its '
-                         f'characters; run {prepare} again')
+    if (not isinstance(itos, dict) or not itos or set(itos) != set(range(len(itos))) or len(itos) > vocab_size
+            or not all(isinstance(c, str) and len(c) == 1 for c in itos.values())):
+        raise ValueError(f'{path} has no itos mapping the ids 0, 1, 2, ... (at least one, at most vocab_size) each to '
+                         f'a single character; run {prepare} again')
     return meta
 
 

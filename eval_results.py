@@ -142,18 +142,20 @@ def result_rows(results):
     return rows
 
 
-def card_text(value):
-    """value (text from a checkpoint or a file, which anyone may have written) as Markdown that shows it as it is:
-    on one line, the marks that Markdown reads escaped, so it makes no heading, link, table cell or HTML tag."""
-    text = ' '.join(str(value).splitlines())
-    return re.sub(r'([\\`*_\[\]<>|!&~{}#:])', r'\\\1', text)
+def card_code(value):
+    """value (text from a checkpoint or a file, which anyone may have written) as a Markdown code span on one line,
+    which shows it as it is: no heading, link, autolink or HTML (GitHub renders none inside one), and no table cell
+    of its own (a pipe is escaped, as tables need even there)."""
+    text = ' '.join(str(value).splitlines()).replace('|', '\\|')
+    fence = '`' * (max(map(len, re.findall('`+', text)), default=0) + 1)
+    return f'{fence} {text} {fence}'
 
 
 def card_section(results):
     """The model card's Evaluation section (markers included) for an exported folder's results."""
     lines = [CARD_START, '## Evaluation', '', 'Measured with `eval_bio.py` (its docstring says how each is scored):', '',
              '| task | result |', '| --- | --- |']
-    lines += ['| ' + ' | '.join(card_text(cell) for cell in row) + ' |' for row in result_rows(results)]
+    lines += ['| ' + ' | '.join(card_code(cell) for cell in row) + ' |' for row in result_rows(results)]
     return '\n'.join(lines + [CARD_END])
 
 

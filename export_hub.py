@@ -19,8 +19,8 @@ out_dir/hub); push_to_hub=OWNER/REPO also uploads it; overwrite_card as above. I
 model.safetensors stores lm_head.weight, which is tied to transformer.wte.weight, once;
 config.json holds the architecture, the tokenizer (a character list, or GPT-2 BPE), the run's
 settings, its iteration and its best val loss; the card lists the architecture, the settings and
-the evaluations of the log.jsonl beside the checkpoint, its text from the checkpoint escaped (no setting
-can add a heading, a link or HTML to the card). The script writes only into a new or empty folder or over
+the evaluations of the log.jsonl beside the checkpoint, its text from the checkpoint shown as code (no
+setting can add a heading, a link or HTML to the card). The script writes only into a new or empty folder or over
 an earlier export, never over other files and never through a link planted there, and holds the folder's
 lock while it writes (files.py), so an evaluation writing into it meanwhile is refused. --push_to_hub creates the repository if
 it is missing; log in first with `hf auth login`. The folder loads back wherever a checkpoint is
@@ -35,7 +35,7 @@ import sys
 from checkpoints import (EXPORT_CONFIG, EXPORT_MODEL_TYPE, EXPORT_WEIGHTS, TIED_COPY, checkpoint_location, error_line,
                          export_model, is_hub_name, load_model)
 from codec import tokenizer_facts
-from eval_results import RESULTS_FILE, card_section, card_text, read_results
+from eval_results import RESULTS_FILE, card_section, card_code, read_results
 from files import LOCK_NAME, claim_folder, write_file
 from prepared_data import HUB_NAME
 from run_log import read_log
@@ -93,6 +93,10 @@ def holds_weights_of(folder, model):
         return False
 
 
+try:  # now, before the folder's results and card are read: one writer (another export, eval_bio.py's results)
+    claim_folder(export_dir, 'model')
+except ValueError as e:
+    fail(str(e))
 # an earlier export's evaluations (eval_bio.py) describe its weights: kept, in the card too, where the export
 # writes the same weights again, and dropped where it writes others
 results_path = os.path.join(export_dir, RESULTS_FILE)
@@ -118,7 +122,7 @@ def model_card():
                   else f"GPT-2 BPE ({tokenizer['encoding']}, <|endoftext|> = {tokenizer['eot_id']})")
     lines = ['---', 'library_name: wigglegpt', 'pipeline_tag: text-generation',
              'tags: [wigglegpt, oscillating-activation, text-generation]', '---', '',
-             f'# {card_text(name)}', '',
+             f'# {card_code(name)}', '',
              f'A GPT language model of the WiggleGPT repository: {mlp}.', '',
              '| | |', '| --- | --- |',
              f'| parameters | {model.get_num_params(non_embedding=False) / 1e6:.2f}M |',
@@ -129,11 +133,11 @@ def model_card():
     lines += ['## Training', '']
     if settings:
         iters, tokens = checkpoint.get('iter_num'), checkpoint.get('tokens')
-        lines += [f"Dataset {card_text(settings.get('dataset', '?'))} ({card_text(settings.get('task', 'pretrain'))})"
+        lines += [f"Dataset {card_code(settings.get('dataset', '?'))} ({card_code(settings.get('task', 'pretrain'))})"
                   + (f', {iters:,} iterations' if iters else '') + (f', {tokens:,} tokens' if tokens else '')
                   + '. Settings:', '',
                   '| setting | value |', '| --- | --- |']
-        lines += [f'| {card_text(k)} | {card_text(repr(v))} |' for k, v in sorted(settings.items())]
+        lines += [f'| {card_code(k)} | {card_code(repr(v))} |' for k, v in sorted(settings.items())]
     else:
         lines += ['The checkpoint records no training settings.']
     lines += ['', '## Results', '']
@@ -166,10 +170,6 @@ card = model_card()  # before any file is written: a failure here leaves no half
 # an earlier export's card may have been edited by hand since: it is kept unless asked otherwise
 card_path = os.path.join(export_dir, CARD)  # a link there is no card of the folder's: it is replaced
 card_name = NEW_CARD if os.path.isfile(card_path) and not os.path.islink(card_path) and not overwrite_card else CARD
-try:
-    claim_folder(export_dir, 'model')  # one writer: another export, or eval_bio.py writing its results
-except ValueError as e:
-    fail(str(e))
 try:
     export_model(model, checkpoint, tokenizer, export_dir)
     if stale_results:

@@ -214,8 +214,11 @@ def claim_folder(folder, what='run'):
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             else:
                 msvcrt.locking(fd, msvcrt.LK_NBLCK, 1)
-        except OSError:
+        except OSError as e:
             os.close(fd)
+            if e.errno not in (errno.EWOULDBLOCK, errno.EAGAIN, errno.EACCES, errno.EDEADLK):  # locks unsupported
+                raise WriteError(f'cannot lock {folder} ({e.strerror or e}): its file system takes no locks; use a '
+                                 'folder on a local disk') from None
             who = holder(lock_path)
             raise WriteError(f'{folder} is being written by another process ({who or "unknown"}); one {what} '
                              'folder has one writer: wait for it to end, or use another folder') from None

@@ -7,8 +7,9 @@ it back, past a last line that a crash cut off mid-write, and past records whose
 import json
 import sys
 
-# the keys train_bio.py writes a number under (mfu and sparsity may also be null)
+# the keys train_bio.py writes a number under (mfu and sparsity may also be null), and those of them that count
 NUMBERS = ('iter', 'loss', 'train_loss', 'val_loss', 'lr', 'time_ms', 'tokens', 'skipped_steps')
+COUNTS = ('iter', 'tokens', 'skipped_steps')
 
 
 def read_log(path):
@@ -21,7 +22,8 @@ def read_log(path):
                 record = json.loads(line)
             except (json.JSONDecodeError, RecursionError):  # torn by a crash, or nested past Python's stack
                 continue
-            if isinstance(record, dict) and all(is_number(record[key]) for key in NUMBERS if key in record):
+            if isinstance(record, dict) and all(is_number(record[key]) and (key not in COUNTS or isinstance(record[key], int))
+                                                for key in NUMBERS if key in record):
                 records.append(record)
     return records
 

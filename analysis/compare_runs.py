@@ -335,8 +335,10 @@ def main():
                 fail(f'arms {twin} and {name} train with the same settings; give each arm a setting of its own')
             resolved[name] = configured
         for name, arm_settings in arms.items():
-            problem = rehearsal_error(run_settings(args, arm_settings, (args.lrs or [None])[0], 1337,
-                                                   os.path.join(args.runs_dir, run_name(name, None, 1337))))
+            first = os.path.join(args.runs_dir, run_name(name, (args.lrs or [None])[0], 1337))
+            if any(os.path.isfile(os.path.join(first, f)) for f in ('ckpt.pt', DIVERGED)):
+                continue  # a comparison already under way: train_bio.py took these settings (maybe on a GPU gone now)
+            problem = rehearsal_error(run_settings(args, arm_settings, (args.lrs or [None])[0], 1337, first))
             if problem:
                 fail(f'arm {name}: {problem}')
         grid_seeds = min(args.grid_seeds or args.seeds, args.seeds)

@@ -502,7 +502,7 @@ def test_an_exported_folder_keeps_its_results_in_its_card(folder, runs):
     assert json.loads((exported / 'eval_results.json').read_text()) == {'val': first['val']}
     card = (exported / 'README.md').read_text(encoding='utf-8')
     assert card.startswith('# my model\n\nNotes written by hand.\n\n' + eval_results.CARD_START)
-    assert f"| val | loss {first['val']['loss']:.4f} nats/token (49 tokens of shake/val) |" in card
+    assert f"| ` val ` | ` loss {first['val']['loss']:.4f} nats/token (49 tokens of shake/val) ` |" in card
     # the card edited by hand around the table: the next evaluation replaces the table alone
     edited = card.replace('# my model', '# my model, edited') + 'A footnote.\n'
     (exported / 'README.md').write_text(edited, encoding='utf-8')
@@ -515,7 +515,7 @@ def test_an_exported_folder_keeps_its_results_in_its_card(folder, runs):
     assert results['val'] == first['val'] and results['bpb']['tokens'] == 99
     card = (exported / 'README.md').read_text(encoding='utf-8')
     assert card == ('# my model, edited\n\nNotes written by hand.\n\n' + eval_results.card_section(results) + '\nA footnote.\n')
-    assert card.count(eval_results.CARD_START) == 1 and '| bpb | ' in card
+    assert card.count(eval_results.CARD_START) == 1 and '| ` bpb ` | ' in card
     # exported again, the new card keeps the table
     proc = run_script(folder, 'export_hub.py', '--out_dir=char', '--export_dir=exported')
     assert 'README.new.md' in proc.stdout and 'Notes written by hand' in (exported / 'README.md').read_text()

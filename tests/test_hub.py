@@ -217,7 +217,7 @@ def test_export_writes_a_hub_folder_that_loads_back_and_pushes_where_asked(workd
     assert config['tokenizer'] == {'type': 'characters', 'chars': list('abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWX')}
     last = read_log(workdir / 'run')[-1]
     card = (exported / 'README.md').read_text()
-    assert f"val loss {last['val_loss']:.4f}" in card and "| optimizer | 'adamw' |" in card
+    assert f"val loss {last['val_loss']:.4f}" in card and "| ` optimizer ` | ` 'adamw' ` |" in card
 
     folder_model, folder_ckpt = load_model(str(exported), 'cpu')
     assert folder_model.lm_head.weight is folder_model.transformer.wte.weight

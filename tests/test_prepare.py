@@ -300,3 +300,24 @@ def test_a_failed_download_is_one_line_and_leaves_no_file(tmp_path):
     target.write_text("kept")
     prepared_data.download_once("http://127.0.0.1:9/input.txt", str(target))  # present: not fetched again
     assert target.read_text() == "kept"
+
+
+def test_openwebtext_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
+    import signal
+    import subprocess
+    import sys
+
+    write_jsonl(tmp_path / "docs.jsonl", owt_docs(200))
+
+    def small_files():  # the last buffers, written as the script ends, pass 4 kB: as on a full disk
+        import resource
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)
+        resource.setrlimit(resource.RLIMIT_FSIZE, (4096, 4096))
+
+    proc = subprocess.run([sys.executable, OWT_SCRIPT, "--dataset", "docs.jsonl", "--out_dir", "out"], cwd=tmp_path,
+                          capture_output=True, text=True, timeout=120, preexec_fn=small_files)
+    lines = message_lines(proc.stderr)
+    assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+    assert lines[-1] == ("error: no room to write the prepared files in out (File too large): the disk is full or a size "
+                         "limit was reached; out keeps the files it had; free some space and run again"), proc.stderr
+    assert os.listdir(tmp_path / "out") == []

@@ -194,10 +194,11 @@ def test_the_model_card_shows_checkpoint_text_as_text(workdir, tiny_run):
     torch.save(checkpoint, workdir / 'out' / 'ckpt.pt')
     run_script(workdir, 'export_hub.py', '--export_dir=exported')
     card = (workdir / 'exported' / 'README.md').read_text()
-    assert '<script>' not in card and not re.search(r'(?<!\\)\]\(', card) and '[click me]' not in card
     assert not re.search(r'^#+ (Injected|Heading)', card, re.M)
+    # the key and its value each one code span, which shows its text and makes no link, autolink or HTML
     row = next(line for line in card.splitlines() if 'Injected' in line)
-    assert row.count(' | ') == 1 and row.startswith('| ') and row.endswith(' |')  # one row, two cells
+    assert re.fullmatch(r'\| (`+) \\\|  ## Injected \[click me\]\(https://evil\.example\) <script> \1 \| (`+) .* \2 \|', row), row
+    assert 'Dataset `` tiny` # Heading ``' in card  # its fence outgrows the name's own backtick
 
 
 def test_data_prepared_with_another_vocabulary_is_refused(workdir, tiny_run):
@@ -344,6 +345,17 @@ def test_a_refused_start_leaves_nothing(workdir, tiny_run):
         'error: data/tiny holds token streams, not conversations '
         f"({workdir / 'data' / 'tiny'}/train_mask.bin not found): fine-tuning reads a chat dataset, e.g. python "
         'data/smoltalk/prepare.py and --dataset=smoltalk')
+    words = workdir / 'data' / 'words'  # a meta.pkl of words, not characters: no checkpoint could record it
+    words.mkdir()
+    staging = prepared_data.staging_dir(str(words))
+    for name in ('train.bin', 'val.bin'):
+        shutil.copy(workdir / 'data' / 'tiny' / name, os.path.join(staging, name))
+    with open(os.path.join(staging, 'meta.pkl'), 'wb') as f:
+        pickle.dump({'vocab_size': 50, 'itos': {i: f'w{i} ' for i in range(50)}}, f)
+    prepared_data.commit(str(words), 'tests/test_run_safety.py')
+    assert one_error(run_script(workdir, 'train_bio.py', *TINY, '--dataset=words', '--out_dir=new', check=False)) == (
+        f"error: {words / 'meta.pkl'} has no itos mapping the ids 0, 1, 2, ... (at least one, at most vocab_size) each "
+        'to a single character; run python data/words/prepare.py again')
     (workdir / 'held').mkdir()
     shutil.copy(tiny_run / 'ckpt.pt', workdir / 'held' / 'Model_v2.PTH')
     assert one_error(run_script(workdir, 'train_bio.py', *TINY, '--out_dir=held', check=False)) == (
@@ -424,5 +436,9 @@ def test_logs_with_values_that_are_not_numbers_are_skipped(workdir, tiny_run):
         f.write(json.dumps({'iter': 'six', 'train_loss': 1.0, 'val_loss': 1.0}) + '\n')
         f.write(json.dumps({'iter': 7, 'train_loss': None, 'val_loss': 1.0}) + '\n')
         f.write('{"iter": 8, "train_loss": 1%s, "val_loss": 1.0}\n' % ('0' * 400))  # past a float's range
+        f.write(json.dumps({'iter': 9.0, 'train_loss': 1.0, 'val_loss': 1.0}) + '\n')  # an iteration is a count
     run_script(workdir, 'analysis/plot_loss.py', 'out', '--out_dir=plots')
     assert json.loads((workdir / 'plots' / 'loss_summary.json').read_text())['out']['best_val_iter'] in (0, 2, 4)
+    shutil.copytree(workdir / 'out', workdir / 'runs' / 'bio-seed1337')
+    run_script(workdir, 'analysis/compare_runs.py', '--runs_dir=runs', '--tabulate', '--arms', 'bio:', 'gelu:use_bio_mlp=False')
+    assert list(json.loads((workdir / 'runs' / 'compare.json').read_text())['runs']) == ['bio-seed1337']

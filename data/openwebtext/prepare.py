@@ -144,10 +144,14 @@ except BaseException as error:  # Ctrl-C included: the folder keeps the set it h
 if doc_count == 0:
     prepared_data.discard(args.out_dir)
     fail("no non-empty documents found")
-if val.total == 0:
-    val.add(train.pop_last_doc())
-train.close()
-val.close()
+try:  # the last buffers are written here: a full disk too is one line, the folder keeping the set it had
+    if val.total == 0:
+        val.add(train.pop_last_doc())
+    train.close()
+    val.close()
+except BaseException as error:
+    prepared_data.abandon(args.out_dir, error)
+    raise
 prepared_data.commit(args.out_dir, "data/openwebtext/prepare.py")
 print(f"{doc_count:,} documents: train has {train.total:,} tokens, val has {val.total:,} tokens")
 if args.dataset == HUB_DATASET and not args.max_docs:

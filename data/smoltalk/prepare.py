@@ -159,12 +159,16 @@ if not splits['train'].offsets and not splits['val'].offsets:
     prepared_data.discard(args.out_dir)
     fail(f'none of the {seen} records has a user turn and an assistant reply (fields messages or conversations)')
 meta = {'records': seen, 'skipped': skipped, 'cut': cut, 'max_tokens': args.max_tokens}
-for name, split in splits.items():
-    split.close()
-    meta[name] = {'conversations': len(split.offsets), 'tokens': split.tokens,
-                  'masked_fraction': split.masked / max(split.tokens, 1)}
-with open(os.path.join(staging, 'meta.json'), 'w') as f:
-    json.dump(meta, f, indent=2)
+try:  # the last buffers are written here: a full disk too is one line, the folder keeping the set it had
+    for name, split in splits.items():
+        split.close()
+        meta[name] = {'conversations': len(split.offsets), 'tokens': split.tokens,
+                      'masked_fraction': split.masked / max(split.tokens, 1)}
+    with open(os.path.join(staging, 'meta.json'), 'w') as f:
+        json.dump(meta, f, indent=2)
+except BaseException as error:
+    prepared_data.abandon(args.out_dir, error)
+    raise
 prepared_data.commit(args.out_dir, 'data/smoltalk/prepare.py')
 print(f"{seen:,} records: train {meta['train']['conversations']:,} conversations ({meta['train']['tokens']:,} tokens), "
       f"val {meta['val']['conversations']:,} ({meta['val']['tokens']:,} tokens); "

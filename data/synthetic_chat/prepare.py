@@ -18,8 +18,8 @@ import subprocess
 import sys
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
-from configurator import one_line_errors, ruled  # noqa: E402
-from files import write_file  # noqa: E402
+from configurator import fail, one_line_errors, ruled  # noqa: E402
+from files import WriteError, write_file  # noqa: E402
 
 COLOURS = {'sky': 'blue', 'grass': 'green', 'snow': 'white', 'coal': 'black', 'sun': 'yellow', 'blood': 'red'}
 WORDS = ['apple', 'river', 'candle', 'mountain', 'violin', 'garden', 'pepper', 'window', 'rocket', 'forest']
@@ -56,7 +56,7 @@ for _ in range(4):
     heldout.append(f'Count from {start} to {start + heldout_rng.randrange(2, 5)}.')
 heldout += [f'Say the word {w}.' for w in ('banana', 'pencil', 'harbor', 'lantern')]
 heldout += [f'What colour is the {t}?' for t in ('sky', 'snow', 'coal', 'grass')]
-write_file(os.path.join(here, 'heldout_prompts.txt'), ''.join(f'{question}\nclear\n' for question in heldout) + 'quit\n')
+prompts = ''.join(f'{question}\nclear\n' for question in heldout) + 'quit\n'
 
 path = os.path.join(here, 'conversations.jsonl')
 lines = []
@@ -66,6 +66,10 @@ for _ in range(args.conversations):
         question, answer = exchange()
         messages += [{'role': 'user', 'content': question}, {'role': 'assistant', 'content': answer}]
     lines.append(json.dumps({'messages': messages}) + '\n')
-write_file(path, ''.join(lines))
+try:
+    write_file(os.path.join(here, 'heldout_prompts.txt'), prompts)
+    write_file(path, ''.join(lines))
+except WriteError as e:  # a full disk, a folder in the way: one line
+    fail(str(e))
 smoltalk = os.path.join(os.path.dirname(here), 'smoltalk', 'prepare.py')
 sys.exit(subprocess.call([sys.executable, smoltalk, '--dataset', path, '--out_dir', here, '--max_tokens', '256']))
