@@ -83,11 +83,12 @@ def staging_dir(out_dir):
 def write_array(target, array):
     """A numpy array's bytes to target, a path or a binary file object. Not numpy's tofile: its short write on
     a full disk raises an OSError without an errno ('N requested and M written'), which abandon cannot tell."""
+    data = memoryview(np.ascontiguousarray(array))
     if isinstance(target, str):
         with open(target, 'wb') as f:
-            f.write(memoryview(np.ascontiguousarray(array)))
+            f.write(data)
     else:
-        target.write(memoryview(np.ascontiguousarray(array)))
+        target.write(data)
 
 
 def commit(out_dir, written_by):
