@@ -14,7 +14,8 @@ part 'steps' (the default) measures, each round running every variant once in a 
   eager, with the unfused activation, and compiled: tokens/s, MFU on GPUs, and peak memory on
   CUDA (bytes kept for backward on CPU). bio is the config's bio_variant; --bio_variants=v3,v2,v1
   adds a row for each other one listed (bio_v2, bio_v1: WiggleGPT's earlier MLPs, lineage.py),
-  eager and compiled, measured in the same rounds; --synapses=presynaptic,stochastic,fast_weights,all
+  eager and compiled, measured in the same rounds; --mlp_kinds=swiglu,relu2,bio_glu adds a row for
+  each of those MLPs (model_bio.py), against the same GELU rows; --synapses=presynaptic,stochastic,fast_weights,all
   adds a row for the bio model with each of synapses.py's mechanisms (bio_presynaptic, ...), its
   ratios taken against the bio row. The GELU step is timed twice, under two names
   (gelu and gelu_twin): twin / GELU shows how far from 1 a ratio strays by chance on this machine.
@@ -36,7 +37,8 @@ The ratios in the JSON (bio / GELU; below 1 is faster or leaner) are act_saved_b
 act_time_ratio_eager, act_time_ratio_unfused, act_time_ratio_compiled, step_time_ratio_eager,
 step_time_ratio_compiled and step_memory_ratio, with step_twin_ratio_eager and
 step_twin_ratio_compiled beside them; for each added variant (v2, say) step_time_ratio_eager_v2,
-step_time_ratio_compiled_v2 and step_memory_ratio_v2, each against the same GELU rows; for each
+step_time_ratio_compiled_v2 and step_memory_ratio_v2, each against the same GELU rows, and so for each
+added MLP (step_time_ratio_eager_swiglu, ...); for each
 mechanism (presynaptic, say) step_time_ratio_eager_presynaptic, ..._compiled_presynaptic and
 step_memory_ratio_presynaptic against the bio row; attn_time_ratio_presynaptic and
 attn_memory_ratio_presynaptic (presynaptic / SDPA); whole_run_time_ratio (with whole_run_ratio_range).
@@ -45,9 +47,10 @@ attn_memory_ratio_presynaptic (presynaptic / SDPA); whole_run_time_ratio (with w
 The bench's own settings, beside train_bio.py's: part, rounds (40), act_calls (10), sample_repeats
 (3), new_tokens (500), whole_pairs (5), whole_iters (400), bench_compiled (True; False where
 torch.compile cannot build, e.g. GPUs on Windows), bio_variants ('': the config's bio_variant alone),
-synapses ('': none) and bench_out (a JSON file for the figures).
+mlp_kinds ('': none), synapses ('': none) and bench_out (a JSON file for the figures).
 
     python bench_bio.py config_shakespeare_char_cpu.py --part=step --bio_variants=v3,v2,v1
+    python bench_bio.py config_shakespeare_char_cpu.py --part=step --mlp_kinds=swiglu,relu2,bio_glu
     python bench_bio.py config_shakespeare_char_cpu.py --part=step --synapses=presynaptic,stochastic,fast_weights,all
     python bench_bio.py config_gpt2_bio_3070.py --part=attn --batch_size=1 --rounds=5   (the 124M shape)
 """
@@ -82,6 +85,7 @@ SYNAPSE_FLAGS = {'presynaptic': dict(use_presynaptic=True),
                  'fast_weights': dict(use_fast_weights=True),
                  'all': dict(use_presynaptic=True, stochastic_release=True, use_fast_weights=True)}
 
+ADDED_KINDS = [k for k in model_bio.MLP_KINDS if k not in ('bio', 'gelu')]  # the MLPs --mlp_kinds may add rows for
 REPO = os.path.dirname(os.path.abspath(__file__))
 # the bench's own settings, beside train_bio.py's (which say what model, batch and run to measure)
 BENCH_SETTINGS = dict(
@@ -95,6 +99,7 @@ BENCH_SETTINGS = dict(
     bench_compiled=True,  # also time torch.compile'd variants (False where it cannot compile, e.g. GPUs on Windows)
     bio_variants='',  # the training step of these bio MLPs too, e.g. 'v3,v2,v1' ('' is the config's bio_variant alone)
     synapses='',  # the training step with these of synapses.py's mechanisms too, e.g. 'presynaptic,fast_weights,all'
+    mlp_kinds='',  # the training step with these MLPs too (a row each against GELU), e.g. 'swiglu,relu2,bio_glu'
     bench_out='',  # write the figures to this JSON file
 )
 # what each of them allows, in the rules train_bio.py declares its own in (configurator.py checks both)
@@ -230,7 +235,7 @@ def bench_attention(cfg, device, autocast):
             'attn_memory_ratio_presynaptic': memory['presynaptic'] / memory['sdpa']}
 
 
-def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=()):
+def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=(), mlp_rows=()):
     vocab_size = config_model(cfg).vocab_size
     B, T = cfg['batch_size'], cfg['block_size']
     torch.manual_seed(0)
@@ -240,11 +245,13 @@ def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=()):
     # bio is the config's bio_variant, as before variants could be listed; each other variant its own row
     variant_of = {'bio': cfg['bio_variant'], **{f'bio_{v}': v for v in bio_variants if v != cfg['bio_variant']}}
     # the sparse gate is v3's, v2 and v1 have their event layer; gelu_params_like widens the GELU arm alone
-    arms = {arm: dict(use_bio_mlp=True, bio_variant=v, use_sparse_gate=cfg['use_sparse_gate'] and v == 'v3',
+    arms = {arm: dict(mlp='bio', bio_variant=v, use_sparse_gate=cfg['use_sparse_gate'] and v == 'v3',
                       gelu_params_like='') for arm, v in variant_of.items()}
     for mechanism in synapse_rows:  # the config's bio model with a mechanism of synapses.py
         arms[f'bio_{mechanism}'] = {**arms['bio'], **SYNAPSE_FLAGS[mechanism]}
-    arms['gelu'] = dict(use_bio_mlp=False, bio_variant='v3', use_sparse_gate=False)
+    arms['gelu'] = dict(mlp='gelu', bio_variant='v3', use_sparse_gate=False)
+    for kind in mlp_rows:  # the field's MLPs and the gated oscillation, at their own widths (model_bio.mlp_width)
+        arms[kind] = dict(mlp=kind, bio_variant='v3', use_sparse_gate=False, gelu_params_like='', gelu_tanh=False)
     models, variants = {}, {}
     for arm, changes in arms.items():
         model = GPT(config_model(cfg, dropout=0.0, **changes)).to(device)
@@ -294,11 +301,15 @@ def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=()):
             results[f'step_time_ratio_{mode}_{v}'] = times[arm + suffix] / times['gelu' + suffix]
         for mechanism in synapse_rows:  # against the same model without it
             results[f'step_time_ratio_{mode}_{mechanism}'] = times[f'bio_{mechanism}{suffix}'] / times['bio' + suffix]
+        for kind in mlp_rows:
+            results[f'step_time_ratio_{mode}_{kind}'] = times[kind + suffix] / times['gelu' + suffix]
     results['step_memory_ratio'] = memory['bio'] / memory['gelu']
     for arm, v in list(variant_of.items())[1:]:
         results[f'step_memory_ratio_{v}'] = memory[arm] / memory['gelu']
     for mechanism in synapse_rows:
         results[f'step_memory_ratio_{mechanism}'] = memory[f'bio_{mechanism}'] / memory['bio']
+    for kind in mlp_rows:
+        results[f'step_memory_ratio_{kind}'] = memory[kind] / memory['gelu']
     return results
 
 
@@ -356,10 +367,10 @@ def bench_whole_runs(cfg, train_defaults):
     # the runs get the training settings as the bench resolved them (config files may hold bench
     # settings too, which train_bio.py would refuse), whole_iters in place of max_iters
     settings = [f'--{k}={v}' for k, v in cfg.items() if k in train_defaults and v != train_defaults[k]
-                and k not in ('max_iters', 'out_dir', 'use_bio_mlp', 'use_sparse_gate', 'bio_variant', 'gelu_params_like')]
-    arms = {'bio': ['--use_bio_mlp=True', f"--use_sparse_gate={cfg['use_sparse_gate']}",
+                and k not in ('max_iters', 'out_dir', 'mlp', 'use_bio_mlp', 'use_sparse_gate', 'bio_variant', 'gelu_params_like')]
+    arms = {'bio': ['--mlp=bio', f"--use_sparse_gate={cfg['use_sparse_gate']}",
                     f"--bio_variant={cfg['bio_variant']}"],  # the gate and the variants are the bio MLP's
-            'gelu': ['--use_bio_mlp=False', '--use_sparse_gate=False', f"--gelu_params_like={cfg['gelu_params_like']}"]}
+            'gelu': ['--mlp=gelu', '--use_sparse_gate=False', f"--gelu_params_like={cfg['gelu_params_like']}"]}
     times = {arm: [] for arm in arms}
     print(f"\nwhole runs of train_bio.py {' '.join(settings)}: {cfg['whole_iters']} iterations, "
           f"{cfg['whole_pairs']} pairs (bio, GELU)")
@@ -405,6 +416,10 @@ def main():
     if not set(synapse_rows) <= set(SYNAPSE_FLAGS):
         fail(f"synapses={cfg['synapses']!r} must list mechanisms out of {', '.join(SYNAPSE_FLAGS)}, "
              "e.g. 'presynaptic,fast_weights,all'")
+    mlp_rows = [k.strip() for k in cfg['mlp_kinds'].split(',') if k.strip()]
+    if not set(mlp_rows) <= set(ADDED_KINDS):
+        fail(f"mlp_kinds={cfg['mlp_kinds']!r} must list MLPs out of {', '.join(ADDED_KINDS)} (bio and gelu always have "
+             "their rows), e.g. 'swiglu,relu2,bio_glu'")
     report = {'torch': torch.__version__, 'argv': argv}
     if 'whole' in parts:
         report['whole'] = bench_whole_runs(cfg, train_defaults)
@@ -422,7 +437,7 @@ def main():
         if 'attn' in parts:
             report['attn'] = bench_attention(cfg, device, autocast)
         if 'step' in parts:
-            report['step'] = bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows)
+            report['step'] = bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows, mlp_rows)
         if 'optim' in parts:
             report['optim'] = bench_optimizers(cfg, device)
         if 'sample' in parts:

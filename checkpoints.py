@@ -65,7 +65,7 @@ import torch
 
 from codec import GPT2_TOKENIZER, GPT2_VOCAB_SIZE, MAX_VOCAB_SIZE, check_tokenizer
 from files import WriteError, remove_entry, replace_file, write_error, write_file, write_temp
-from model_bio import GPT, GPTConfig
+from model_bio import GATED_KINDS, GPT, MLP_KINDS, PARAMS_LIKE_KINDS, GPTConfig, mlp_kind, mlp_width
 
 
 FORMAT_VERSION = 1  # of the checkpoints train_bio.py writes (the original release's have none)
@@ -332,7 +332,8 @@ def load_checkpoint_file(ckpt_path, device, overrides):
 # memory or time (RoPE's tables, which no file holds, grow with block_size; each layer takes time to build)
 SIZE_LIMITS = {'vocab_size': MAX_VOCAB_SIZE, 'block_size': 2 ** 16, 'n_layer': 1024, 'n_head': 1024, 'n_embd': 2 ** 16,
                'bio_compartments': 1024, 'fast_weight_rank': 1024}
-CHOICES = {'bio_variant': ('v3', 'v2', 'v1'), 'gelu_params_like': ('', 'v3', 'v2', 'v1')}  # settings naming one of a few
+# settings naming one of a few
+CHOICES = {'mlp': ('', *MLP_KINDS), 'bio_variant': ('v3', 'v2', 'v1'), 'gelu_params_like': ('', 'v3', 'v2', 'v1')}
 
 
 # GPTConfig's fields that a checkpoint decides, so that a run started from one takes them from it: all
@@ -376,21 +377,23 @@ def config_problem(settings, relations=True):
         return f"n_embd={settings['n_embd']} is not a multiple of n_head={settings['n_head']}"
     if settings['use_rope'] and settings['use_positions'] and head_size % 2:
         return f'RoPE needs an even head size (n_embd / n_head is {head_size})'
-    if settings['use_sparse_gate'] and not settings['use_bio_mlp']:
-        return 'use_sparse_gate=True needs use_bio_mlp=True'
+    kind = mlp_kind(settings['mlp'], settings['use_bio_mlp'])
+    if settings['use_sparse_gate'] and kind != 'bio':
+        return f'use_sparse_gate=True gates the bio MLP: it needs mlp=bio (this is mlp={kind})'
     if settings['use_sparse_gate'] and settings['bio_variant'] != 'v3':
         return f"use_sparse_gate=True is v3's gate; bio_variant={settings['bio_variant']} has its event layer instead"
-    if settings['bio_variant'] != 'v3' and not settings['use_bio_mlp']:
-        return f"bio_variant={settings['bio_variant']} is a bio MLP: it needs use_bio_mlp=True"
-    if settings['gelu_params_like'] and settings['use_bio_mlp']:
-        return f"gelu_params_like={settings['gelu_params_like']} widens the GELU MLP: it needs use_bio_mlp=False"
+    if settings['bio_variant'] != 'v3' and kind != 'bio':
+        return f"bio_variant={settings['bio_variant']} is a bio MLP: it needs mlp=bio (this is mlp={kind})"
+    if settings['gelu_params_like'] and kind not in PARAMS_LIKE_KINDS:
+        return (f"gelu_params_like={settings['gelu_params_like']} widens mlp {', '.join(PARAMS_LIKE_KINDS)}: "
+                f'it has no meaning with mlp={kind}')
     compartments, inputs = settings['bio_compartments'], settings['n_embd']
     # v1's inputs are cut in slices of ceil(n_embd / K): past n_embd / K or so, a last slice holds padding alone
     if 'v1' in (settings['bio_variant'], settings['gelu_params_like']) and (compartments - 1) * -(-inputs // compartments) >= inputs:
         return (f'bio_compartments={compartments} leaves a compartment without input: n_embd={inputs} is cut in '
                 f'slices of {-(-inputs // compartments)}; take fewer')
-    if settings['gelu_tanh'] and settings['use_bio_mlp']:
-        return 'gelu_tanh=True is a setting of the GELU MLP (use_bio_mlp=False)'
+    if settings['gelu_tanh'] and kind != 'gelu':
+        return f'gelu_tanh=True is a setting of the GELU MLP (mlp=gelu; this is mlp={kind})'
     if settings['stochastic_release'] and not settings['use_presynaptic']:
         return 'stochastic_release=True draws the presynaptic release: it needs use_presynaptic=True'
     return None
@@ -403,9 +406,12 @@ def is_plain_tensor(value):
 
 def mlp_matrix_weights(config):
     """The weights of one layer's MLP matrices, a bound that needs no model: v1's and v2's H x H matrices
-    are most of theirs (lineage.py), the GELU MLP's (widened by gelu_params_like) are the bio MLP's it matches."""
+    are most of theirs (lineage.py); an MLP widened by gelu_params_like holds about those of the bio MLP it
+    matches (rounding its width costs less than that MLP's oscillation parameters)."""
     n, hidden = config.n_embd, 4 * config.n_embd
-    kind = config.bio_variant if config.use_bio_mlp else (config.gelu_params_like or 'v3')
+    if config.mlp in GATED_KINDS and not config.gelu_params_like:
+        return 3 * n * mlp_width(config)
+    kind = config.bio_variant if config.mlp == 'bio' else (config.gelu_params_like or 'v3')
     if kind == 'v1':
         k = config.bio_compartments
         return k * -(-n // k) * hidden + 2 * k * hidden ** 2 + 2 * hidden ** 2 + hidden * n

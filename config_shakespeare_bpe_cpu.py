@@ -2,7 +2,7 @@
 # otherwise, so that a comparison on a CPU has a second dataset that is not characters:
 # python data/shakespeare/prepare.py && python train_bio.py config_shakespeare_bpe_cpu.py
 # About 16 minutes on 2 CPU cores (--rehearsal_iters=30 projects it; the 50,304-token output layer is most of it).
-# Add --use_bio_mlp=False for the GELU control.
+# Add --mlp=gelu (or swiglu, relu2, bio_glu) for another MLP; --use_bio_mlp=False still means gelu.
 out_dir = 'out-shakespeare-bpe-cpu'
 dataset = 'shakespeare'
 eval_interval = 250

@@ -1,6 +1,6 @@
 # The tiny Shakespeare model shrunk to train in a few minutes on a laptop CPU:
 # python data/shakespeare_char/prepare.py && python train_bio.py config_shakespeare_char_cpu.py
-# Add --use_bio_mlp=False for the GELU control.
+# Add --mlp=gelu (or swiglu, relu2, bio_glu) for another MLP; --use_bio_mlp=False still means gelu.
 out_dir = 'out-shakespeare-char-cpu'
 dataset = 'shakespeare_char'
 eval_interval = 250

@@ -114,8 +114,11 @@ def model_card():
     arch, settings = model.config, checkpoint.get('config', {})
     name = push_to_hub or os.path.basename(os.path.abspath(export_dir))
     position = 'RoPE' if arch.use_rope and arch.use_positions else ('learned positions' if arch.use_positions else 'no positional encoding')
-    mlp = ('its MLP neurons oscillate, sin(omega*x + phi) * tanh(x) + baseline' if arch.use_bio_mlp
-           else 'a GELU MLP (the control to the oscillating one)')
+    mlp = {'bio': 'its MLP neurons oscillate, sin(omega*x + phi) * tanh(x) + baseline',
+           'bio_glu': 'a gated MLP whose gate neurons oscillate, sin(omega*g + phi) * tanh(g) + baseline, times a value',
+           'gelu': 'a GELU MLP (a control to the oscillating one)',
+           'swiglu': 'a SwiGLU MLP (a control to the oscillating one)',
+           'relu2': 'a ReLU² MLP (a control to the oscillating one)'}[arch.mlp]
     if arch.use_sparse_gate:
         mlp += f', sparse gate (threshold {arch.bio_threshold})'
     vocabulary = (f"{len(tokenizer['chars'])} characters" if tokenizer['type'] == 'characters'

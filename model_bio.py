@@ -14,9 +14,14 @@ use_positions=False runs with no positional encoding at all, as the original rel
 were trained (checkpoints.py). The limits a checkpoint's or a user's settings must keep are checked
 in checkpoints.config_problem before a model is built.
 
-WiggleGPT's earlier MLPs are one setting away: bio_variant='v2' or 'v1' (lineage.py says what they
-compute). gelu_params_like='v3'/'v2'/'v1' widens the GELU control's hidden layer to as many parameters
-as that bio MLP holds, so that a comparison can tell more parameters from the mechanism.
+The MLP is one setting, mlp: 'bio' (the oscillating one), 'gelu' (GPT-2's), 'relu2' (relu(x)**2 in GELU's
+shape: modded-nanogpt's, nanochat's), 'swiglu' (silu(gate) * value, LLaMA's) or 'bio_glu' (the oscillating
+activation on the gate in SwiGLU's place). The gated ones are round(8/3 n_embd) wide, so that their three
+matrices hold GELU's two's weights (mlp_width). use_bio_mlp=True/False, the older switch that
+checkpoints from before mlp record, names 'bio'/'gelu'. WiggleGPT's earlier bio MLPs are one setting away:
+bio_variant='v2' or 'v1' (lineage.py says what they compute). gelu_params_like='v3'/'v2'/'v1' widens the
+hidden layer of mlp gelu, relu2 or swiglu to as many parameters as that bio MLP holds, so that a
+comparison can tell more parameters from the mechanism.
 
 Seed 003's synaptic mechanisms are one flag each, off by default, with any MLP (synapses.py says what they
 compute): use_presynaptic (short-term depression in attention, which then computes its weights itself in
@@ -57,23 +62,43 @@ class GPTConfig:
     n_embd: int = 768
     dropout: float = 0.0
     bias: bool = True  # biases in Linears and LayerNorms
-    use_bio_mlp: bool = False  # oscillating activation instead of GELU
+    mlp: str = ''  # the MLP: 'bio', 'gelu', 'swiglu', 'relu2' or 'bio_glu' (below); '' is use_bio_mlp's
+    use_bio_mlp: bool = False  # the older switch, read where mlp is '': True is mlp='bio', False 'gelu'
     gelu_tanh: bool = False  # GELU in its tanh approximation, as OpenAI's GPT-2 computes it ('gelu_new')
     use_rmsnorm: bool = False
     use_rope: bool = False  # rotary position embeddings instead of learned ones
     use_positions: bool = True  # False: no positional encoding at all, as the original release's no-op RoPE
     gradient_checkpointing: bool = False
-    use_sparse_gate: bool = False  # only with use_bio_mlp, bio_variant v3
+    use_sparse_gate: bool = False  # only with mlp 'bio', bio_variant v3
     bio_threshold: float = 0.25  # firing threshold of the sparse gate (and of v1/v2's event layer)
     bio_variant: str = 'v3'  # the bio MLP: 'v3' (BioMLP), or the earlier 'v2' and 'v1' (lineage.py)
     bio_compartments: int = 2  # v1: dendritic compartments per MLP
-    gelu_params_like: str = ''  # the GELU MLP widened to as many parameters as bio_variant 'v3', 'v2' or 'v1' has
+    gelu_params_like: str = ''  # mlp 'gelu', 'relu2' or 'swiglu' widened to the parameters of bio_variant 'v3', 'v2' or 'v1'
     use_presynaptic: bool = False  # attention with short-term synaptic depression (synapses.py)
     tau_rrp: float = 40.0  # presynaptic: positions over which a drained pool refills (time constant)
     stochastic_release: bool = False  # presynaptic: training draws each release (synapses.py)
     use_fast_weights: bool = False  # a Hebbian fast-weight scratchpad beside the MLP (synapses.py)
     fast_weight_rank: int = 16  # fast weights: keys and values per head
     fast_weight_decay: float = 0.95  # fast weights: what a write keeps per position
+
+    def __post_init__(self):
+        settle_mlp(vars(self))  # checkpoints from before mlp existed have use_bio_mlp alone
+
+
+MLP_KINDS = ('bio', 'gelu', 'swiglu', 'relu2', 'bio_glu')
+GATED_KINDS = ('swiglu', 'bio_glu')
+PARAMS_LIKE_KINDS = ('gelu', 'relu2', 'swiglu')  # the MLPs gelu_params_like can widen
+
+
+def mlp_kind(mlp, use_bio_mlp):
+    """The MLP settings describe: mlp where it is set, else the one use_bio_mlp names."""
+    return mlp or ('bio' if use_bio_mlp else 'gelu')
+
+
+def settle_mlp(settings):
+    """Make settings (a dict of GPTConfig's fields) one truth: mlp names the MLP, use_bio_mlp says whether it is 'bio'."""
+    settings['mlp'] = mlp_kind(settings['mlp'], settings['use_bio_mlp'])
+    settings['use_bio_mlp'] = settings['mlp'] == 'bio'
 
 
 class RMSNorm(nn.Module):
@@ -170,27 +195,61 @@ class SparseGate(nn.Module):
         return out
 
 
-def matched_width(config):
-    """The GELU MLP's hidden width whose parameters come nearest those of the bio MLP config.gelu_params_like
-    names (its c_fc and c_proj hold width * (2 n_embd + bias) + n_embd * bias)."""
+def mlp_width(config):
+    """The hidden width of a GELU, ReLU² or gated MLP. 4 n_embd for the first two; round(8 n_embd / 3) for the
+    gated ones, whose three matrices then hold as many weights as GELU's two (exactly where 3 divides n_embd:
+    2048 at GPT-2's 768; the gated kinds have 8/3 n_embd more biases with bias=True). With gelu_params_like,
+    the width whose parameters come nearest those of that bio MLP."""
+    gated = config.mlp in GATED_KINDS
+    if not config.gelu_params_like:
+        return round(8 * config.n_embd / 3) if gated else 4 * config.n_embd
     from dataclasses import replace
     with torch.device('meta'):  # counted without allocating (v1 at GPT-2 size is 800M)
-        like = bio_mlp(replace(config, use_bio_mlp=True, bio_variant=config.gelu_params_like, use_sparse_gate=False))
+        like = bio_mlp(replace(config, mlp='bio', bio_variant=config.gelu_params_like, use_sparse_gate=False))
     target = sum(p.numel() for p in like.parameters())
-    return max(1, round((target - config.n_embd * config.bias) / (2 * config.n_embd + config.bias)))
+    # a hidden unit holds a row of c_fc (two for the gated kinds: gate and value) with its bias, and a column of
+    # c_proj; c_proj's n_embd biases are there at any width
+    per_unit = (3 if gated else 2) * config.n_embd + (2 if gated else 1) * config.bias
+    return max(1, round((target - config.n_embd * config.bias) / per_unit))
+
+
+def relu2(x):
+    """ReLU², relu(x)**2: modded-nanogpt's and nanochat's activation."""
+    return F.relu(x).square()
 
 
 class MLP(nn.Module):
+    """GPT-2's MLP: c_fc, GELU (mlp='gelu') or ReLU² (mlp='relu2'), c_proj."""
+
     def __init__(self, config):
         super().__init__()
-        hidden = matched_width(config) if config.gelu_params_like else 4 * config.n_embd
+        hidden = mlp_width(config)
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
-        self.gelu = nn.GELU(approximate='tanh' if config.gelu_tanh else 'none')
+        self.act = relu2 if config.mlp == 'relu2' else nn.GELU(approximate='tanh' if config.gelu_tanh else 'none')
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
         self.dropout = nn.Dropout(config.dropout)
 
     def forward(self, x):
-        return self.dropout(self.c_proj(self.gelu(self.c_fc(x))))
+        return self.dropout(self.c_proj(self.act(self.c_fc(x))))
+
+
+class GatedMLP(nn.Module):
+    """A gated MLP: c_proj(act(gate) * value), gate and value side by side in c_fc's output (one matrix of
+    2 x hidden rows, gate first). act is SiLU (mlp='swiglu', as LLaMA's) or the oscillating activation with
+    its per-neuron omega, phi, baseline (mlp='bio_glu'): does the oscillation help where the MLP gates already?"""
+
+    def __init__(self, config):
+        super().__init__()
+        hidden = mlp_width(config)
+        self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
+        self.activation = OscillatingActivation(hidden) if config.mlp == 'bio_glu' else None
+        self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x):
+        gate, value = self.c_fc(x).chunk(2, dim=-1)
+        gate = F.silu(gate) if self.activation is None else self.activation(gate)
+        return self.dropout(self.c_proj(gate * value))
 
 
 class BioMLP(nn.Module):
@@ -214,13 +273,16 @@ def bio_mlp(config):
     return BioMLP(config) if config.bio_variant == 'v3' else lineage.make_mlp(config)
 
 
+MLP_OF_KIND = {'bio': bio_mlp, 'gelu': MLP, 'relu2': MLP, 'swiglu': GatedMLP, 'bio_glu': GatedMLP}
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
-        self.mlp = bio_mlp(config) if config.use_bio_mlp else MLP(config)
+        self.mlp = MLP_OF_KIND[config.mlp](config)
         self.fast_weights = synapses.FastWeights(config) if config.use_fast_weights else None
 
     def forward(self, x, rope=None, kv_cache=None):
@@ -235,12 +297,12 @@ class GPT(nn.Module):
     def __init__(self, config):
         super().__init__()
         assert config.vocab_size is not None and config.block_size is not None
-        if config.use_sparse_gate and not config.use_bio_mlp:
-            raise ValueError('use_sparse_gate=True needs use_bio_mlp=True')
-        if config.use_sparse_gate and config.bio_variant != 'v3':
-            raise ValueError("use_sparse_gate=True is v3's gate; v1 and v2 have their event layer instead")
-        if config.gelu_params_like and config.use_bio_mlp:
-            raise ValueError('gelu_params_like widens the GELU MLP: it needs use_bio_mlp=False')
+        if config.mlp not in MLP_KINDS:
+            raise ValueError(f"mlp={config.mlp!r} is not one of {', '.join(MLP_KINDS)}")
+        if config.use_sparse_gate and not (config.mlp == 'bio' and config.bio_variant == 'v3'):
+            raise ValueError("use_sparse_gate=True is the gate of the bio MLP v3 (mlp='bio', bio_variant='v3')")
+        if config.gelu_params_like and config.mlp not in PARAMS_LIKE_KINDS:
+            raise ValueError(f"gelu_params_like widens mlp {', '.join(PARAMS_LIKE_KINDS)}, not {config.mlp!r}")
         self.config = config
         modules = dict(
             wte=nn.Embedding(config.vocab_size, config.n_embd),

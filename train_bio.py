@@ -65,8 +65,8 @@ compile, ...) come from the command line, listed on one line; the architecture c
 checkpoint. So a run that ran out of memory resumes with --gradient_checkpointing=True.
 init_from=path/to/ckpt.pt (or an exported folder, a hub name hf:..., or OpenAI's gpt2, gpt2-medium,
 gpt2-large, gpt2-xl) starts a new run from a checkpoint's weights, in any of those formats
-(checkpoints.py). A new run that asks for the other MLP than the checkpoint's (use_bio_mlp=True from
-GPT-2) is refused: the two hold different weights.
+(checkpoints.py). A new run that asks for another MLP than the checkpoint's (mlp=bio from GPT-2) is
+refused: they hold different weights.
 
 Ctrl-C or SIGTERM finishes the iteration, saves it and exits with status 130 (143 for SIGTERM), so
 `train && export` stops there; a second Ctrl-C quits without saving, and one before training starts
@@ -124,8 +124,9 @@ n_head = 12
 n_embd = 768
 dropout = 0.0
 bias = False
-use_bio_mlp = True
-gelu_tanh = False  # the GELU MLP (use_bio_mlp=False) in GPT-2's tanh approximation; OpenAI's weights (init_from='gpt2') carry it
+mlp = ''  # 'bio' (oscillating), 'gelu', 'swiglu', 'relu2' or 'bio_glu' (model_bio.py); '' takes use_bio_mlp's
+use_bio_mlp = True  # the older switch, read where mlp is '': True is mlp='bio', False 'gelu'
+gelu_tanh = False  # mlp='gelu' in GPT-2's tanh approximation; OpenAI's weights (init_from='gpt2') carry it
 use_rmsnorm = True
 use_rope = True
 use_positions = True  # False trains with no positional encoding (NoPE)
@@ -133,7 +134,7 @@ use_sparse_gate = False
 bio_threshold = 0.25
 bio_variant = 'v3'  # the bio MLP: 'v3' (today's), or WiggleGPT's earlier 'v2' and 'v1' (lineage.py)
 bio_compartments = 2  # v1's dendritic compartments
-gelu_params_like = ''  # 'v3', 'v2' or 'v1': the GELU MLP (use_bio_mlp=False) as wide as that bio MLP's parameters make it
+gelu_params_like = ''  # 'v3', 'v2' or 'v1': mlp gelu, relu2 or swiglu as wide as that bio MLP's parameters make it
 use_presynaptic = False  # seed 003's presynaptic depression in attention (synapses.py)
 tau_rrp = 40.0  # its pools refill over this many positions
 stochastic_release = False  # with use_presynaptic: training draws each release, evaluation uses its expectation
@@ -190,7 +191,7 @@ from checkpoints import (ARCHITECTURE, CHECKPOINT_SUFFIXES, FORMAT_VERSION, TRAI
 from codec import (GPT2_VOCAB_SIZE, dataset_tokenizer, is_dataset_name, read_meta, tokenizer_difference,  # noqa: E402
                    tokenizer_facts)
 from files import append_line, claim_folder, create_new, write_file  # noqa: E402
-from model_bio import GPT, GPTConfig  # noqa: E402
+from model_bio import GPT, GPTConfig, settle_mlp  # noqa: E402
 from optimizers import (OPTIMIZERS, SCHEDULES, build_optimizers, describe, load_optimizer_state,  # noqa: E402
                         optimizer_state, scheduled_lr, state_megabytes)
 # -----------------------------------------------------------------------------
@@ -209,6 +210,8 @@ model_problem = config_problem({**asdict(GPTConfig()), **{k: config[k] for k in 
                                relations=init_from == 'scratch')
 if model_problem:
     fail(model_problem)
+settle_mlp(config)  # mlp names the MLP, use_bio_mlp agrees, in the settings a checkpoint records
+mlp, use_bio_mlp = config['mlp'], config['use_bio_mlp']
 if rehearsal_iters == 1:
     fail('rehearsal_iters=1 leaves nothing to time after the first iteration, which compiles and allocates; '
          'rehearse at least 2 (20 gives a steadier figure)')
@@ -421,11 +424,10 @@ else:
     if difference:
         fail(f'data/{dataset} was prepared with another vocabulary than {source} was trained on ({difference}); '
              f'train it on the data it was made for, or prepare data/{dataset} as it was')
-    if init_from != 'resume' and 'use_bio_mlp' in asked and use_bio_mlp != model_args['use_bio_mlp']:
-        # the two MLPs hold different weights: a new run asking for the other one is not what it would get
-        has, other = ('the oscillating MLP', 'GELU') if model_args['use_bio_mlp'] else ('a GELU MLP', 'the oscillating one')
-        fail(f'{init_from} has {has}, so use_bio_mlp={use_bio_mlp} cannot start from its weights; leave use_bio_mlp '
-             f'out (the checkpoint keeps its MLP) or train {other} from scratch')
+    if init_from != 'resume' and {'mlp', 'use_bio_mlp'} & asked and mlp != model_args['mlp']:
+        # the MLPs hold different weights: a new run asking for another one is not what it would get
+        fail(f"{init_from} has the MLP mlp={model_args['mlp']}, so mlp={mlp} cannot start from its weights; "
+             f'leave mlp and use_bio_mlp out (the checkpoint keeps its MLP) or train mlp={mlp} from scratch')
     asked_otherwise = [f'{k} {model_args[k]} (asked {config[k]})' for k in ARCHITECTURE
                        if k in asked and config[k] != model_args[k]]
     for k in ARCHITECTURE:

@@ -6,7 +6,7 @@ The oscillating neurons' frequencies read as "brain waves": |omega| sorted into 
 Bands of |omega| (the original project's): delta [0, 0.4), theta [0.4, 0.8), alpha [0.8, 1.2),
 beta [1.2, 1.8), gamma [1.8, 3.0), other >= 3. "Band power" is the share of neurons in a band.
 Each oscillating activation of the MLPs is read on its own, named by where it sits in a block:
-mlp.activation (every bio MLP), and mlp.event.activation (the event layer of bio_variant v2 and v1).
+mlp.activation (every bio MLP, and bio_glu's gate), and mlp.event.activation (the event layer of bio_variant v2 and v1).
 Writes brainwaves.json ({'n_neurons', 'activations': {name: {...}}}; for each activation its band
 shares overall and per layer, the smoothed spectrum, and the layer-to-layer similarity of the omega
 distributions: the overlap of their histograms, 1 for the same, 0 for disjoint) and PNGs: band

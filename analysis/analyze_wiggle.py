@@ -6,7 +6,7 @@ What the oscillating neurons learned: statistics and plots of omega, phi and bas
     python analysis/analyze_wiggle.py hf:edeneldith/WiggleGPT/ckpt_pretrain.pt --compare hf:edeneldith/WiggleGPT/ckpt_finetune.pt
 
 Each oscillating activation of the MLPs is reported on its own, named by where it sits in a block
-(its parameters' names): mlp.activation (every bio MLP), and mlp.event.activation (the event layer of
+(its parameters' names): mlp.activation (every bio MLP, and bio_glu's gate), and mlp.event.activation (the event layer of
 bio_variant v2 and v1, lineage.py). For each, over all its neurons and per layer: mean, std, min,
 max, percentiles, the share with |value| < 0.1 and the share within 0.2 of 1; the sparse gate's
 gate_weight and gate_bias with the activation they gate (v3's mlp.activation). With --compare (say
@@ -51,7 +51,7 @@ def neuron_params(ckpt_path):
     mlps = [block.mlp for block in model.transformer.h]
     sites = [name for name, module in mlps[0].named_modules() if isinstance(module, OscillatingActivation)]
     if not sites:
-        fail(f'{ckpt_path} has no oscillating neurons (a GELU model, use_bio_mlp=False)')
+        fail(f'{ckpt_path} has no oscillating neurons (its MLP is mlp={model.config.mlp})')
     params = {}
     for site in sites:
         activations = [mlp.get_submodule(site) for mlp in mlps]

@@ -153,8 +153,10 @@ def train(settings, run_dir):
     ckpt_path = os.path.join(run_dir, 'ckpt.pt')
     if os.path.isfile(ckpt_path):
         from checkpoints import ARCHITECTURE
+        from model_bio import settle_mlp
         saved = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
         asked = resolve(settings)
+        settle_mlp(asked)  # as train_bio.py records them
         # settings the saved run did not know yet, init_from and the folder's name are not compared, nor the
         # architecture of a run started from a checkpoint's weights: that is the checkpoint's
         ignored = ('init_from', 'out_dir', *(ARCHITECTURE if asked['init_from'] != 'scratch' else ()))

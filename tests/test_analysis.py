@@ -133,7 +133,7 @@ def test_analysis_of_a_gelu_model_is_a_one_line_error(tmp_path):
     for script in ('analyze_wiggle.py', 'analyze_brainwaves.py'):
         proc = run_script(tmp_path, os.path.join(ANALYSIS, script), 'g/ckpt.pt', check=False)
         assert proc.returncode != 0 and 'Traceback' not in proc.stderr
-        assert message_lines(proc.stderr) == ['error: g/ckpt.pt has no oscillating neurons (a GELU model, use_bio_mlp=False)']
+        assert message_lines(proc.stderr) == ['error: g/ckpt.pt has no oscillating neurons (its MLP is mlp=gelu)']
 
 
 @pytest.mark.slow

@@ -70,13 +70,13 @@ def test_each_bio_variant_s_step_is_timed_beside_gelu(workdir):
     os.symlink(workdir / 'theirs.txt', workdir / 'bench.json')  # planted: replaced, never written through
     proc = run_script(workdir, 'bench_bio.py', 'config_bench_tiny.py', '--device=cpu', '--part=step', '--rounds=1',
                       '--bench_compiled=False', '--bio_variants=v3,v2,v1', '--synapses=presynaptic,fast_weights',
-                      '--bench_out=bench.json', timeout=600)
+                      '--mlp_kinds=swiglu,relu2,bio_glu', '--bench_out=bench.json', timeout=600)
     assert (workdir / 'theirs.txt').read_text() == 'theirs\n' and not os.path.islink(workdir / 'bench.json')
     report = json.loads((workdir / 'bench.json').read_text())
     step = report['step']
     assert step['bio_variant'] == 'v2' and 'bio is bio_variant v2' in proc.stdout
     assert set(step['time_s']) == {'bio', 'bio_unfused', 'bio_v3', 'bio_v1', 'bio_presynaptic', 'bio_fast_weights',
-                                   'gelu', 'gelu_twin'}
+                                   'gelu', 'gelu_twin', 'swiglu', 'relu2', 'bio_glu'}
     # each mechanism on the config's bio model (v2 here), against it
     for mechanism in ('presynaptic', 'fast_weights'):
         row = f'bio_{mechanism}'
@@ -91,6 +91,11 @@ def test_each_bio_variant_s_step_is_timed_beside_gelu(workdir):
         assert report[f'step_memory_ratio_{v}'] == memory[row] / memory['gelu']
         assert f'step_memory_ratio_{v} = ' in proc.stdout and re.search(rf'{row} .* ms .* MiB kept', proc.stdout)
     assert report['step_memory_ratio'] == memory['bio'] / memory['gelu']
+    # each added MLP against the same GELU rows
+    for kind in ('swiglu', 'relu2', 'bio_glu'):
+        assert report[f'step_time_ratio_eager_{kind}'] == step['time_s'][kind] / step['time_s']['gelu']
+        assert report[f'step_memory_ratio_{kind}'] == memory[kind] / memory['gelu'] and memory[kind] > 0
+        assert re.search(rf'{kind} .* ms .* MiB kept', proc.stdout)
 
 
 @pytest.mark.slow

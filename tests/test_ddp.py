@@ -47,8 +47,9 @@ def test_finetuning_gradients_do_not_depend_on_the_number_of_processes(workdir):
     (workdir / 'conversations.jsonl').write_text(''.join(json.dumps(r) + '\n' for r in records))
     run_script(workdir, os.path.join(REPO, 'data', 'smoltalk', 'prepare.py'), '--dataset=conversations.jsonl',
                f'--out_dir={workdir / "data" / "conversations"}', '--val_fraction=0.2')
+    # the gated oscillating MLP: every one of its parameters must reach DDP's gradient reduction
     step = ['--device=cpu', '--dtype=float32', '--n_layer=2', '--n_head=2', '--n_embd=32', '--block_size=64',
-            '--use_bio_mlp=False', '--dataset=conversations', '--batch_size=1', '--gradient_accumulation_steps=2',
+            '--mlp=bio_glu', '--dataset=conversations', '--batch_size=1', '--gradient_accumulation_steps=2',
             '--max_iters=1', '--eval_interval=100', '--eval_conversations=1', '--grad_clip=0.0', '--warmup_iters=0',
             '--log_interval=1']
     run_script(workdir, 'finetune_native.py', *step, '--out_dir=one')

@@ -45,10 +45,10 @@ def test_gpt2_computes_the_logits_of_transformers_gpt2(gpt2_hub, tmp_path):
         logits, _ = model(idx, all_positions=True)
         assert (logits - expected).abs().max() < 1e-5
         # the tanh approximation is what makes them equal: exact GELU is measurably off
-        model.transformer.h[0].mlp.gelu.approximate = 'none'
+        model.transformer.h[0].mlp.act.approximate = 'none'
         assert (model(idx, all_positions=True)[0] - expected).abs().max() > 1e-4
     # an exported GPT-2 keeps computing it
-    model.transformer.h[0].mlp.gelu.approximate = 'tanh'
+    model.transformer.h[0].mlp.act.approximate = 'tanh'
     export_model(model, checkpoint, GPT2_TOKENIZER, str(tmp_path / 'export'))
     exported, _ = load_model(str(tmp_path / 'export'), 'cpu')
     with torch.no_grad():
@@ -140,6 +140,6 @@ def test_scripts_take_gpt2_by_name(gpt2_hub, workdir):
         proc = procs[name]
         assert proc.returncode == 2 and 'Traceback' not in proc.stderr, proc.stderr
         assert len(message_lines(proc.stderr)) == 1, proc.stderr
-    assert 'has a GELU MLP, so use_bio_mlp=True cannot start from its weights' in procs['bio'].stderr
+    assert 'has the MLP mlp=gelu, so mlp=bio cannot start from its weights' in procs['bio'].stderr
     assert not (workdir / 'bio').exists()
     assert 'gpt2-medium is not in the local hub cache' in procs['medium'].stderr

@@ -140,7 +140,7 @@ def test_param_counts_of_the_lineage():
         # the parameter-matched GELU control: as many parameters as each bio MLP, to within one hidden neuron
         for variant, bio in (('v3', 26_416_512), ('v2', 45_309_312), ('v1', 83_058_064)):
             gelu = GPT(GPTConfig(**{**small, 'use_bio_mlp': False}, gelu_params_like=variant))
-            assert abs(gelu.get_num_params() - bio) <= 2 * 384 and isinstance(gelu.transformer.h[0].mlp.gelu, torch.nn.GELU)
+            assert abs(gelu.get_num_params() - bio) <= 2 * 384 and isinstance(gelu.transformer.h[0].mlp.act, torch.nn.GELU)
 
 
 def test_the_size_bound_of_a_checkpoint_s_settings_holds_for_every_mlp():
