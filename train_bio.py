@@ -404,6 +404,7 @@ for split in ('train', 'val'):
 torch.manual_seed(seed)  # the initial weights depend on the seed alone, not on the process
 checkpoint = None
 iter_num, tokens_seen, best_val_loss, skipped_steps = 0, 0, float('inf'), 0
+train_seconds = 0.0  # the wall clock of the training steps so far, evaluations and saves left out
 if init_from == 'scratch':
     model_args = {k: config[k] for k in model_keys}
     model_args['vocab_size'] = meta_vocab_size or 50304
@@ -446,6 +447,7 @@ else:
         tokens_seen = checkpoint.get('tokens', 0)
         best_val_loss = float(checkpoint['best_val_loss'])
         skipped_steps = checkpoint.get('skipped_steps', 0)
+        train_seconds = checkpoint.get('train_seconds', 0.0)
         saved = checkpoint.get('config', {})
         changed = [f'{k} {saved[k]!r} -> {v!r}' for k, v in config.items()
                    if k in saved and saved[k] != v and k != 'init_from' and k not in ARCHITECTURE]
@@ -592,6 +594,7 @@ def write_checkpoint(rng_states, also_best):
         'format_version': FORMAT_VERSION,
         'tokens': tokens_seen,
         'skipped_steps': skipped_steps,
+        'train_seconds': train_seconds,
         'scaler': scaler.state_dict(),
         'rng': rng_states,
         'tokenizer': data_tokenizer,  # what the ids mean: resuming, fine-tuning and evaluating check the data's
@@ -711,18 +714,24 @@ stop_requested = False
 warmup_iters_rehearsed = max(1, rehearsal_iters // 5)  # the first iterations compile, allocate and tune: never timed
 devices.reset_peak_memory(device)
 interval_start, interval_iters = time.time(), 0
+segment_start = time.time()  # of the training steps since the last evaluation
 try:
     while True:
         # evaluate and save (not at the iteration a resumed run starts from: its checkpoint has that)
         if writes and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (
                 iter_num != start_iter or init_from != 'resume' or eval_only):
+            devices.synchronize(device)
+            train_seconds += time.time() - segment_start
             losses = estimate_loss()
             if not all(math.isfinite(loss) for loss in losses.values()):  # checked first: never logged, never saved
                 fail(f"loss is not finite (train {losses['train']}, val {losses['val']}) at iter {iter_num}; stopping, "
                      f'{kept_state()}')
             if master:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
-                log_json({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'tokens': tokens_seen})
+                # train_s and flops (6 per parameter and attention's products, per token trained) let a comparison
+                # read each run at the same time or compute (analysis/compare_runs.py)
+                log_json({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'tokens': tokens_seen,
+                          'train_s': train_seconds, 'flops': raw_model.flops_per_token() * tokens_seen})
                 if wandb_log:
                     wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'tokens': tokens_seen})
             if eval_only:
@@ -731,12 +740,15 @@ try:
             best_val_loss = min(best_val_loss, losses['val'])
             write_checkpoint(random_states(), also_best=improved)
             interval_start, interval_iters = time.time(), 0  # the step time excludes evaluation
+            segment_start = time.time()
         # a rehearsal times all its iterations, past max_iters if need be (it writes nothing)
         if (writes and iter_num >= max_iters) or (not writes and iter_num - start_iter == rehearsal_iters):
             break
         if stop_requested:
             if not writes:  # an interrupted rehearsal has nothing to save or report
                 sys.exit(130)
+            devices.synchronize(device)
+            train_seconds += time.time() - segment_start
             write_checkpoint(random_states(), also_best=False)
             break
         if not writes and iter_num - start_iter == warmup_iters_rehearsed:

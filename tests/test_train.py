@@ -50,6 +50,10 @@ def test_training_writes_log_checkpoints_and_the_original_formats(workdir):
     assert set(steps[0]) == {'iter', 'loss', 'lr', 'time_ms', 'mfu', 'sparsity', 'skipped_steps', 'tokens'}
     assert 0 < steps[0]['sparsity'] < 1
     assert steps[-1]['tokens'] == 6 * 4 * 2 * 16  # iterations x batch x accumulation x block
+    # each evaluation records the training steps' wall clock so far and their FLOPs (6 per parameter + attention)
+    flops_per_token = 6 * sum(v.numel() for k, v in ckpt['model'].items() if k != 'lm_head.weight') + 12 * 2 * 32 * 16
+    assert [e['flops'] for e in evals] == [flops_per_token * e['tokens'] for e in evals] and evals[-1]['flops'] > 0
+    assert evals[0]['train_s'] < evals[1]['train_s'] < evals[2]['train_s'] == ckpt['train_seconds']
     assert ckpt['best_val_loss'] == min(e['val_loss'] for e in evals)
     best = load(workdir / 'out' / 'ckpt_best.pt')
     assert best['iter_num'] == min(evals, key=lambda e: e['val_loss'])['iter']
