@@ -3,24 +3,29 @@ Working-memory tasks after seed 003 (bio-inspired nanochat): small GPTs trained 
 without synapses.py's mechanisms, scored by their accuracy at the answer positions. This is where a
 fast-weight scratchpad or synaptic depression should show if it helps.
 
-    python analysis/memory_tasks.py                    (about 2 hours on one CPU core: 45 runs)
+    python analysis/memory_tasks.py                    (about 4 hours on one CPU core: 45 runs)
     python analysis/memory_tasks.py --seeds 5 --steps 3000 --lrs 1e-3 3e-3 --arms plain fast_weights
 
 Tasks, each a sequence of at most 64 tokens: a context, then queries, each QUERY and a key of the context,
 answered by its value. The model is trained to predict the answers (cross-entropy at those positions alone)
 and scored by whether its most likely token there is the answer. Each key of the context is asked once, in
-random order (at most 8); the answer follows as the next token before the next query, so a query sees the
-earlier answers but nothing helps it but the context. Distractors are any tokens but QUERY and the pairs'
-keys (other keys and values included): a queried key occurs once before its query, and neither 'the token
-after a key' nor 'a value in sight' gives the answer. Tokens: 16 keys, 16 values, 30 filler tokens, QUERY;
-after the last answer, padding.
+random order (at most 8). No answer is ever shown: the next query follows the key at once, so a query sees
+the context and the earlier queries' keys, never their values, and knowing which values were asked already
+cannot narrow its choice (with the answers shown, a model that ignores the key and names a value not yet
+asked scored 0.77 on recall_2). Distractors are any tokens but QUERY and the pairs' keys (other keys and
+values included): a queried key occurs once before its query, and neither 'the token after a key' nor 'a
+value in sight' gives the answer. Tokens: 16 keys, 16 values, 30 filler tokens, QUERY; after the last
+query, padding.
   recall_N      associative recall: N key-value pairs (distinct keys), then the queries. N = 2, 4, 8, 16.
   binding_D     variable binding with distractors: 3 key-value pairs among D distractors (each pair kept
                 together, the order shuffled), then the queries. D = 8, 24.
   needle_L_P    needle in a haystack: L distractors with one key-value pair at depth P (0 the start, 1 the
                 end), then its query. L = 16, 32, 60; P = 0, 0.5, 1 (training draws P uniformly).
-Naming a random value scores 1/16; naming a value among the pairs not yet asked does better on recall_2 and
-binding, on recall_N about the mean of 1/N, ..., 1/(N - 7).
+Naming a random value scores 1/16. The table prints beside the arms what a model that ignores the queried key
+scores, told even which tokens are the pairs: it names the value the most pairs hold (ties: one at random),
+about 1/N on recall_N and 1/3 on binding, and 1 on the needles, whose one pair it need only find (the
+needles test finding a pair among distractors, not telling keys apart). An arm is worth only what it scores
+above that key-blind line.
 
 Arms (GPTConfig flags on the same model: --n_layer 2 --n_head 4 --n_embd 64, the oscillating MLP, RoPE
 (with learned positions even the plain model's recall takes thousands of steps more to appear), block 64,
@@ -36,9 +41,12 @@ and 0.95, gradients clipped at 1) and the cosine schedule of train_bio.py (warmu
 each rate of --lrs. Each arm's rate is the one with the best mean accuracy over seeds and tasks on
 validation sequences (ties: the smaller rate); the table reports, at that rate, the accuracy on separate
 test sequences (--eval_examples per task of each): the mean over seeds with its 95% t interval (compare_runs'
-interval), the parameters and the mean seconds per run (one thread; noisy on a shared machine); then each
-arm against the first of --arms, paired seed by seed (the same batches and sequences): the difference in
-mean test accuracy with its 95% t interval.
+interval), the parameters and the mean seconds per run (one thread; noisy on a shared machine); the mean test
+accuracy at a quarter, half and three quarters of the steps too, so that a curve still rising says the arm
+has not finished learning; then each arm against the first of --arms, paired seed by seed (the same batches
+and sequences): the difference in mean test accuracy with its 95% t interval. Every arm trains on every
+seed of --seeds, a number fixed before the run: more seeds are a new run of all arms, not an arm topped up
+once its interval is seen.
 
 Prints the table and writes memory_tasks.json (the settings; per arm the rate picked, validation accuracy at
 each rate, per task test accuracy per seed with mean and interval, parameters, seconds; the paired
@@ -96,9 +104,9 @@ def distractors(rng, n, bound):
 
 
 def sequence(task, rng, depth=None):
-    """(tokens, [(position, answer)]) of one example of task; depth overrides a needle's (training draws it
-    uniformly). Each pair's key is asked once, in random order, up to MAX_QUERIES: QUERY, the key, and
-    (but after the last) its value, so later queries see earlier answers but never their own."""
+    """(tokens, [(position, answer)], the pairs' values) of one example of task; depth overrides a needle's
+    (training draws it uniformly). Each pair's key is asked once, in random order, up to MAX_QUERIES: QUERY and
+    the key, its answer never shown."""
     kind, *params = task.split('_')
     if kind == 'recall':
         bound = pairs(rng, int(params[0]))
@@ -118,15 +126,25 @@ def sequence(task, rng, depth=None):
     for key, value in asked:
         tokens += [QUERY, key]
         answers.append((len(tokens) - 1, value))
-        tokens.append(value)
-    return tokens[:-1], answers
+    return tokens, answers, [value for _, value in bound]
+
+
+def key_blind_accuracy(examples):
+    """The expected accuracy of a guesser that ignores the queried key but knows the pairs' values: it names
+    the value most pairs hold (ties: one of them at random)."""
+    scores = []
+    for _, answers, values in examples:
+        most = max(values.count(v) for v in values)
+        favourites = {v for v in values if values.count(v) == most}
+        scores += [(answer in favourites) / len(favourites) for _, answer in answers]
+    return statistics.mean(scores)
 
 
 def batch_of(examples):
     """(inputs, targets) padded to BLOCK: each answer the target at its query's key, -1 elsewhere."""
     inputs = torch.full((len(examples), BLOCK), PAD)
     targets = torch.full((len(examples), BLOCK), -1)
-    for row, (tokens, answers) in enumerate(examples):
+    for row, (tokens, answers, _) in enumerate(examples):
         inputs[row, :len(tokens)] = torch.tensor(tokens)
         for position, answer in answers:
             targets[row, position] = answer
@@ -146,8 +164,13 @@ def training_batches(seed, steps, batch_size):
 
 
 def eval_sets(seed, n, split):
+    """{task: (inputs, targets, key-blind accuracy)} of n examples each."""
     rng = np.random.default_rng([seed, split])
-    return {task: batch_of([sequence(task, rng) for _ in range(n)]) for task in TASKS}
+    sets = {}
+    for task in TASKS:
+        examples = [sequence(task, rng) for _ in range(n)]
+        sets[task] = (*batch_of(examples), key_blind_accuracy(examples))
+    return sets
 
 
 def accuracy(model, inputs, targets):
@@ -167,15 +190,21 @@ def model_config(args, arm):
     return GPTConfig(**settings, **ARMS[arm])
 
 
+def curve_steps(steps):
+    """The steps after which test accuracy is read along a run: a quarter, half, three quarters and all."""
+    return sorted({max(1, round(steps * f)) for f in (0.25, 0.5, 0.75, 1.0)})
+
+
 def train(args, arm, lr, seed, batches, evals):
-    """One run: ({task: validation accuracy}, {task: test accuracy}, seconds)."""
+    """One run: ({task: validation accuracy}, {task: test accuracy}, seconds, {step: mean test accuracy})."""
     config = model_config(args, arm)  # before the seed: sizing the wider arm draws weights
     torch.manual_seed(seed)
     model = GPT(config)
     optimizer, = build_optimizers(model, 'adamw', lr, 0.1, 0.9, 0.95, 0.0, 0.95, 'cpu')
-    start = time.perf_counter()
-    model.train()
+    seconds, curve = 0.0, {}
     for step, (inputs, targets) in enumerate(batches):
+        start = time.perf_counter()
+        model.train()
         for group in optimizer.param_groups:
             group['lr'] = scheduled_lr(step, 'cosine', lr, lr / 10, WARMUP, len(batches), 0.2)
         _, loss = model(inputs, targets)
@@ -183,10 +212,13 @@ def train(args, arm, lr, seed, batches, evals):
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
         optimizer.step()
-    seconds = time.perf_counter() - start
-    model.eval()
-    scores = [{task: accuracy(model, *batch) for task, batch in evals[split].items()} for split in ('val', 'test')]
-    return scores[0], scores[1], seconds
+        seconds += time.perf_counter() - start
+        if step + 1 in curve_steps(len(batches)):
+            model.eval()
+            test = {task: accuracy(model, *batch[:2]) for task, batch in evals['test'].items()}
+            curve[step + 1] = statistics.mean(test.values())
+    val = {task: accuracy(model, *batch[:2]) for task, batch in evals['val'].items()}
+    return val, test, seconds, curve
 
 
 def half_interval(score):
@@ -201,7 +233,7 @@ def paired_differences(table, arms):
             for arm in arms[1:]}
 
 
-def plot(table, path):
+def plot(table, key_blind, path):
     fig, ax = plt.subplots(figsize=(14, 4.5))
     bar = 0.8 / len(table)
     for i, (arm, row) in enumerate(table.items()):
@@ -209,6 +241,8 @@ def plot(table, path):
         ax.bar([t + (i - (len(table) - 1) / 2) * bar for t in range(len(TASKS))], [s['mean'] for s in scores], bar,
                yerr=[half_interval(s) for s in scores], capsize=2, label=f"{arm} (lr {row['best_lr']:g})")
     ax.axhline(1 / len(VALUES), color='grey', linewidth=0.8, linestyle=':')
+    ax.hlines([key_blind[task] for task in TASKS], [t - 0.45 for t in range(len(TASKS))],
+              [t + 0.45 for t in range(len(TASKS))], color='black', linewidth=1.5, label='key-blind')
     ax.set_xticks(range(len(TASKS)), TASKS, rotation=30, ha='right')
     ax.set_ylim(0, 1.2)
     ax.set_ylabel('test accuracy at the answer')
@@ -222,7 +256,7 @@ def main():
     parser = one_line_errors(argparse.ArgumentParser(description=__doc__,
                                                      formatter_class=argparse.RawDescriptionHelpFormatter))
     parser.add_argument('--seeds', type=ruled(int, '>= 1'), default=3)
-    parser.add_argument('--steps', type=ruled(int, '>= 1'), default=1500)
+    parser.add_argument('--steps', type=ruled(int, '>= 1'), default=3000)
     parser.add_argument('--batch_size', type=ruled(int, '>= 1'), default=32)
     parser.add_argument('--lrs', type=ruled(float, '> 0'), nargs='+', default=[3e-4, 1e-3, 3e-3])
     parser.add_argument('--arms', nargs='+', choices=list(ARMS),
@@ -245,10 +279,13 @@ def main():
     torch.set_num_threads(1)  # small tensors: extra threads only add hand-off time
 
     start = time.time()
+    print(f'seeds {list(range(args.seeds))} for every arm, fixed before any run', flush=True)
     runs = {(arm, lr): [] for arm in args.arms for lr in args.lrs}
+    evals_by_seed = {}
     for seed in range(args.seeds):
         batches = training_batches(seed, args.steps, args.batch_size)
-        evals = {split: eval_sets(seed, args.eval_examples, index + 1) for index, split in enumerate(('val', 'test'))}
+        evals = evals_by_seed[seed] = {split: eval_sets(seed, args.eval_examples, index + 1)
+                                       for index, split in enumerate(('val', 'test'))}
         for lr in args.lrs:
             for arm in args.arms:
                 runs[arm, lr].append(train(args, arm, lr, seed, batches, evals))
@@ -263,16 +300,24 @@ def main():
                       'params': GPT(model_config(args, arm)).get_num_params(),
                       'test_accuracy': {task: interval([run[1][task] for run in runs[arm, best]]) for task in TASKS},
                       'mean_test_accuracy': interval([statistics.mean(run[1].values()) for run in runs[arm, best]]),
+                      'mean_test_accuracy_by_step': {step: interval([run[3][step] for run in runs[arm, best]])
+                                                     for step in curve_steps(args.steps)},
                       'seconds_per_run': statistics.mean(run[2] for run in runs[arm, best])}
+    # what ignoring the key scores, on the same test sequences (the mean over seeds)
+    key_blind = {task: statistics.mean(evals_by_seed[seed]['test'][task][2] for seed in range(args.seeds)) for task in TASKS}
+    key_blind['mean'] = statistics.mean(key_blind.values())
 
-    print(f"\n{'task':14s}" + ''.join(f'{arm:>16s}' for arm in args.arms))
+    print(f"\n{'task':14s}{'key-blind':>10s}" + ''.join(f'{arm:>16s}' for arm in args.arms))
     for task in TASKS + ['mean']:
         cells = [table[arm]['mean_test_accuracy'] if task == 'mean' else table[arm]['test_accuracy'][task]
                  for arm in args.arms]
-        print(f'{task:14s}' + ''.join(f"{c['mean']:.3f} +-{half_interval(c):.3f}".rjust(16) for c in cells))
-    print(f"{'best rate':14s}" + ''.join(f"{table[arm]['best_lr']:>16g}" for arm in args.arms))
-    print(f"{'parameters':14s}" + ''.join(f"{table[arm]['params']:>16,}" for arm in args.arms))
-    print(f"{'s per run':14s}" + ''.join(f"{table[arm]['seconds_per_run']:>16.1f}" for arm in args.arms))
+        print(f'{task:14s}{key_blind[task]:10.3f}' + ''.join(f"{c['mean']:.3f} +-{half_interval(c):.3f}".rjust(16) for c in cells))
+    for step in curve_steps(args.steps):
+        cells = [table[arm]['mean_test_accuracy_by_step'][step] for arm in args.arms]
+        print(f"{f'mean @{step}':14s}{'':10s}" + ''.join(f"{c['mean']:.3f} +-{half_interval(c):.3f}".rjust(16) for c in cells))
+    print(f"{'best rate':24s}" + ''.join(f"{table[arm]['best_lr']:>16g}" for arm in args.arms))
+    print(f"{'parameters':24s}" + ''.join(f"{table[arm]['params']:>16,}" for arm in args.arms))
+    print(f"{'s per run':24s}" + ''.join(f"{table[arm]['seconds_per_run']:>16.1f}" for arm in args.arms))
     paired = paired_differences(table, args.arms)
     for name, diff in paired.items():
         print(f"paired {name}, mean test accuracy: {diff['mean']:+.3f} +-{half_interval(diff):.3f}")
@@ -280,8 +325,10 @@ def main():
           f'{args.steps} steps x batch {args.batch_size}, rates {args.lrs}, {time.time() - start:.0f}s)')
 
     os.makedirs(args.out_dir, exist_ok=True)
-    write_file(os.path.join(args.out_dir, 'memory_tasks.json'), json.dumps({'settings': vars(args), 'tasks': TASKS, 'arms': table, 'paired': paired}, indent=2))
-    plot(table, os.path.join(args.out_dir, 'memory_tasks.png'))
+    write_file(os.path.join(args.out_dir, 'memory_tasks.json'),
+               json.dumps({'settings': vars(args), 'tasks': TASKS, 'key_blind': key_blind, 'arms': table, 'paired': paired},
+                          indent=2))
+    plot(table, key_blind, os.path.join(args.out_dir, 'memory_tasks.png'))
     print(f'wrote memory_tasks.json and memory_tasks.png to {args.out_dir}')
 
 

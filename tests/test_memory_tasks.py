@@ -1,7 +1,7 @@
 """
 analysis/memory_tasks.py: its sequences hold what its docstring says (each queried key once before its query,
-its value right after it, distractors that give nothing away), and a short run as a user runs it; a bad
-argument is one line.
+its value right after it, no answer ever shown, distractors that give nothing away), the key-blind baseline,
+and a short run as a user runs it; a bad argument is one line.
 
     python -m pytest tests/test_memory_tasks.py              (-m "not slow": without the script's short run)
 """
@@ -28,26 +28,40 @@ SCRIPT = os.path.join(REPO, 'analysis', 'memory_tasks.py')
 def test_every_query_is_answered_by_the_value_after_its_one_key(task):
     rng = np.random.default_rng(0)
     for _ in range(50):
-        tokens, answers = mt.sequence(task, rng)
+        tokens, answers, values = mt.sequence(task, rng)
         context = tokens[:tokens.index(mt.QUERY)]
+        # after the context only the queries, QUERY and a key each: no answer is shown, so none can be ruled out
+        assert tokens[len(context):] == [t for position, _ in answers for t in (mt.QUERY, tokens[position])]
         assert len(tokens) <= mt.BLOCK and answers
         kind, *params = task.split('_')
         asked = {'recall': min(int(params[0]), mt.MAX_QUERIES), 'binding': mt.BINDING_PAIRS, 'needle': 1}[kind]
         assert len(answers) == asked
         keys = []
-        for number, (position, answer) in enumerate(answers):
+        for position, answer in answers:
             key = tokens[position]
             assert tokens[position - 1] == mt.QUERY and key in mt.KEYS and answer in mt.VALUES
             assert context.count(key) == 1 and context[context.index(key) + 1] == answer
             keys.append(key)
-            # the answer is fed before the next query, never before its own
-            assert number == len(answers) - 1 or tokens[position + 1] == answer
         assert len(set(keys)) == len(keys)  # each key asked once
+        # the pairs' values, which the key-blind guesser is told: every pair's (recall_16 asks 8 of its 16)
+        assert sorted(values) == sorted(context[1::2] if kind == 'recall' else [a for _, a in answers])
         if kind == 'needle':
             length, depth = int(params[0]), float(params[1])
             assert len(context) == length and context.index(keys[0]) == round(depth * (length - 2))
         if kind == 'binding':
             assert len(context) == 2 * mt.BINDING_PAIRS + int(params[0])
+
+
+def test_the_key_blind_guesser_names_the_value_most_pairs_hold():
+    # (tokens, [(position, answer)], the pairs' values): only the answers and the values matter to it
+    assert mt.key_blind_accuracy([([], [(0, 5), (1, 5), (2, 7)], [5, 5, 7])]) == pytest.approx(2 / 3)
+    assert mt.key_blind_accuracy([([], [(0, 5)], [5, 7]), ([], [(0, 9)], [9])]) == pytest.approx(0.75)
+    # on the generator's sequences: about 1/N on recall_N (values repeat now and then), 1 on a needle's one pair
+    rng = np.random.default_rng(3)
+    blind = {task: mt.key_blind_accuracy([mt.sequence(task, rng) for _ in range(400)])
+             for task in ('recall_2', 'recall_8', 'binding_8', 'needle_32_0.5')}
+    assert 0.5 <= blind['recall_2'] < 0.56 and 0.125 <= blind['recall_8'] < 0.3 and 1 / 3 <= blind['binding_8'] < 0.45
+    assert blind['needle_32_0.5'] == 1
 
 
 def test_distractors_hold_other_keys_and_values_but_never_a_pair_s_key():
@@ -65,7 +79,7 @@ def test_batches_put_each_answer_at_its_query_s_key():
     examples = [mt.sequence('recall_4', np.random.default_rng(2)) for _ in range(3)]
     inputs, targets = mt.batch_of(examples)
     assert inputs.shape == targets.shape == (3, mt.BLOCK)
-    for row, (tokens, answers) in enumerate(examples):
+    for row, (tokens, answers, _) in enumerate(examples):
         assert inputs[row, :len(tokens)].tolist() == tokens and (inputs[row, len(tokens):] == mt.PAD).all()
         assert {p: a for p, a in answers} == {p: targets[row, p].item() for p in range(mt.BLOCK) if targets[row, p] >= 0}
 
@@ -107,6 +121,10 @@ def test_a_short_run_as_a_user_runs_it(tmp_path):
             assert score['ci95'][0] <= score['mean'] <= score['ci95'][1]
     assert list(report['paired']) == ['both - plain'] and len(report['paired']['both - plain']['values']) == 2
     assert 'needle_60_0.5' in proc.stdout and 'best rate' in proc.stdout and 'paired both - plain' in proc.stdout
+    assert 'key-blind' in proc.stdout and 'seeds [0, 1] for every arm, fixed before any run' in proc.stdout
+    assert set(report['key_blind']) == {*mt.TASKS, 'mean'} and report['key_blind']['needle_16_0'] == 1
+    # accuracy along the run, at a quarter, half, three quarters and all of the (2) steps
+    assert list(plain['mean_test_accuracy_by_step']) == ['1', '2'] and 'mean @2' in proc.stdout
     assert matplotlib.image.imread(tmp_path / 'out' / 'memory_tasks.png').shape[0] > 100
 
 
