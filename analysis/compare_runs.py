@@ -29,7 +29,11 @@ asked stops the comparison with a one-line error, untouched. It reports best and
 run; per arm and learning rate the mean and standard deviation over seeds; each arm's best learning
 rate (lowest mean final val loss among its rates run on the most seeds, so that a --grid_seeds
 sweep's one-seed rates are shown but not picked); at those, each arm's paired difference from the baseline per seed
-with a 95% t interval and the iterations it needs to reach the baseline's mean final val loss. It
+with a 95% t interval and the iterations it needs to reach the baseline's mean final val loss; and, compute-matched,
+the paired difference of each arm's val loss where the baseline's run ended by its steps' wall clock and by its
+training FLOPs (6 per parameter and attention's products per token; read between evaluations; train_bio.py's
+logs hold both), so that what an arm's step costs more is charged to it. The wall clock is only as steady as
+the machine: runs that share it slow each other. It
 writes compare.json, the val curves at the best learning rates (compare_curves.png) and, with
 several learning rates, final val loss against learning rate (compare_lr.png) to --out_dir
 (default: --runs_dir). --set key=value ... adds train_bio.py settings for every arm.
@@ -92,6 +96,21 @@ def read_evals(run_dir):
     # NaN counts as infinitely bad
     return [(r['iter'], r['val_loss'] if math.isfinite(r['val_loss']) else math.inf)
             for r in run_log.read_log(os.path.join(run_dir, 'log.jsonl')) if 'val_loss' in r]
+
+
+def read_spent(run_dir, measure):
+    """[(spent, val_loss)] of a run's evaluations by what the training had spent there: measure 'train_s' (its
+    steps' wall clock) or 'flops' (train_bio.py logs both since 2026-12-06; older runs give [])."""
+    return [(r[measure], r['val_loss'] if math.isfinite(r['val_loss']) else math.inf)
+            for r in run_log.read_log(os.path.join(run_dir, 'log.jsonl')) if 'val_loss' in r and measure in r]
+
+
+def loss_at(curve, spent):
+    """The val loss on curve [(spent, val_loss)] at spent, linear between evaluations; None past its last one."""
+    for (a, loss_a), (b, loss_b) in zip(curve, curve[1:]):
+        if a <= spent <= b:
+            return loss_b if b == a else loss_a + (loss_b - loss_a) * (spent - a) / (b - a)
+    return curve[-1][1] if curve and spent == curve[-1][0] else None
 
 
 def resolve(settings):
@@ -438,6 +457,30 @@ def main():
             text = (f"{stats['mean']:+.4f}, 95% interval [{stats['ci95'][0]:+.4f}, {stats['ci95'][1]:+.4f}] over "
                     f'{len(seeds)} seeds' if 'ci95' in stats else f"{stats['mean']:+.4f} (one seed: no interval)")
             print(f'paired {arm} - {baseline}, {key}: {text} (negative: {arm} lower)')
+    # compute-matched: each arm's val loss where the baseline's run ended, by its steps' wall clock and by its
+    # training FLOPs, seed by seed, so that what an arm's step costs more is charged to it
+    for measure, unit in (('train_s', 'training seconds'), ('flops', 'training FLOPs')):
+        for arm in [a for a in arms if a != baseline and at_best(a) and base]:
+            differences, ended_early = [], 0
+            for seed in sorted(set(at_best(arm)) & set(base)):
+                mine = read_spent(os.path.join(args.runs_dir, run_name(arm, report['best_lr'].get(arm), seed)), measure)
+                theirs = read_spent(os.path.join(args.runs_dir, run_name(baseline, report['best_lr'].get(baseline), seed)),
+                                    measure)
+                if not mine or not theirs:
+                    continue  # a run from before train_bio.py logged what it spent
+                loss = loss_at(mine, theirs[-1][0])
+                if loss is None:  # it spent less in its whole run: its final loss, which the budget allowed
+                    loss, ended_early = mine[-1][1], ended_early + 1
+                differences.append(loss - theirs[-1][1])
+            if not differences:
+                continue
+            stats = interval(differences)
+            report.setdefault('compute_matched', {}).setdefault(f'{arm} - {baseline}', {})[measure] = {
+                **stats, 'runs_that_ended_before': ended_early}
+            text = (f"{stats['mean']:+.4f}, 95% interval [{stats['ci95'][0]:+.4f}, {stats['ci95'][1]:+.4f}] over "
+                    f'{len(differences)} seeds' if 'ci95' in stats else f"{stats['mean']:+.4f} (one seed: no interval)")
+            early = f'; {ended_early} of its runs spent less in all and count their final loss' if ended_early else ''
+            print(f"compute-matched {arm} - {baseline}, val loss at {baseline}'s {unit}: {text}{early}")
     # iterations to reach the baseline's mean final val loss, on each arm's mean curve over seeds
     if base:
         target = statistics.mean(evals[-1][1] for evals in base.values())

@@ -152,6 +152,15 @@ def test_brainwaves_band_shares_match_the_state_dict(tmp_path):
         assert_png(tmp_path / 'out' / png)
 
 
+def test_a_curve_is_read_between_its_evaluations_and_not_past_its_end():
+    import sys
+    sys.path.insert(0, os.path.join(REPO, 'analysis'))
+    from compare_runs import loss_at
+    curve = [(0.0, 4.0), (10.0, 3.0), (30.0, 2.0)]
+    assert [loss_at(curve, spent) for spent in (0.0, 5.0, 10.0, 20.0, 30.0)] == [4.0, 3.5, 3.0, 2.5, 2.0]
+    assert loss_at(curve, 30.5) is None and loss_at(curve, -1.0) is None and loss_at([], 1.0) is None
+
+
 @pytest.mark.slow
 def test_compare_runs_trains_both_arms_and_reports_paired_differences(workdir):
     (workdir / 'config_tiny.py').write_text('max_iters = 4\neval_interval = 2\n')
@@ -179,6 +188,18 @@ def test_compare_runs_trains_both_arms_and_reports_paired_differences(workdir):
     again = run_script(workdir, 'analysis/compare_runs.py', '--config', 'config_tiny.py', '--seeds', '2',
                        '--set', *settings, '--runs_dir', 'runs')
     assert again.stdout.count('done already') == 4
+    # compute-matched: bio's val loss at GELU's training FLOPs, between bio's last two evaluations (a bio step
+    # costs more: omega, phi, baseline), against GELU's final; the same by the steps' wall clock
+    expected = []
+    for seed in (1337, 1338):
+        curves = {arm: [(e['flops'], e['val_loss']) for e in map(json.loads, (workdir / 'runs' / f'{arm}-seed{seed}' /
+                        'log.jsonl').read_text().splitlines()) if 'val_loss' in e] for arm in ('bio', 'gelu')}
+        (a, loss_a), (b, loss_b), budget = *curves['bio'][-2:], curves['gelu'][-1][0]
+        assert a < budget < b
+        expected.append(loss_a + (loss_b - loss_a) * (budget - a) / (b - a) - curves['gelu'][-1][1])
+    matched = report['compute_matched']['bio - gelu']
+    assert matched['flops']['values'] == pytest.approx(expected, rel=1e-12) and len(matched['train_s']['values']) == 2
+    assert 'compute-matched bio - gelu, val loss at gelu\'s training FLOPs: ' in again.stdout
     # then, side by side (each leaves 'runs' as it was): --tabulate; asked with other settings (a finished run is
     # refused and left as it was); leaving out a setting the run was trained with (that asks for train_bio.py's
     # default: also other settings); the same folder named another way (the same run); and a run that stops half
