@@ -3,7 +3,7 @@ Working-memory tasks after seed 003 (bio-inspired nanochat): small GPTs trained 
 without synapses.py's mechanisms, scored by their accuracy at the answer positions. This is where a
 fast-weight scratchpad or synaptic depression should show if it helps.
 
-    python analysis/memory_tasks.py                    (about 4 hours on one CPU core: 45 runs)
+    python analysis/memory_tasks.py --jobs 2           (about 4 hours of one CPU core: 45 runs, 2 at a time)
     python analysis/memory_tasks.py --seeds 5 --steps 3000 --lrs 1e-3 3e-3 --arms plain fast_weights
 
 Tasks, each a sequence of at most 64 tokens: a context, then queries, each QUERY and a key of the context,
@@ -55,11 +55,13 @@ differences) and memory_tasks.png
 the seconds are the same from run to run. A bad argument is one 'error: ' line and exit status 2.
 """
 import argparse
+import contextlib
 import json
 import os
 import statistics
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor
 
 import matplotlib
 
@@ -89,6 +91,7 @@ ARMS = {'plain': {}, 'presynaptic': dict(use_presynaptic=True), 'fast_weights': 
         'both': dict(use_presynaptic=True, use_fast_weights=True),
         'stochastic': dict(use_presynaptic=True, stochastic_release=True), 'wider': {}}
 WARMUP = 100
+SPLITS = {'val': 1, 'test': 2}  # each split's sequences come from a generator of its own
 
 
 def pairs(rng, n):
@@ -190,6 +193,24 @@ def model_config(args, arm):
     return GPTConfig(**settings, **ARMS[arm])
 
 
+seed_cache = {}  # seed -> (training batches, {'val', 'test'} sets): the runs of a process share their seed's
+
+
+def seed_data(seed, args):
+    """A seed's training batches and its validation and test sets."""
+    if seed not in seed_cache:
+        seed_cache.clear()  # the runs go seed by seed: one seed's data held at a time
+        seed_cache[seed] = (training_batches(seed, args.steps, args.batch_size),
+                            {split: eval_sets(seed, args.eval_examples, number) for split, number in SPLITS.items()})
+    return seed_cache[seed]
+
+
+def run(args, arm, lr, seed):
+    """train() on the seed's data; in a worker process too (--jobs), each with one thread."""
+    torch.set_num_threads(1)  # small tensors: extra threads only add hand-off time
+    return train(args, arm, lr, seed, *seed_data(seed, args))
+
+
 def curve_steps(steps):
     """The steps after which test accuracy is read along a run: a quarter, half, three quarters and all."""
     return sorted({max(1, round(steps * f)) for f in (0.25, 0.5, 0.75, 1.0)})
@@ -265,6 +286,7 @@ def main():
     parser.add_argument('--n_layer', type=ruled(int, '>= 1'), default=2)
     parser.add_argument('--n_head', type=ruled(int, '>= 1'), default=4)
     parser.add_argument('--n_embd', type=ruled(int, '>= 1'), default=64)
+    parser.add_argument('--jobs', type=ruled(int, '>= 1'), default=1, help='runs at once, each a process of one thread')
     parser.add_argument('--out_dir', default='analysis_out/memory_tasks')
     args = parser.parse_args()
     if args.n_embd % args.n_head:
@@ -276,21 +298,20 @@ def main():
         if len(set(values)) < len(values):
             parser.error(f'--{name} names {next(v for v in values if values.count(v) > 1)} twice; name each once')
     check_folder('--out_dir', args.out_dir)
-    torch.set_num_threads(1)  # small tensors: extra threads only add hand-off time
 
     start = time.time()
     print(f'seeds {list(range(args.seeds))} for every arm, fixed before any run', flush=True)
     runs = {(arm, lr): [] for arm in args.arms for lr in args.lrs}
-    evals_by_seed = {}
-    for seed in range(args.seeds):
-        batches = training_batches(seed, args.steps, args.batch_size)
-        evals = evals_by_seed[seed] = {split: eval_sets(seed, args.eval_examples, index + 1)
-                                       for index, split in enumerate(('val', 'test'))}
-        for lr in args.lrs:
-            for arm in args.arms:
-                runs[arm, lr].append(train(args, arm, lr, seed, batches, evals))
-                val = statistics.mean(runs[arm, lr][-1][0].values())
-                print(f'seed {seed} lr {lr:g} {arm}: mean val accuracy {val:.3f}', flush=True)
+    jobs = [(arm, lr, seed) for seed in range(args.seeds) for lr in args.lrs for arm in args.arms]
+    with contextlib.ExitStack() as stack:
+        if args.jobs == 1:
+            results = (run(args, *job) for job in jobs)
+        else:  # each run is fixed by its seed, so the results do not depend on how many run at once
+            pool = stack.enter_context(ProcessPoolExecutor(args.jobs))
+            results = pool.map(run, [args] * len(jobs), *zip(*jobs))
+        for (arm, lr, seed), result in zip(jobs, results):
+            runs[arm, lr].append(result)
+            print(f'seed {seed} lr {lr:g} {arm}: mean val accuracy {statistics.mean(result[0].values()):.3f}', flush=True)
 
     table = {}
     for arm in args.arms:
@@ -304,7 +325,8 @@ def main():
                                                      for step in curve_steps(args.steps)},
                       'seconds_per_run': statistics.mean(run[2] for run in runs[arm, best])}
     # what ignoring the key scores, on the same test sequences (the mean over seeds)
-    key_blind = {task: statistics.mean(evals_by_seed[seed]['test'][task][2] for seed in range(args.seeds)) for task in TASKS}
+    test_sets = [eval_sets(seed, args.eval_examples, SPLITS['test']) for seed in range(args.seeds)]
+    key_blind = {task: statistics.mean(sets[task][2] for sets in test_sets) for task in TASKS}
     key_blind['mean'] = statistics.mean(key_blind.values())
 
     print(f"\n{'task':14s}{'key-blind':>10s}" + ''.join(f'{arm:>16s}' for arm in args.arms))

@@ -126,6 +126,16 @@ def test_a_short_run_as_a_user_runs_it(tmp_path):
     # accuracy along the run, at a quarter, half, three quarters and all of the (2) steps
     assert list(plain['mean_test_accuracy_by_step']) == ['1', '2'] and 'mean @2' in proc.stdout
     assert matplotlib.image.imread(tmp_path / 'out' / 'memory_tasks.png').shape[0] > 100
+    # two runs at a time (--jobs 2, processes) give the same report but for the seconds
+    run_script(tmp_path, SCRIPT, '--seeds', '2', '--steps', '2', '--batch_size', '4', '--eval_examples', '2',
+               '--lrs', '1e-3', '3e-3', '--arms', 'plain', 'both', '--n_embd', '16', '--out_dir', 'two', '--jobs', '2',
+               fresh=True)
+    parallel = json.loads((tmp_path / 'two' / 'memory_tasks.json').read_text())
+    for result in (report, parallel):
+        del result['settings']['jobs'], result['settings']['out_dir']
+        for arm in result['arms'].values():
+            del arm['seconds_per_run']
+    assert parallel == report
 
 
 def test_a_bad_argument_is_one_line(tmp_path):
