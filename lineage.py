@@ -1,6 +1,6 @@
 """
 WiggleGPT's earlier MLPs, as their code computed them, so that each step of the lineage can be run and
-measured: GPTConfig.bio_variant = 'v2' or 'v1' (with use_bio_mlp=True; 'v3', model_bio.BioMLP, is the
+measured: GPTConfig.bio_variant = 'v2' or 'v1' (with mlp='bio'; 'v3', model_bio.BioMLP, is the
 default, and model_bio.bio_mlp picks among them). With E = n_embd inputs and H = 4E hidden neurons:
 
 v2 (seed 002; the original release's WiggleGPT-V2-OLD): c_fc (E -> H), the oscillating activation,

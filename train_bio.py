@@ -404,7 +404,9 @@ for split in ('train', 'val'):
 torch.manual_seed(seed)  # the initial weights depend on the seed alone, not on the process
 checkpoint = None
 iter_num, tokens_seen, best_val_loss, skipped_steps = 0, 0, float('inf'), 0
-train_seconds = 0.0  # the wall clock of the training steps so far, evaluations and saves left out
+# the wall clock of the training steps so far, evaluations and saves left out (None: a run resumed from a checkpoint
+# written before train_bio.py counted it, whose time so far is unknown)
+train_seconds = 0.0
 if init_from == 'scratch':
     model_args = {k: config[k] for k in model_keys}
     model_args['vocab_size'] = meta_vocab_size or 50304
@@ -447,7 +449,7 @@ else:
         tokens_seen = checkpoint.get('tokens', 0)
         best_val_loss = float(checkpoint['best_val_loss'])
         skipped_steps = checkpoint.get('skipped_steps', 0)
-        train_seconds = checkpoint.get('train_seconds', 0.0)
+        train_seconds = checkpoint.get('train_seconds', 0.0 if iter_num == 0 else None)
         saved = checkpoint.get('config', {})
         changed = [f'{k} {saved[k]!r} -> {v!r}' for k, v in config.items()
                    if k in saved and saved[k] != v and k != 'init_from' and k not in ARCHITECTURE]
@@ -721,7 +723,7 @@ try:
         if writes and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (
                 iter_num != start_iter or init_from != 'resume' or eval_only):
             devices.synchronize(device)
-            train_seconds += time.time() - segment_start
+            train_seconds = None if train_seconds is None else train_seconds + time.time() - segment_start
             losses = estimate_loss()
             if not all(math.isfinite(loss) for loss in losses.values()):  # checked first: never logged, never saved
                 fail(f"loss is not finite (train {losses['train']}, val {losses['val']}) at iter {iter_num}; stopping, "
@@ -730,8 +732,9 @@ try:
                 print(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 # train_s and flops (6 per parameter and attention's products, per token trained) let a comparison
                 # read each run at the same time or compute (analysis/compare_runs.py)
-                log_json({'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'tokens': tokens_seen,
-                          'train_s': train_seconds, 'flops': raw_model.flops_per_token() * tokens_seen})
+                record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'tokens': tokens_seen,
+                          'train_s': train_seconds, 'flops': raw_model.flops_per_token() * tokens_seen}
+                log_json({k: v for k, v in record.items() if v is not None})
                 if wandb_log:
                     wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'tokens': tokens_seen})
             if eval_only:
@@ -748,7 +751,7 @@ try:
             if not writes:  # an interrupted rehearsal has nothing to save or report
                 sys.exit(130)
             devices.synchronize(device)
-            train_seconds += time.time() - segment_start
+            train_seconds = None if train_seconds is None else train_seconds + time.time() - segment_start
             write_checkpoint(random_states(), also_best=False)
             break
         if not writes and iter_num - start_iter == warmup_iters_rehearsed:

@@ -11,7 +11,7 @@ By default bio vs GELU; each arm may be swept over learning rates and is then ju
 
 An arm is NAME:key=value[,key=value...] (train_bio.py settings); the last arm is the baseline the
 others are measured against. One arm alone trains and reports its own sweep: a way to add an arm,
-with rates of its own, to a --runs_dir that a later --tabulate --arms ... compares. Default: bio:use_bio_mlp=True gelu:use_bio_mlp=False,use_sparse_gate=False.
+with rates of its own, to a --runs_dir that a later --tabulate --arms ... compares. Default: bio:mlp=bio gelu:mlp=gelu,use_sparse_gate=False.
 --lrs: each run gets learning_rate=LR, and the config's other rates (min_lr, muon_learning_rate)
 are scaled with it, so the schedule's shape stays as configured. --grid_seeds N (with --lrs): the
 rates are swept on the first N seeds only, and the other seeds train each arm at its best rate on
@@ -77,7 +77,7 @@ import run_log  # noqa: E402
 from configurator import check_folder, configure, declared_rules, fail, one_line_errors, ruled, script_defaults  # noqa: E402
 from files import WriteError, open_append, save_figure, write_file  # noqa: E402
 # the sparse gate is part of the oscillating MLP, so the GELU arm goes without it
-DEFAULT_ARMS = ['bio:use_bio_mlp=True', 'gelu:use_bio_mlp=False,use_sparse_gate=False']
+DEFAULT_ARMS = ['bio:mlp=bio', 'gelu:mlp=gelu,use_sparse_gate=False']
 SCALED_WITH_LR = ('min_lr', 'muon_learning_rate')  # rates that follow learning_rate in a sweep
 # two-sided 95% critical values of Student's t for 1..30 degrees of freedom (30's beyond: slightly wide)
 T_95 = [12.706, 4.303, 3.182, 2.776, 2.571, 2.447, 2.365, 2.306, 2.262, 2.228, 2.201, 2.179, 2.160, 2.145, 2.131,
@@ -100,17 +100,23 @@ def read_evals(run_dir):
 
 def read_spent(run_dir, measure):
     """[(spent, val_loss)] of a run's evaluations by what the training had spent there: measure 'train_s' (its
-    steps' wall clock) or 'flops' (train_bio.py logs both since 2026-12-06; older runs give [])."""
-    return [(r[measure], r['val_loss'] if math.isfinite(r['val_loss']) else math.inf)
-            for r in run_log.read_log(os.path.join(run_dir, 'log.jsonl')) if 'val_loss' in r and measure in r]
+    steps' wall clock) or 'flops'; [] unless every evaluation has it (train_bio.py logs both since 2026-12-06; a
+    run begun before and resumed after has them only from its resume on)."""
+    evals = [r for r in run_log.read_log(os.path.join(run_dir, 'log.jsonl')) if 'val_loss' in r]
+    if not all(measure in r for r in evals):
+        return []
+    return [(r[measure], r['val_loss'] if math.isfinite(r['val_loss']) else math.inf) for r in evals]
 
 
 def loss_at(curve, spent):
-    """The val loss on curve [(spent, val_loss)] at spent, linear between evaluations; None past its last one."""
+    """The val loss on curve [(spent, val_loss)] (from its first evaluation, at iteration 0) at spent, linear
+    between evaluations; None past its last one."""
+    if spent <= curve[0][0]:
+        return curve[0][1]
     for (a, loss_a), (b, loss_b) in zip(curve, curve[1:]):
         if a <= spent <= b:
             return loss_b if b == a else loss_a + (loss_b - loss_a) * (spent - a) / (b - a)
-    return curve[-1][1] if curve and spent == curve[-1][0] else None
+    return None
 
 
 def resolve(settings):
@@ -243,6 +249,16 @@ def interval(values):
     std = statistics.stdev(values)
     half = T_95[min(len(values) - 1, 30) - 1] * std / math.sqrt(len(values))
     return {'values': values, 'mean': mean, 'std': std, 'ci95': [mean - half, mean + half]}
+
+
+def difference_text(stats):
+    """A paired difference's interval (from interval()) as the report prints it."""
+    if 'ci95' in stats:
+        return (f"{stats['mean']:+.4f}, 95% interval [{stats['ci95'][0]:+.4f}, {stats['ci95'][1]:+.4f}] over "
+                f"{len(stats['values'])} seeds")
+    if math.isinf(stats['mean']):
+        return '+inf (a run diverged)'
+    return f"{stats['mean']:+.4f} (one seed: no interval)"
 
 
 def read_eval_results(path):
@@ -454,8 +470,7 @@ def main():
                 continue
             stats = interval([pick(mine[s]) - pick(base[s]) for s in seeds])
             report['paired'].setdefault(f'{arm} - {baseline}', {})[key] = stats
-            text = (f"{stats['mean']:+.4f}, 95% interval [{stats['ci95'][0]:+.4f}, {stats['ci95'][1]:+.4f}] over "
-                    f'{len(seeds)} seeds' if 'ci95' in stats else f"{stats['mean']:+.4f} (one seed: no interval)")
+            text = difference_text(stats)
             print(f'paired {arm} - {baseline}, {key}: {text} (negative: {arm} lower)')
     # compute-matched: each arm's val loss where the baseline's run ended, by its steps' wall clock and by its
     # training FLOPs, seed by seed, so that what an arm's step costs more is charged to it
@@ -468,6 +483,9 @@ def main():
                                     measure)
                 if not mine or not theirs:
                     continue  # a run from before train_bio.py logged what it spent
+                if (arm, report['best_lr'].get(arm), seed) in diverged or (baseline, report['best_lr'].get(baseline), seed) in diverged:
+                    differences.append(math.inf)  # as in the paired view: a diverged run's loss is infinite
+                    continue
                 loss = loss_at(mine, theirs[-1][0])
                 if loss is None:  # it spent less in its whole run: its final loss, which the budget allowed
                     loss, ended_early = mine[-1][1], ended_early + 1
@@ -477,8 +495,7 @@ def main():
             stats = interval(differences)
             report.setdefault('compute_matched', {}).setdefault(f'{arm} - {baseline}', {})[measure] = {
                 **stats, 'runs_that_ended_before': ended_early}
-            text = (f"{stats['mean']:+.4f}, 95% interval [{stats['ci95'][0]:+.4f}, {stats['ci95'][1]:+.4f}] over "
-                    f'{len(differences)} seeds' if 'ci95' in stats else f"{stats['mean']:+.4f} (one seed: no interval)")
+            text = difference_text(stats)
             early = f'; {ended_early} of its runs spent less in all and count their final loss' if ended_early else ''
             print(f"compute-matched {arm} - {baseline}, val loss at {baseline}'s {unit}: {text}{early}")
     # iterations to reach the baseline's mean final val loss, on each arm's mean curve over seeds

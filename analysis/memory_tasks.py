@@ -185,7 +185,7 @@ def accuracy(model, inputs, targets):
 
 def model_config(args, arm):
     settings = dict(n_layer=args.n_layer, n_head=args.n_head, n_embd=args.n_embd, block_size=BLOCK, vocab_size=VOCAB,
-                    bias=False, use_bio_mlp=True, use_rope=True, dropout=0.0)
+                    bias=False, mlp='bio', use_rope=True, dropout=0.0)
     if arm == 'wider':  # the control for the fast weights' extra parameters: the plain model, widened to hold as many
         wanted = GPT(GPTConfig(**settings, **ARMS['fast_weights'])).get_num_params()
         while GPT(GPTConfig(**settings)).get_num_params() < wanted:

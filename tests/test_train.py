@@ -60,6 +60,18 @@ def test_training_writes_log_checkpoints_and_the_original_formats(workdir):
     assert sorted(os.listdir(workdir / 'out')) == ['ckpt.pt', 'ckpt_best.pt', 'log.jsonl']
 
 
+def test_a_run_resumed_from_before_train_s_was_counted_logs_no_train_s(workdir, tiny_run):
+    # its time so far is unknown: a train_s counted from the resume would pass for the whole run's (compare_runs)
+    shutil.copytree(tiny_run, workdir / 'out')
+    ckpt = load(workdir / 'out' / 'ckpt.pt')
+    del ckpt['train_seconds']
+    torch.save(ckpt, workdir / 'out' / 'ckpt.pt')
+    run_script(workdir, 'train_bio.py', *TINY, '--init_from=resume', '--max_iters=6', '--eval_interval=2', '--out_dir=out')
+    evals = [r for r in read_log(workdir / 'out') if 'val_loss' in r]
+    assert [r['iter'] for r in evals] == [0, 2, 4, 6] and 'train_s' not in evals[-1] and evals[-1]['flops'] > 0
+    assert load(workdir / 'out' / 'ckpt.pt')['train_seconds'] is None
+
+
 @pytest.mark.slow
 def test_each_split_is_evaluated_on_the_same_windows(workdir):
     # Each split's eval batches come from their own generator seeded alike, so a val.bin identical to
