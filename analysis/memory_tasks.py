@@ -39,7 +39,8 @@ Fairness: every arm trains the same --steps on the same batches (a mixture of al
 seed: seeds 0, 1, ...) from weights drawn from the seed, with AdamW (weight decay 0.1 on matrices, betas 0.9
 and 0.95, gradients clipped at 1) and the cosine schedule of train_bio.py (warmup 100, down to a tenth) at
 each rate of --lrs. Each arm's rate is the one with the best mean accuracy over seeds and tasks on
-validation sequences (ties: the smaller rate); the table reports, at that rate, the accuracy on separate
+validation sequences (ties: the smaller rate), its grid extended 3x beyond a best at its edge until the best is
+interior (up to 3 times; compare_runs.py's rule), a best still at an edge starred; the table reports, at that rate, the accuracy on separate
 test sequences (--eval_examples per task of each): the mean over seeds with its 95% t interval (compare_runs'
 interval), the parameters and the mean seconds per run (one thread; noisy on a shared machine); the mean test
 accuracy at a quarter, half and three quarters of the steps too, so that a curve still rising says the arm
@@ -73,7 +74,7 @@ import torch  # noqa: E402
 HERE = os.path.dirname(os.path.abspath(__file__))
 sys.path.insert(0, os.path.dirname(HERE))
 sys.path.insert(0, HERE)
-from compare_runs import interval  # noqa: E402  (mean, std and 95% t interval, as the run comparison gives them)
+from compare_runs import GRID_EXTENSIONS, interval, rate_beyond  # noqa: E402  (the run comparison's intervals and grids)
 from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
 from files import WriteError, save_figure, write_file  # noqa: E402
 from model_bio import GPT, GPTConfig  # noqa: E402
@@ -211,6 +212,45 @@ def run(args, arm, lr, seed):
     return train(args, arm, lr, seed, *seed_data(seed, args))
 
 
+def train_all(args, jobs, runs, pool):
+    """Train each (arm, lr) of jobs on every seed into runs, in pool's processes if one is given: each run is fixed
+    by its seed, so the results do not depend on how many run at once."""
+    work = [(arm, lr, seed) for seed in range(args.seeds) for arm, lr in jobs]
+    results = pool.map(run, [args] * len(work), *zip(*work)) if pool else (run(args, *job) for job in work)
+    for (arm, lr, seed), result in zip(work, results):
+        runs.setdefault((arm, lr), []).append(result)
+        print(f'seed {seed} lr {lr:g} {arm}: mean val accuracy {mean_val_accuracy([result]):.3f}', flush=True)
+
+
+def sweep(args, pool):
+    """Every arm at every rate of --lrs on every seed, each arm's grid extended 3x beyond a best at its edge until
+    the best is interior (up to GRID_EXTENSIONS times): ({(arm, lr): a run per seed}, {arm: its rates})."""
+    runs, rates = {}, {arm: sorted(args.lrs) for arm in args.arms}
+    jobs = [(arm, lr) for lr in args.lrs for arm in args.arms]
+    for extensions in range(GRID_EXTENSIONS + 1):
+        train_all(args, jobs, runs, pool)
+        jobs = []
+        for arm in args.arms:
+            extra = rate_beyond(rates[arm], best_rate(runs, arm, rates[arm]))
+            if extra is not None and extensions < GRID_EXTENSIONS:
+                print(f'{arm}: its best rate is at the edge of its grid; adding {extra:g}', flush=True)
+                rates[arm] = sorted(rates[arm] + [extra])
+                jobs.append((arm, extra))
+        if not jobs:
+            break
+    return runs, rates
+
+
+def mean_val_accuracy(arm_runs):
+    """The mean over runs and tasks of validation accuracy."""
+    return statistics.mean(statistics.mean(result[0].values()) for result in arm_runs)
+
+
+def best_rate(runs, arm, rates):
+    """The arm's rate with the best mean validation accuracy (ties: the smaller)."""
+    return max(rates, key=lambda lr: (mean_val_accuracy(runs[arm, lr]), -lr))
+
+
 def curve_steps(steps):
     """The steps after which test accuracy is read along a run: a quarter, half, three quarters and all."""
     return sorted({max(1, round(steps * f)) for f in (0.25, 0.5, 0.75, 1.0)})
@@ -301,23 +341,15 @@ def main():
 
     start = time.time()
     print(f'seeds {list(range(args.seeds))} for every arm, fixed before any run', flush=True)
-    runs = {(arm, lr): [] for arm in args.arms for lr in args.lrs}
-    jobs = [(arm, lr, seed) for seed in range(args.seeds) for lr in args.lrs for arm in args.arms]
     with contextlib.ExitStack() as stack:
-        if args.jobs == 1:
-            results = (run(args, *job) for job in jobs)
-        else:  # each run is fixed by its seed, so the results do not depend on how many run at once
-            pool = stack.enter_context(ProcessPoolExecutor(args.jobs))
-            results = pool.map(run, [args] * len(jobs), *zip(*jobs))
-        for (arm, lr, seed), result in zip(jobs, results):
-            runs[arm, lr].append(result)
-            print(f'seed {seed} lr {lr:g} {arm}: mean val accuracy {statistics.mean(result[0].values()):.3f}', flush=True)
+        runs, rates = sweep(args, stack.enter_context(ProcessPoolExecutor(args.jobs)) if args.jobs > 1 else None)
 
     table = {}
     for arm in args.arms:
-        val = {lr: statistics.mean(statistics.mean(run[0].values()) for run in runs[arm, lr]) for lr in args.lrs}
-        best = max(args.lrs, key=lambda lr: (val[lr], -lr))
-        table[arm] = {'best_lr': best, 'val_accuracy_by_lr': {repr(lr): v for lr, v in val.items()},
+        val = {lr: mean_val_accuracy(runs[arm, lr]) for lr in rates[arm]}
+        best = best_rate(runs, arm, rates[arm])
+        table[arm] = {'best_lr': best, 'best_lr_at_edge': rate_beyond(rates[arm], best) is not None,
+                      'val_accuracy_by_lr': {repr(lr): v for lr, v in val.items()},
                       'params': GPT(model_config(args, arm)).get_num_params(),
                       'test_accuracy': {task: interval([run[1][task] for run in runs[arm, best]]) for task in TASKS},
                       'mean_test_accuracy': interval([statistics.mean(run[1].values()) for run in runs[arm, best]]),
@@ -337,14 +369,15 @@ def main():
     for step in curve_steps(args.steps):
         cells = [table[arm]['mean_test_accuracy_by_step'][step] for arm in args.arms]
         print(f"{f'mean @{step}':14s}{'':10s}" + ''.join(f"{c['mean']:.3f} +-{half_interval(c):.3f}".rjust(16) for c in cells))
-    print(f"{'best rate':24s}" + ''.join(f"{table[arm]['best_lr']:>16g}" for arm in args.arms))
+    print(f"{'best rate (* at an edge)':24s}"
+          + ''.join(f"{table[arm]['best_lr']:g}{'*' if table[arm]['best_lr_at_edge'] else ''}".rjust(16) for arm in args.arms))
     print(f"{'parameters':24s}" + ''.join(f"{table[arm]['params']:>16,}" for arm in args.arms))
     print(f"{'s per run':24s}" + ''.join(f"{table[arm]['seconds_per_run']:>16.1f}" for arm in args.arms))
     paired = paired_differences(table, args.arms)
     for name, diff in paired.items():
         print(f"paired {name}, mean test accuracy: {diff['mean']:+.3f} +-{half_interval(diff):.3f}")
     print(f'(test accuracy at each arm\'s best rate, mean +- 95% half-interval over {args.seeds} seeds; '
-          f'{args.steps} steps x batch {args.batch_size}, rates {args.lrs}, {time.time() - start:.0f}s)')
+          f'{args.steps} steps x batch {args.batch_size}, --lrs {args.lrs}, {time.time() - start:.0f}s)')
 
     os.makedirs(args.out_dir, exist_ok=True)
     write_file(os.path.join(args.out_dir, 'memory_tasks.json'),

@@ -105,6 +105,18 @@ def test_each_arm_is_paired_seed_by_seed_with_the_first():
     assert paired['wide - plain']['mean'] == pytest.approx(0.0)
 
 
+def test_each_arm_s_grid_is_extended_until_it_brackets_its_best_rate(monkeypatch):
+    # validation accuracy peaks at 1e-2 for one arm and at 3e-4 for the other: from 1e-3 and 3e-3 the first
+    # grid grows up (9e-3, 2.7e-2), the second down (3.33e-4, 1.11e-4); runs are the seeds' alone
+    peak = {'plain': 1e-2, 'both': 3e-4}
+    monkeypatch.setattr(mt, 'run', lambda args, arm, lr, seed: ({'t': -abs(np.log(lr / peak[arm]))}, {}, 0.0, {}))
+    args = argparse.Namespace(arms=['plain', 'both'], lrs=[1e-3, 3e-3], seeds=2)
+    runs, rates = mt.sweep(args, None)
+    assert rates == {'plain': [1e-3, 3e-3, 9e-3, 2.7e-2], 'both': [1.11e-4, 3.33e-4, 1e-3, 3e-3]}
+    assert mt.best_rate(runs, 'plain', rates['plain']) == 9e-3 and mt.best_rate(runs, 'both', rates['both']) == 3.33e-4
+    assert all(len(seeds) == 2 for seeds in runs.values()) and len(runs) == 8
+
+
 @pytest.mark.slow
 def test_a_short_run_as_a_user_runs_it(tmp_path):
     proc = run_script(tmp_path, SCRIPT, '--seeds', '2', '--steps', '2', '--batch_size', '4', '--eval_examples', '2',
@@ -115,7 +127,12 @@ def test_a_short_run_as_a_user_runs_it(tmp_path):
     plain, both = report['arms']['plain'], report['arms']['both']
     assert both['params'] > plain['params']
     for arm in (plain, both):
-        assert arm['best_lr'] in (1e-3, 3e-3) and set(arm['val_accuracy_by_lr']) == {'0.001', '0.003'}
+        # the grid, extended 3x beyond an edge's best until the best is interior (or 3 times, then starred)
+        rates = sorted(float(lr) for lr in arm['val_accuracy_by_lr'])
+        assert {1e-3, 3e-3} <= set(rates) and len(rates) <= 2 + mt.GRID_EXTENSIONS and arm['best_lr'] in rates
+        assert arm['best_lr_at_edge'] == (arm['best_lr'] in (rates[0], rates[-1]))
+        assert arm['best_lr_at_edge'] or rates[0] < arm['best_lr'] < rates[-1]
+        assert len(rates) == 2 or arm['val_accuracy_by_lr'][repr(arm['best_lr'])] == max(arm['val_accuracy_by_lr'].values())
         for score in arm['test_accuracy'].values():
             assert len(score['values']) == 2 and all(0 <= v <= 1 for v in score['values'])
             assert score['ci95'][0] <= score['mean'] <= score['ci95'][1]
