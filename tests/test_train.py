@@ -60,6 +60,7 @@ def test_training_writes_log_checkpoints_and_the_original_formats(workdir):
     assert sorted(os.listdir(workdir / 'out')) == ['ckpt.pt', 'ckpt_best.pt', 'log.jsonl']
 
 
+@pytest.mark.slow
 def test_a_run_resumed_from_before_train_s_was_counted_logs_no_train_s(workdir, tiny_run):
     # its time so far is unknown: a train_s counted from the resume would pass for the whole run's (compare_runs)
     shutil.copytree(tiny_run, workdir / 'out')
