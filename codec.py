@@ -109,6 +109,16 @@ def check_tokenizer(facts, vocab_size, source):
                          f'{{"type": "tiktoken", ...}}; export the model again')
 
 
+def gpt2_encoding():
+    """tiktoken's GPT-2 BPE; ValueError (one line) where its files cannot be had."""
+    import tiktoken
+    try:
+        return tiktoken.get_encoding(GPT2_TOKENIZER['encoding'])
+    except Exception as e:  # its files are downloaded at first use: offline, that fails deep in requests
+        raise ValueError(f'GPT-2\'s BPE files could not be loaded ({type(e).__name__}); tiktoken downloads them once '
+                         'when online, or reads them from TIKTOKEN_CACHE_DIR') from None
+
+
 def tokenizer_facts(checkpoint):
     """How a checkpoint's text becomes token ids, as JSON-ready facts: {'type': 'characters', 'chars': [...]}
     (a character's id is its place in chars) or {'type': 'tiktoken', 'encoding': 'gpt2', 'eot_id': 50256}."""
@@ -156,11 +166,6 @@ def load_codec(checkpoint):
             return [stoi[c] for c in text]
 
         return encode, lambda ids: ''.join(itos[i] for i in ids)
-    import tiktoken
-    try:
-        enc = tiktoken.get_encoding(facts['encoding'])
-    except Exception as e:  # its files are downloaded at first use: offline, that fails deep in requests
-        raise ValueError(f'GPT-2\'s BPE files could not be loaded ({type(e).__name__}); tiktoken downloads them once '
-                         'when online, or reads them from TIKTOKEN_CACHE_DIR') from None
+    enc = gpt2_encoding()
     # ids past the vocabulary (vocab_size is padded to 50304) are no text: an untrained model may sample them
     return (lambda text: enc.encode(text, allowed_special={'<|endoftext|>'})), lambda ids: enc.decode([i for i in ids if i < enc.n_vocab])

@@ -73,7 +73,7 @@ from tqdm import tqdm
 import devices
 import prepared_data
 from checkpoints import error_line, is_hub_name, load_model, note_local_gpt2
-from codec import dataset_tokenizer, is_dataset_name, load_codec, tokenizer_difference, tokenizer_facts
+from codec import dataset_tokenizer, gpt2_encoding, is_dataset_name, load_codec, tokenizer_difference, tokenizer_facts
 from eval_results import RESULTS_FILE, TASKS, card_section, merged, read_results, result_rows, with_card_section, write_json
 from files import claim_folder, create_new, remove_entry, write_file
 
@@ -205,8 +205,7 @@ def token_bytes(facts):
     """The UTF-8 bytes of each token id's text, as an array indexed by id (the tokenizer's ids alone)."""
     if facts['type'] == 'characters':
         return np.array([len(c.encode('utf-8')) for c in facts['chars']], dtype=np.int64)
-    import tiktoken
-    encoding = tiktoken.get_encoding(facts['encoding'])
+    encoding = gpt2_encoding()  # the only other tokenizer codec.check_tokenizer lets through
     return np.array([len(encoding.decode_single_token_bytes(i)) for i in range(encoding.n_vocab)], dtype=np.int64)
 
 

@@ -302,6 +302,22 @@ def test_a_failed_download_is_one_line_and_leaves_no_file(tmp_path):
     assert target.read_text() == "kept"
 
 
+def test_gpt2_s_bpe_files_out_of_reach_are_one_line(workdir, tmp_path):
+    # an empty tiktoken cache and a proxy that refuses: the offline machine, without waiting on a real host
+    folder = workdir / "data" / "shakespeare"
+    folder.mkdir(parents=True)
+    shutil.copy(os.path.join(REPO, "data", "shakespeare", "prepare.py"), folder)
+    shutil.copy(os.path.join(SHARED, "data", "tinyshakespeare", "input.txt"), folder)
+    (tmp_path / "empty-cache").mkdir()
+    env = {"TIKTOKEN_CACHE_DIR": str(tmp_path / "empty-cache"), "HTTPS_PROXY": "http://127.0.0.1:9",
+           "HTTP_PROXY": "http://127.0.0.1:9"}
+    proc = run([str(folder / "prepare.py")], workdir, env=env, fresh=True)
+    assert proc.returncode != 0 and "Traceback" not in proc.stderr
+    assert message_lines(proc.stderr) == ["error: GPT-2's BPE files could not be loaded (ProxyError); tiktoken downloads "
+                                          "them once when online, or reads them from TIKTOKEN_CACHE_DIR"]
+    assert sorted(os.listdir(folder)) == ["input.txt", "prepare.py"]
+
+
 def test_openwebtext_on_a_full_disk_is_one_line_and_leaves_nothing(tmp_path):
     import signal
     import subprocess

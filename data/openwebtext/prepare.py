@@ -26,11 +26,11 @@ import os
 import sys
 
 import numpy as np
-import tiktoken
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import prepared_data  # noqa: E402
+from codec import gpt2_encoding  # noqa: E402
 from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
 
 HUB_DATASET = "Skylion007/openwebtext"
@@ -54,7 +54,10 @@ try:
 except ValueError as e:
     fail(str(e))
 
-encoding = tiktoken.get_encoding("gpt2")
+try:
+    encoding = gpt2_encoding()
+except ValueError as e:
+    fail(str(e))
 eot = encoding.eot_token
 rng = np.random.default_rng(args.seed)
 os.makedirs(args.out_dir, exist_ok=True)

@@ -11,10 +11,10 @@ import os
 import sys
 
 import numpy as np
-import tiktoken
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import prepared_data  # noqa: E402
+from codec import gpt2_encoding  # noqa: E402
 from configurator import one_line_errors  # noqa: E402
 
 # it takes no arguments: one given by mistake (an --out_dir, say) must not pass unnoticed
@@ -28,7 +28,10 @@ except ValueError as e:
 with open(input_path, encoding='utf-8') as f:
     text = f.read()
 split_at = int(len(text) * 0.9)
-encoding = tiktoken.get_encoding('gpt2')
+try:
+    encoding = gpt2_encoding()
+except ValueError as e:
+    sys.exit(f'error: {e}')
 staging = prepared_data.staging_dir(here)
 try:
     for name, part in (('train', text[:split_at]), ('val', text[split_at:])):

@@ -29,14 +29,13 @@ import os
 import sys
 
 import numpy as np
-import tiktoken
 from tqdm import tqdm
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 import prepared_data  # noqa: E402
 from configurator import check_folder, fail, one_line_errors, ruled  # noqa: E402
 from chat_template import chat_turn  # noqa: E402  (the template lives in one place)
-from codec import EOT_ID  # noqa: E402
+from codec import EOT_ID, gpt2_encoding  # noqa: E402
 
 HUB_DATASET, HUB_CONFIG = 'HuggingFaceTB/smoltalk2', 'SFT'
 HUB_SPLIT = 'smoltalk_smollm3_smol_magpie_ultra_no_think'
@@ -57,7 +56,10 @@ args = parser.parse_args()
 check_folder('--out_dir', args.out_dir)  # before the dataset opens, which can take a while
 
 
-encoding = tiktoken.get_encoding('gpt2')
+try:
+    encoding = gpt2_encoding()
+except ValueError as e:
+    fail(str(e))
 
 
 def turns_of(record):
