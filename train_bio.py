@@ -707,6 +707,14 @@ def rehearsal_report(timed_iters, seconds):
           f'evaluation {duration(n_evals * per_eval)})')
 
 
+def count_training_time():
+    """Add the steps' wall clock since segment_start to train_seconds (an unknown total stays unknown)."""
+    global train_seconds
+    devices.synchronize(device)
+    if train_seconds is not None:
+        train_seconds += time.time() - segment_start
+
+
 peak, peak_note = devices.peak_flops(device, peak_flops)
 if master and peak_note:
     print(peak_note, file=sys.stderr)
@@ -722,8 +730,7 @@ try:
         # evaluate and save (not at the iteration a resumed run starts from: its checkpoint has that)
         if writes and (iter_num % eval_interval == 0 or iter_num == max_iters or eval_only) and (
                 iter_num != start_iter or init_from != 'resume' or eval_only):
-            devices.synchronize(device)
-            train_seconds = None if train_seconds is None else train_seconds + time.time() - segment_start
+            count_training_time()
             losses = estimate_loss()
             if not all(math.isfinite(loss) for loss in losses.values()):  # checked first: never logged, never saved
                 fail(f"loss is not finite (train {losses['train']}, val {losses['val']}) at iter {iter_num}; stopping, "
@@ -750,8 +757,7 @@ try:
         if stop_requested:
             if not writes:  # an interrupted rehearsal has nothing to save or report
                 sys.exit(130)
-            devices.synchronize(device)
-            train_seconds = None if train_seconds is None else train_seconds + time.time() - segment_start
+            count_training_time()
             write_checkpoint(random_states(), also_best=False)
             break
         if not writes and iter_num - start_iter == warmup_iters_rehearsed:

@@ -121,7 +121,8 @@ def test_bench_user_mistakes_are_one_line_errors(workdir):
     for args, message in [(['nope.py'], "config file 'nope.py' not found"),
                           (['--device=cpu', '--dtype=half'], "dtype='half' is not one of"),
                           (['--part=everything'], "part = 'everything' is not allowed: it must be one of steps,"),
-                          (['--synapses=dendrites'], "synapses='dendrites' must list mechanisms out of presynaptic")]:
+                          (['--synapses=dendrites'], "synapses='dendrites' must list mechanisms out of presynaptic"),
+                          (['--mlp_kinds=swiglu,gelu'], "mlp_kinds='swiglu,gelu' must list MLPs out of swiglu, relu2, bio_glu")]:
         proc = run_script(workdir, 'bench_bio.py', *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert len(message_lines(proc.stderr)) == 1, proc.stderr
