@@ -20,20 +20,22 @@ Ctrl-C stops the current reply only, and that exchange is not kept. The defaults
 except that the template markers are exempt from the penalty, so it never discourages the stop
 marker.
 
---web=True serves the same chat as one page (web_chat.py) at http://127.0.0.1:8000. --host and
---port choose the address (--port=0 picks a free port; an IPv6 address such as --host=::1 works);
-it listens on this machine only unless --host=0.0.0.0. On every host the page answers only to
-requests addressed to its own address or to one of this machine's names (localhost, 127.0.0.1,
-::1, its host name); --allowed_hosts=name1,name2 adds more (each without a port), such as the name
-or address other machines reach it by. The model is loaded once. The page streams each reply, keeps the
-conversation and sends it with each message, so the server trims it as the REPL does (and the
-page forgets what was dropped); it offers temperature, top-k, a system prompt, Stop (or Escape)
-and Clear. Several tabs are served one reply at a time, and a waiting tab says so; closing a tab or
-pressing Stop ends its reply at the next token. A bad request (an empty or too long message,
-malformed JSON, an unknown setting) gets a 4xx with a one-line reason, which the page shows. The
-server is the standard library's threaded HTTP server, enough for one user: it takes at most 32
-connections at once (more get a 503), no other site may show the page in a frame, and it is not
-meant to face the internet.
+--web=True serves the same chat as one page, and the OpenAI chat API beside it (web_chat.py: Starlette
+on uvicorn), at http://127.0.0.1:8000 (the API at /v1: OpenAI(base_url='http://127.0.0.1:8000/v1',
+api_key='...') and any client or chat front-end that speaks it). --host and --port choose the address
+(--port=0 picks a free port; an IPv6 address such as --host=::1 works). It listens on this machine only
+unless --host names another address (0.0.0.0: every one), which needs --api_key=SECRET (every request
+carries it as a Bearer token; a browser asks for it as the password) or --allow_anyone=True; startup
+says who can reach it. On every host it answers only requests addressed to its own address or to one of
+this machine's names (localhost, 127.0.0.1, ::1, its host name); --allowed_hosts=name1,name2 adds more
+(each without a port), such as the name or address other machines reach it by. The model is loaded once.
+The page streams each reply, keeps the conversation and sends it with each message, so the server trims
+it as the REPL does (and the page forgets what was dropped); it offers temperature, top-k, a system
+prompt (the operator's --system applies unless a visitor writes one; the page shows it only with
+--show_system=True), Stop (or Escape) and Clear. Replies are generated one at a time, first come, first
+served (a waiting tab says so); closing a tab or pressing Stop ends its reply at the next token. A bad
+request gets a 4xx with a one-line reason (the API: OpenAI's error object), which the page shows. The
+limits (a deadline per request, connections per client, the queue's length) are in web_chat.py's docstring.
 """
 
 import sys
@@ -56,6 +58,9 @@ web = False  # serve the chat as a web page instead of the terminal REPL
 host = '127.0.0.1'  # web: the address to listen on; 0.0.0.0 opens it to other machines
 port: 'in [0, 65535]' = 8000  # web: 0 picks a free port
 allowed_hosts = ''  # web: more host names the page may be reached by, comma-separated (e.g. a machine's LAN name)
+api_key = ''  # web: a key every request must carry (Bearer token; a browser's password); needed off loopback
+allow_anyone = False  # web: off loopback without a key, anyone who can reach the port may chat
+show_system = False  # web: the page shows the --system prompt to its visitors
 # -----------------------------------------------------------------------------
 from configurator import allows, configure, declared_rules, fail, settings_in  # noqa: E402
 
@@ -97,7 +102,8 @@ if web:
     sampling = dict(max_new_tokens=max_new_tokens, temperature=temperature, top_k=top_k, top_p=top_p,
                     repetition_penalty=repetition_penalty, penalty_window=penalty_window)
     try:
-        server = web_chat.make_server(bot, generator, sampling, system, host, port, allowed_hosts)
+        server = web_chat.ChatServer(bot, generator, sampling, system, host, port, allowed_hosts, api_key, allow_anyone,
+                                     show_system)
     except ValueError as e:
         fail(str(e))
     web_chat.serve(server, location)

@@ -59,10 +59,10 @@ class Chatbot:
             dropped += 1
 
     def reply(self, prompt, generated, max_new_tokens, temperature, top_k, top_p, repetition_penalty,
-              penalty_window, generator, should_stop=lambda: False):
-        """Yield the reply's text pieces as they become final, up to its end marker; the token ids go into
-        the list generated (to tell afterwards whether the reply ran out of room). should_stop() is asked
-        before each token: True ends the reply there."""
+              penalty_window, generator, should_stop=lambda: False, stops=()):
+        """Yield the reply's text pieces as they become final, up to its end marker or one of stops (more
+        stop strings); the token ids go into the list generated (to tell afterwards whether the reply ran
+        out of room). should_stop() is asked before each token: True ends the reply there."""
         tokens = generate_tokens(self.model, self.encode(prompt), max_new_tokens, temperature=temperature,
                                  top_k=top_k or None, top_p=top_p, repetition_penalty=repetition_penalty,
                                  penalty_window=penalty_window, penalty_exempt=self.marker_ids, generator=generator)
@@ -76,8 +76,9 @@ class Chatbot:
                 generated.append(token)
                 yield token
 
-        yield from stream_text(until_stopped(), self.decode, REPLY_STOPS)
+        yield from stream_text(until_stopped(), self.decode, REPLY_STOPS + tuple(stops))
 
-    def ran_out(self, generated, max_new_tokens):
-        """Whether a reply ended at max_new_tokens without its end marker."""
-        return len(generated) == max_new_tokens and not any(s in self.decode(generated) for s in CHAT_STOPS)
+    def ran_out(self, generated, max_new_tokens, stops=()):
+        """Whether a reply ended at max_new_tokens without its end marker (or one of stops)."""
+        text = self.decode(generated)
+        return len(generated) == max_new_tokens and not any(s in text for s in CHAT_STOPS + tuple(stops))

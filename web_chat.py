@@ -1,98 +1,131 @@
 """
-chat.py's web page: python chat.py --web=True serves one page (web_chat.html) at http://127.0.0.1:8000
-that chats with the model chat.py loaded, the reply streamed as it is generated.
+chat.py's web server: python chat.py --web=True serves the chat page (web_chat.html) and the OpenAI
+chat API at http://127.0.0.1:8000, both on the model chat.py loaded (Starlette on uvicorn).
 
-The page keeps the conversation and sends it with each message; the server is the REPL's chat
-(chatbot.py) behind one route:
+    GET  /                      the page; it keeps the conversation and sends it with each message
+    POST /chat                  the page's route: {"message": "...", "history": [["user text", "reply"], ...],
+                                "system": "...", "temperature": 0.7, "top_k": 50}   (all but message optional)
+        -> 200, one JSON object per line as it happens (blank lines may come between them: skip them):
+             {"waiting": "..."}      other replies are queued first; this one starts when they end
+             {"dropped": n}          the n oldest exchanges did not fit beside a reply (the page forgets them)
+             {"piece": "text"} ...   the reply
+             {"done": true, "reply": "the reply as kept in the history", "ran_out": false}
+             {"error": "..."}        in place of done: the model failed (the server goes on)
+        -> 4xx {"error": "one line"}  a request that cannot be served as sent
+    GET  /v1/models             the OpenAI model list: one model, "wigglegpt"
+    POST /v1/chat/completions   the OpenAI chat API: model, messages (system, developer, user, assistant; text),
+                                temperature, top_p, max_tokens (or max_completion_tokens), stop, seed, n=1,
+                                stream (server-sent events ending with data: [DONE]), stream_options
+                                {"include_usage": true}, and top_k beyond OpenAI's; usage token counts and
+                                finish_reason ("stop" or "length"); errors in OpenAI's shape. A conversation
+                                longer than the context is refused (400, context_length_exceeded), not trimmed.
 
-    POST /chat  {"message": "...", "history": [["user text", "reply"], ...], "system": "...",
-                 "temperature": 0.7, "top_k": 50}        (all but message optional)
-    -> 200, one JSON object per line as it happens (blank lines may come between them: skip them):
-         {"waiting": "..."}          another reply is being generated; this one starts when it ends
-         {"dropped": n}              the n oldest exchanges did not fit beside a reply (the page forgets them)
-         {"piece": "text"} ...       the reply
-         {"done": true, "reply": "the reply as kept in the history", "ran_out": false}
-         {"error": "..."}            in place of done: the model failed (the server goes on)
-    -> 4xx {"error": "one line"}     a request that cannot be served as sent
-    -> 503 {"error": "one line"}     MAX_CONNECTIONS (32) connections are open already
+Any OpenAI client works: OpenAI(base_url='http://127.0.0.1:8000/v1', api_key='the --api_key or anything').
 
-One reply is generated at a time (the model and its sampling generator are shared); a client that
-disconnects stops its reply at the next token. The standard library's threaded HTTP server is
-enough for one user's few tabs and adds no dependency; it is not meant to face the internet. It
-listens on IPv6 for an IPv6 address (--host=::1). Whatever the host, it answers only requests made
-to it by one of its names (its address, localhost, 127.0.0.1, [::1], the machine's name, and those
-of allowed_hosts), so no other website can reach it through DNS rebinding; no other site may show
-its page in a frame; and /chat takes only application/json, which a page of another site cannot
+One reply is generated at a time (the model and its sampling generator are shared), first come, first
+served; at most MAX_QUEUED are running or waiting, more get 503 with Retry-After. A client that
+disconnects stops its reply at the next token, or before it starts (one that only shuts its sending
+side has gone too, as uvicorn takes it: HTTP clients do not half-close). A client's system prompt replaces
+the operator's (--system), which otherwise applies; the page does not show the operator's unless
+--show_system=True.
+
+Limits that hold under abuse: the whole request (headers and body) must arrive within REQUEST_SECONDS
+of its first byte (else 408 and the connection closes), a client (an IP address) holds at most
+MAX_CONNECTIONS_PER_CLIENT connections (more get 503 at once), MAX_CONNECTIONS in all, and a body at most
+MAX_BODY bytes; waiting connections cost a socket, not a thread, so clients that trickle bytes keep no
+one else out. HTTP/0.9 requests are refused (400).
+
+Who may connect: it listens on loopback (this machine only) unless --host names another address, which
+needs --api_key=SECRET (a Bearer token on every route; the page's browser asks for it as a password,
+any user name) or --allow_anyone=True; startup says which. The key travels in clear over http: on an
+untrusted network put the server behind TLS. Whatever the host, it answers only requests made to it by
+one of its names (its address, localhost, 127.0.0.1, [::1], the machine's name, and those of
+--allowed_hosts), so no other website can reach it through DNS rebinding; no other site may show its
+page in a frame; and its POST routes take only application/json, which a page of another site cannot
 send without a preflight this server does not grant.
 """
 
-import contextlib
+import asyncio
+import base64
+import binascii
+import collections
 import errno
+import hmac
+import ipaddress
 import json
+import math
 import os
-import selectors
 import socket
 import sys
 import threading
+import time
 import traceback
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from http import HTTPStatus
+
+import h11
+import torch
+import uvicorn
+from starlette.applications import Starlette
+from starlette.requests import ClientDisconnect
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+from uvicorn.protocols.http.h11_impl import H11Protocol
 
 from chat_template import chat_turn
 from checkpoints import error_line
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), 'web_chat.html')
+MODEL_ID = 'wigglegpt'
 MAX_BODY = 256 * 1024  # bytes of one request; the history beyond the model's context is dropped anyway
-MAX_CONNECTIONS = 32  # handled at once: a few tabs need a handful; more get a 503 rather than a thread each
+REQUEST_SECONDS = 10  # from a request's first byte to its last
+MAX_CONNECTIONS = 256  # in all; an idle connection costs a socket and a little memory
+MAX_CONNECTIONS_PER_CLIENT = 16  # a browser opens up to 6 per server; a few tabs and an API client fit
+MAX_QUEUED = 64  # replies running or waiting; each holds its client's connection while it waits
 MAX_TEMPERATURE = 100.0
 MACHINE_NAMES = ('localhost', '127.0.0.1', '::1')
 SETTINGS = {'message': str, 'history': list, 'system': str, 'temperature': (int, float), 'top_k': int}
-WAITING = 'another reply is being generated; this one starts when it ends'
+WAITING = 'other replies are being generated; this one starts when they end'
 # on every response: no other site may frame the page (and trick clicks on it) or take a reply for another type
 SAFETY_HEADERS = {'X-Frame-Options': 'DENY', 'Content-Security-Policy': "frame-ancestors 'none'",
                   'X-Content-Type-Options': 'nosniff'}
 
 
 class RequestError(Exception):
-    """A request that cannot be served as sent: its HTTP status and a one-line reason."""
+    """A request that cannot be served as sent: its HTTP status, a one-line reason and, for the API,
+    the parameter at fault and OpenAI's error code."""
 
-    def __init__(self, status, reason):
+    def __init__(self, status, reason, param=None, code=None):
         super().__init__(reason)
-        self.status = status
+        self.status, self.param, self.code = status, param, code
 
 
-def peer_state(connection):
-    """What the client's side of connection shows without a write: 'open' (nothing more sent, or more
-    bytes), 'finished' (it will send nothing more: a half-close, or a close only a write can reveal)
-    or 'reset'."""
-    with selectors.DefaultSelector() as selector:  # select.select() fails past file descriptor 1023
-        selector.register(connection, selectors.EVENT_READ)
-        if not selector.select(0):
-            return 'open'
-    try:
-        return 'open' if connection.recv(1, socket.MSG_PEEK) else 'finished'
-    except OSError:
-        return 'reset'
+def error_response(path, status, reason, param=None, code=None, headers=None):
+    """A refusal in the shape the route's clients read: OpenAI's error object under /v1, else one JSON line."""
+    if path.startswith('/v1/'):
+        kind = 'invalid_request_error' if status < 500 else 'server_error'
+        body = {'error': {'message': reason, 'type': kind, 'param': param, 'code': code}}
+    else:
+        body = {'error': reason}
+    return Response(json.dumps(body) + '\n', status, headers, media_type='application/json')
 
 
-def read_request(handler):
-    """The JSON body of a chat request, checked: (message, [[user, reply], ...], settings given)."""
-    if handler.headers.get_content_type() != 'application/json':
-        raise RequestError(415, 'send the message as JSON, with Content-Type: application/json')
-    length = handler.headers.get('Content-Length')
-    if length is None:
-        raise RequestError(411, 'the request needs a Content-Length header')
-    if not (length.isascii() and length.isdigit()):  # isdigit() alone takes '²', which int() refuses
-        raise RequestError(400, f'Content-Length {length[:40]!r} is not a number of bytes')
-    digits = length.lstrip('0') or '0'
-    if len(digits) > len(str(MAX_BODY)) or int(digits) > MAX_BODY:  # int() refuses thousands of digits
+async def read_json(request):
+    """The request's JSON object, read within MAX_BODY bytes, or a RequestError saying what is wrong."""
+    if request.headers.get('content-type', '').split(';')[0].strip().lower() != 'application/json':
+        raise RequestError(415, 'send the request as JSON, with Content-Type: application/json')
+    length = request.headers.get('content-length', '')
+    if length.isascii() and length.isdigit() and int(length) > MAX_BODY:
         raise RequestError(413, f'the body is too long: at most {MAX_BODY} bytes are read')
-    size = int(digits)
+    data = bytearray()
     try:
-        data = handler.rfile.read(size)
-    except TimeoutError:
-        raise RequestError(408, f'the body did not arrive within {handler.timeout} s') from None
-    if len(data) < size:
-        raise RequestError(400, f'the body ended after {len(data)} of its {size} bytes')
+        async for chunk in request.stream():
+            data += chunk
+            if len(data) > MAX_BODY:
+                raise RequestError(413, f'the body is too long: at most {MAX_BODY} bytes are read')
+    except ClientDisconnect:  # the answer goes to no one
+        raise RequestError(400, 'the client left before its body arrived') from None
     try:
         body = json.loads(data, parse_constant=reject_constant)
     except RecursionError:
@@ -100,7 +133,16 @@ def read_request(handler):
     except (ValueError, UnicodeDecodeError) as e:
         raise RequestError(400, f'the body is not JSON ({e})') from None
     if not isinstance(body, dict):
-        raise RequestError(400, 'the body must be a JSON object such as {"message": "Hello"}')
+        raise RequestError(400, 'the body must be a JSON object')
+    return body
+
+
+def reject_constant(name):
+    raise ValueError(f'{name} is not a number JSON allows')
+
+
+def page_request(body):
+    """A /chat body checked: (message, [[user, reply], ...], settings given)."""
     for key, value in body.items():
         if key not in SETTINGS:
             raise RequestError(400, f'unknown setting {key!r}; known: {", ".join(SETTINGS)}')
@@ -118,14 +160,9 @@ def read_request(handler):
     return message, history, body
 
 
-def reject_constant(name):
-    raise ValueError(f'{name} is not a number JSON allows')
-
-
-def fit(bot, system, history, message, max_new_tokens):
+def fit(bot, system, exchanges, message, max_new_tokens):
     """(prompt, how many of the oldest exchanges were dropped) for a conversation, or a 413 naming
     what is too long when even the message alone leaves no room for the reply."""
-    exchanges = [chat_turn('user', u) + chat_turn('assistant', r) for u, r in history]
     prompt, dropped = bot.prompt(system, exchanges, message, max_new_tokens)
     room = bot.reply_room(max_new_tokens)
     over = len(bot.encode(prompt)) + room - bot.block_size
@@ -140,161 +177,416 @@ def fit(bot, system, history, message, max_new_tokens):
                             f'kept for the reply it must fit the model\'s context of {bot.block_size}')
 
 
-class ChatHandler(BaseHTTPRequestHandler):
-    server_version = 'WiggleGPT'
-    timeout = 30  # seconds a client may take to send its request
-    gone = False  # the client has gone: its connection reset, or a write to it failed
-    written = False  # something was written since client_gone last looked
+API_SETTINGS = {'model': (str,), 'messages': (list,), 'temperature': (int, float), 'top_p': (int, float),
+                'top_k': (int,), 'max_tokens': (int,), 'max_completion_tokens': (int,), 'stop': (str, list),
+                'seed': (int,), 'stream': (bool,), 'stream_options': (dict,), 'n': (int,), 'user': (str,)}
+ROLES = {'system': 'system', 'developer': 'system', 'user': 'user', 'assistant': 'assistant'}
 
-    def foreign_host(self):
-        """Refuse (403) a request that names a host other than this server's names (DNS rebinding)."""
-        host = self.headers.get('Host', '')
-        if host.lower() in self.server.hosts:
-            return False
-        self.send_error_line(403, f'this server does not answer to the host {host[:80]!r}; open {self.server.url} '
-                                  'or add the name to --allowed_hosts')
-        return True
 
-    def do_GET(self):
-        if self.foreign_host():
-            return
-        if self.path not in ('/', '/index.html'):
-            return self.send_error_line(404, f'no page {self.path}; the chat is at /')
-        self.send_response(200)
-        self.send_header('Content-Type', 'text/html; charset=utf-8')
-        self.send_header('Content-Length', str(len(self.server.page)))
-        self.send_header('Cache-Control', 'no-store')
-        self.end_headers()
-        self.wfile.write(self.server.page)
+def api_request(body, max_new_tokens):
+    """A /v1/chat/completions body checked: (system or None, [(role, text), ...] ending with the user's,
+    {sampling settings it changes}, stop strings, seed or None, stream, include_usage)."""
+    for key, value in body.items():
+        if key not in API_SETTINGS:
+            raise RequestError(400, f'Unrecognized request argument supplied: {key}', key)
+        is_bool = isinstance(value, bool) and bool not in API_SETTINGS[key]
+        if value is not None and (not isinstance(value, API_SETTINGS[key]) or is_bool):
+            raise RequestError(400, f'{key} must be of type {API_SETTINGS[key][0].__name__}, got {json.dumps(value)[:40]}', key)
+    given = {key: value for key, value in body.items() if value is not None}
+    if 'model' not in given or 'messages' not in given:
+        missing = 'model' if 'model' not in given else 'messages'
+        raise RequestError(400, f'Missing required parameter: {missing!r}', missing)
+    if given['model'] != MODEL_ID:
+        raise RequestError(404, f'The model {given["model"][:80]!r} does not exist; this server has {MODEL_ID!r}',
+                           'model', 'model_not_found')
+    sampling = {}
+    for key, low, high in (('temperature', 0, MAX_TEMPERATURE), ('top_p', 0, 1), ('top_k', 0, math.inf),
+                           ('max_tokens', 1, max_new_tokens), ('max_completion_tokens', 1, max_new_tokens)):
+        if key in given and not (low <= given[key] <= high) or key == 'top_p' and given.get(key) == 0:
+            span = '(0, 1]' if key == 'top_p' else f'[{low:g}, {high:g}]'
+            raise RequestError(400, f'{key} must be in {span}, got {given[key]}', key)
+    sampling.update((key, given[key]) for key in ('temperature', 'top_p', 'top_k') if key in given)
+    sampling['max_new_tokens'] = given.get('max_completion_tokens', given.get('max_tokens', max_new_tokens))
+    if given.get('n', 1) != 1:
+        raise RequestError(400, 'n must be 1: this server generates one choice per request', 'n')
+    stops = [given['stop']] if isinstance(given.get('stop'), str) else given.get('stop', [])
+    if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
+        raise RequestError(400, 'stop must be a string or a list of at most 4 non-empty strings', 'stop')
+    seed = given.get('seed')
+    if seed is not None and not 0 <= seed < 2 ** 63:
+        raise RequestError(400, f'seed must be in [0, 2**63), got {seed}', 'seed')
+    options = given.get('stream_options', {})
+    if set(options) - {'include_usage'}:
+        raise RequestError(400, 'stream_options takes include_usage only', 'stream_options')
+    system, turns = None, []
+    for i, message in enumerate(given['messages']):
+        param = f'messages[{i}]'
+        if not isinstance(message, dict) or message.get('role') not in ROLES:
+            raise RequestError(400, f'{param} must be an object with a role among {", ".join(ROLES)}', param)
+        text = message_text(message.get('content'), param)
+        role = ROLES[message['role']]
+        if role == 'system':
+            if turns:
+                raise RequestError(400, f'{param}: system messages must come before the conversation', param)
+            system = text if system is None else system + '\n' + text
+        else:
+            turns.append((role, text))
+    if not turns or turns[-1][0] != 'user':
+        raise RequestError(400, 'the last message must be the user\'s', 'messages')
+    return system, turns, sampling, stops, seed, given.get('stream', False), options.get('include_usage', False)
 
-    def do_POST(self):
-        if self.foreign_host():
-            return
-        if self.path != '/chat':
-            return self.send_error_line(404, f'no route {self.path}; messages go to POST /chat')
-        try:
-            message, history, settings = read_request(self)
-            # made before waiting for the model: trimming a long history takes no one's turn
-            prompt, dropped = fit(self.server.bot, settings.get('system', self.server.system), history, message,
-                                  self.server.sampling['max_new_tokens'])
-        except RequestError as e:
-            return self.send_error_line(e.status, str(e))
-        self.send_response(200)
-        self.send_header('Content-Type', 'application/x-ndjson; charset=utf-8')
-        self.send_header('Cache-Control', 'no-store')
-        self.end_headers()
-        self.generate(prompt, dropped, settings)
 
-    def generate(self, prompt, dropped, settings):
-        """Stream the reply to prompt, one generation at a time across all clients."""
-        lock = self.server.generation_lock
-        if not lock.acquire(blocking=False):
-            self.send_line({'waiting': WAITING})
-            while not lock.acquire(timeout=0.2):
-                if self.client_gone():
-                    return
-        try:
-            bot, sampling = self.server.bot, dict(self.server.sampling)
-            sampling.update((k, settings[k]) for k in ('temperature', 'top_k') if k in settings)
-            if dropped:
-                self.send_line({'dropped': dropped})
-            reply, generated = '', []
-            for piece in bot.reply(prompt, generated, generator=self.server.generator, should_stop=self.client_gone,
-                                   **sampling):
-                self.send_line({'piece': piece})
-                reply += piece
-            if self.client_gone():
+def message_text(content, param):
+    """A message's content as text: a string, or a list of text parts."""
+    if isinstance(content, str):
+        return content
+    if isinstance(content, list) and all(isinstance(p, dict) and p.get('type') == 'text' and isinstance(p.get('text'), str)
+                                         for p in content):
+        return ''.join(p['text'] for p in content)
+    raise RequestError(400, f'{param}.content must be text (a string or a list of text parts)', f'{param}.content')
+
+
+def exchanges_of(turns):
+    """The template text of the turns before the last, one string per user turn and the replies after it
+    (the units the oldest of which go first when the context is full)."""
+    exchanges = []
+    for role, text in turns[:-1]:
+        if role == 'user' or not exchanges:
+            exchanges.append('')
+        exchanges[-1] += chat_turn(role, text)
+    return exchanges
+
+
+class Replies:
+    """The replies, generated one at a time on one thread, first come, first served."""
+
+    def __init__(self, bot, generator):
+        self.bot, self.generator = bot, generator
+        self.worker = ThreadPoolExecutor(max_workers=1, thread_name_prefix='reply')
+        self.queued = 0  # running or waiting; read and changed on the event loop's thread only
+        self.seconds = collections.deque([1.0], maxlen=16)  # the last replies' durations, for Retry-After
+        self.stop_events = set()
+
+    def retry_after(self):
+        """Seconds until a place is likely to free: a reply's recent mean duration, whole, at least 1."""
+        return str(max(1, math.ceil(sum(self.seconds) / len(self.seconds))))
+
+    def start(self, prompt, sampling, stops=(), seed=None):
+        """Queue a reply (on the event loop's thread) and return an async iterator of its events:
+        ('piece', text) ... then ('end', generated token ids) or ('error', one line). Closing the iterator
+        early (the client has gone) stops the reply at its next token, or before it starts."""
+        loop = asyncio.get_running_loop()
+        events, stop = asyncio.Queue(), threading.Event()
+
+        def emit(event):
+            try:
+                loop.call_soon_threadsafe(events.put_nowait, event)
+            except RuntimeError:  # the event loop has closed: the server is stopping
+                stop.set()
+
+        def generate():
+            if stop.is_set():
                 return
-            self.send_line({'done': True, 'reply': reply.strip(), 'ran_out': bot.ran_out(generated, sampling['max_new_tokens'])})
-        except Exception as e:  # a fault of the model or the machine: the page says so, the server goes on
-            traceback.print_exc()
-            self.send_line({'error': f'the reply failed ({error_line(e)})'})
-        finally:
-            lock.release()
+            start, generated = time.perf_counter(), []
+            generator = self.generator if seed is None else torch.Generator(self.generator.device).manual_seed(seed)
+            try:
+                for piece in self.bot.reply(prompt, generated, generator=generator, should_stop=stop.is_set,
+                                            stops=stops, **sampling):
+                    emit(('piece', piece))
+                emit(('end', generated))
+            except Exception as e:  # a fault of the model or the machine: the client is told, the server goes on
+                traceback.print_exc()
+                emit(('error', f'the reply failed ({error_line(e)})'))
+            self.seconds.append(time.perf_counter() - start)
 
-    def client_gone(self):
-        """Whether the client has gone. Having sent all it will is not enough: a half-closed client still
-        reads. Only a write tells the two apart (a closed client answers it with a reset), so when nothing
-        else was written since the last look, a blank line is."""
-        if not self.gone:
-            state = peer_state(self.connection)
-            if state == 'reset':
-                self.gone = True
-            elif state == 'finished' and not self.written:
-                self.write(b'\n')
-        self.written = False
-        return self.gone
+        released = False
 
-    def write(self, data):
-        """Send data at once; a failed write means the client has gone (its reply stops at the next token)."""
+        def release(_=None):  # once: at the reply's last event (before the client hears it ended) or its job's end
+            nonlocal released
+            if not released:
+                released = True
+                self.queued -= 1
+                self.stop_events.discard(stop)
+
+        self.queued += 1
+        self.stop_events.add(stop)
+        loop.run_in_executor(self.worker, generate).add_done_callback(release)
+
+        async def until_the_end():
+            try:
+                while True:
+                    event = await events.get()
+                    if event[0] != 'piece':
+                        release()
+                        yield event
+                        return
+                    yield event
+            finally:
+                stop.set()
+
+        return until_the_end()
+
+    def close(self):
+        """Stop every reply at its next token and let the worker go."""
+        for stop in list(self.stop_events):
+            stop.set()
+        self.worker.shutdown(wait=False, cancel_futures=True)
+
+
+def ndjson(event):
+    return json.dumps(event) + '\n'
+
+
+def build_app(chat):
+    """The Starlette app of a server's chat (a ChatServer's settings and replies)."""
+    bot, replies = chat.bot, chat.replies
+
+    async def page(request):
+        return Response(chat.page, media_type='text/html; charset=utf-8', headers={'Cache-Control': 'no-store'})
+
+    async def page_chat(request):
         try:
-            self.wfile.write(data)
-            self.wfile.flush()
-        except OSError:
-            self.gone = True
-        self.written = True
+            message, history, settings = page_request(await read_json(request))
+            exchanges = [chat_turn('user', u) + chat_turn('assistant', r) for u, r in history]
+            # made before queueing: trimming a long history takes no one's turn
+            prompt, dropped = fit(bot, settings.get('system', chat.system), exchanges, message,
+                                  chat.sampling['max_new_tokens'])
+        except RequestError as e:
+            return error_response(request.url.path, e.status, str(e))
+        if replies.queued >= MAX_QUEUED:
+            return busy_response(request.url.path, replies)
+        sampling = dict(chat.sampling)
+        sampling.update((k, settings[k]) for k in ('temperature', 'top_k') if k in settings)
+        waiting = replies.queued > 0
+        events = replies.start(prompt, sampling)
 
-    def send_line(self, event):
-        self.write(json.dumps(event).encode() + b'\n')
+        async def lines():
+            if waiting:
+                yield ndjson({'waiting': WAITING})
+            if dropped:
+                yield ndjson({'dropped': dropped})
+            reply = ''
+            async for kind, value in events:
+                if kind == 'piece':
+                    reply += value
+                    yield ndjson({'piece': value})
+                elif kind == 'end':
+                    yield ndjson({'done': True, 'reply': reply.strip(),
+                                  'ran_out': bot.ran_out(value, sampling['max_new_tokens'])})
+                else:
+                    yield ndjson({'error': value})
 
-    def send_error_line(self, status, reason):
-        body = json.dumps({'error': reason}).encode() + b'\n'
-        self.send_response(status)
-        self.send_header('Content-Type', 'application/json; charset=utf-8')
-        self.send_header('Content-Length', str(len(body)))
-        self.end_headers()
-        self.wfile.write(body)
+        return StreamingResponse(lines(), media_type='application/x-ndjson; charset=utf-8',
+                                 headers={'Cache-Control': 'no-store'})
 
-    def send_error(self, code, message=None, explain=None):
-        # http.server's own refusals (a malformed request line, headers too long...) in the one-line form too
-        self.send_error_line(code, message or self.responses[code][0])
+    async def models(request):
+        return JSONResponse({'object': 'list', 'data': [{'id': MODEL_ID, 'object': 'model', 'created': chat.created,
+                                                         'owned_by': 'wigglegpt'}]})
 
-    def end_headers(self):
-        for name, value in SAFETY_HEADERS.items():
-            self.send_header(name, value)
-        super().end_headers()
-
-
-class ChatServer(ThreadingHTTPServer):
-    """The threaded HTTP server, on IPv6 for an IPv6 address, handling at most MAX_CONNECTIONS at once."""
-
-    daemon_threads = True  # open connections do not keep the process alive after Ctrl-C
-    request_queue_size = MAX_CONNECTIONS  # a burst of connections waits to be accepted (or refused), not resent
-
-    def __init__(self, host, port):
-        self.address_family = socket.AF_INET6 if ':' in host else socket.AF_INET
-        self.slots = threading.BoundedSemaphore(MAX_CONNECTIONS)
-        super().__init__((host, port), ChatHandler)
-
-    def process_request(self, request, client_address):
-        if self.slots.acquire(blocking=False):
-            return super().process_request(request, client_address)
-        refuse(request)
-        self.shutdown_request(request)
-
-    def process_request_thread(self, request, client_address):
+    async def completions(request):
         try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.slots.release()
+            body = await read_json(request)
+            system, turns, asked, stops, seed, stream, include_usage = api_request(body, chat.sampling['max_new_tokens'])
+            sampling = {**chat.sampling, **asked}
+            prompt, dropped = bot.prompt(chat.system if system is None else system, exchanges_of(turns), turns[-1][1],
+                                         sampling['max_new_tokens'])
+            prompt_tokens = len(bot.encode(prompt))
+            if dropped or prompt_tokens + bot.reply_room(sampling['max_new_tokens']) > bot.block_size:
+                raise RequestError(400, f'the messages take {prompt_tokens} tokens; with {bot.reply_room(sampling["max_new_tokens"])} '
+                                        f'kept for the reply (max_tokens, at most half the context) they must fit the '
+                                        f'model\'s context of {bot.block_size}', 'messages', 'context_length_exceeded')
+        except RequestError as e:
+            return error_response(request.url.path, e.status, str(e), e.param, e.code)
+        if replies.queued >= MAX_QUEUED:
+            return busy_response(request.url.path, replies)
+        events = replies.start(prompt, sampling, stops, seed)
+        head = {'id': f'chatcmpl-{uuid.uuid4().hex}', 'created': int(time.time()), 'model': MODEL_ID}
 
-    def handle_error(self, request, client_address):
-        # a client that left or stalled is no fault of the server's: only other errors deserve a traceback
-        if not isinstance(sys.exc_info()[1], (ConnectionError, TimeoutError)):
-            super().handle_error(request, client_address)
+        def outcome(generated):
+            finish = 'length' if bot.ran_out(generated, sampling['max_new_tokens'], stops) else 'stop'
+            usage = {'prompt_tokens': prompt_tokens, 'completion_tokens': len(generated),
+                     'total_tokens': prompt_tokens + len(generated)}
+            return finish, usage
+
+        if stream:
+            def chunk(delta, finish=None):
+                return 'data: ' + json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [
+                    {'index': 0, 'delta': delta, 'logprobs': None, 'finish_reason': finish}]}) + '\n\n'
+
+            async def server_sent_events():
+                yield chunk({'role': 'assistant', 'content': ''})
+                started = False
+                async for kind, value in events:
+                    if kind == 'piece':
+                        # the template's newline before the reply is not the reply's: as the history keeps it
+                        value = value if started else value.lstrip()
+                        started = started or bool(value)
+                        if value:
+                            yield chunk({'content': value})
+                    elif kind == 'end':
+                        finish, usage = outcome(value)
+                        yield chunk({}, finish)
+                        if include_usage:
+                            yield 'data: ' + json.dumps({**head, 'object': 'chat.completion.chunk', 'choices': [],
+                                                         'usage': usage}) + '\n\n'
+                    else:
+                        yield 'data: ' + json.dumps({'error': {'message': value, 'type': 'server_error',
+                                                               'param': None, 'code': None}}) + '\n\n'
+                yield 'data: [DONE]\n\n'
+
+            return StreamingResponse(server_sent_events(), media_type='text/event-stream', headers={'Cache-Control': 'no-store'})
+
+        async def whole_reply():
+            pieces = []
+            async for kind, value in events:
+                if kind == 'piece':
+                    pieces.append(value)
+                elif kind == 'error':
+                    return error_response(request.url.path, 500, value)
+                else:
+                    finish, usage = outcome(value)
+                    return JSONResponse({**head, 'object': 'chat.completion', 'choices': [
+                        {'index': 0, 'message': {'role': 'assistant', 'content': ''.join(pieces).strip()},
+                         'logprobs': None, 'finish_reason': finish}], 'usage': usage})
+
+        return await unless_gone(request, whole_reply())
+
+    async def refused(request, exc):
+        path = request.url.path
+        if exc.status_code == 404:
+            routes = 'the page is /, its messages go to POST /chat, the API is under /v1'
+            return error_response(path, 404, f'no route {path[:80]}; {routes}', code='not_found')
+        return error_response(path, exc.status_code, f'{request.method} is not allowed on {path[:80]}',
+                              code='method_not_allowed', headers=exc.headers)
+
+    routes = [Route('/', page), Route('/index.html', page), Route('/chat', page_chat, methods=['POST']),
+              Route('/v1/models', models), Route('/v1/chat/completions', completions, methods=['POST'])]
+    return Guard(Starlette(routes=routes, exception_handlers={404: refused, 405: refused}), chat)
 
 
-def refuse(connection):
-    """Answer a connection over MAX_CONNECTIONS with a 503, without waiting on the client."""
-    body = json.dumps({'error': f'{MAX_CONNECTIONS} connections are open, the most this server takes; '
-                                'try again when one has closed'}).encode() + b'\n'
-    head = ['HTTP/1.0 503 Service Unavailable', 'Content-Type: application/json; charset=utf-8',
-            f'Content-Length: {len(body)}', *(f'{k}: {v}' for k, v in SAFETY_HEADERS.items())]
-    connection.setblocking(False)
-    with contextlib.suppress(OSError):  # closed with its request unread, the connection would reset and lose the answer
-        connection.recv(65536)
-    with contextlib.suppress(OSError):
-        connection.sendall('\r\n'.join(head + ['', '']).encode() + body)
+def busy_response(path, replies):
+    return error_response(path, 503, f'{MAX_QUEUED} replies are running or waiting, the most this server queues; '
+                                      'try again later', code='overloaded', headers={'Retry-After': replies.retry_after()})
+
+
+async def unless_gone(request, work):
+    """work's result, or, if the client disconnects first, nothing more done (work cancelled) and an empty
+    answer that no one reads."""
+    task = asyncio.ensure_future(work)
+
+    async def disconnected():
+        while (await request.receive())['type'] != 'http.disconnect':
+            pass
+
+    watcher = asyncio.ensure_future(disconnected())
+    await asyncio.wait({task, watcher}, return_when=asyncio.FIRST_COMPLETED)
+    watcher.cancel()
+    if task.done():
+        return task.result()
+    task.cancel()
+    return Response(status_code=499)
+
+
+class Guard:
+    """ASGI middleware for every route: the Host allow-list, the key, and the safety headers."""
+
+    def __init__(self, app, chat):
+        self.app, self.chat = app, chat
+
+    async def __call__(self, scope, receive, send):
+        if scope['type'] != 'http':
+            return await self.app(scope, receive, send)
+
+        async def send_safely(message):
+            if message['type'] == 'http.response.start':
+                message['headers'] = [*message.get('headers', []),
+                                      *((k.lower().encode(), v.encode()) for k, v in SAFETY_HEADERS.items())]
+            await send(message)
+
+        headers = dict(scope['headers'])
+        host = headers.get(b'host', b'').decode('latin-1')
+        refusal = None
+        if host.lower() not in self.chat.hosts:
+            refusal = error_response(scope['path'], 403, f'this server does not answer to the host {host[:80]!r}; '
+                                                         'its operator may add the name with --allowed_hosts')
+        elif self.chat.api_key and not key_matches(headers.get(b'authorization', b''), self.chat.api_key):
+            challenge = 'Bearer' if scope['path'].startswith('/v1/') else 'Basic realm="WiggleGPT chat", charset="UTF-8"'
+            refusal = error_response(scope['path'], 401, 'this server needs its key: an Authorization: Bearer header '
+                                     '(or, in a browser, the key as the password)', code='invalid_api_key',
+                                     headers={'WWW-Authenticate': challenge})
+        if refusal is not None:
+            return await refusal(scope, receive, send_safely)
+        await self.app(scope, receive, send_safely)
+
+
+def key_matches(authorization, key):
+    """Whether an Authorization header carries key, as a Bearer token or a Basic password (any user name),
+    compared in constant time."""
+    scheme, _, credentials = authorization.partition(b' ')
+    if scheme.lower() == b'basic':
+        try:
+            credentials = base64.b64decode(credentials.strip(), validate=True).partition(b':')[2]
+        except (binascii.Error, ValueError):
+            return False
+    elif scheme.lower() != b'bearer':
+        return False
+    return hmac.compare_digest(credentials.strip(), key.encode())
+
+
+def guarded_protocol(clients):
+    """uvicorn's HTTP/1.1 protocol with the limits that hold under abuse: a deadline for each request and
+    a cap on each client's connections (clients: a Counter of open connections by address, per server)."""
+
+    class GuardedProtocol(H11Protocol):
+        deadline = None
+
+        def connection_made(self, transport):
+            super().connection_made(transport)
+            self.address = self.client[0] if self.client else ''
+            clients[self.address] += 1
+            if clients[self.address] > MAX_CONNECTIONS_PER_CLIENT:
+                return self.refuse(503, f'this client has {MAX_CONNECTIONS_PER_CLIENT} connections open, the most '
+                                        'this server takes from one; close one and try again', 'Retry-After: 5')
+            # a client that connects and sends nothing has REQUEST_SECONDS too
+            self.deadline = self.loop.call_later(REQUEST_SECONDS, self.too_slow)
+
+        def data_received(self, data):
+            if self.deadline is None and self.conn.their_state is not h11.DONE:
+                self.deadline = self.loop.call_later(REQUEST_SECONDS, self.too_slow)
+            super().data_received(data)
+            if self.deadline is not None and self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
+                self.deadline.cancel()
+                self.deadline = None
+
+        def connection_lost(self, exc):
+            clients[self.address] -= 1
+            if not clients[self.address]:
+                del clients[self.address]
+            if self.deadline is not None:
+                self.deadline.cancel()
+            super().connection_lost(exc)
+
+        def send_400_response(self, msg):  # h11 could not parse the request (HTTP/0.9 among others)
+            self.refuse(400, 'the request is not HTTP/1.0 or 1.1 as this server reads it (a request line '
+                             '"METHOD /path HTTP/1.1", then headers, each "Name: value")')
+
+        def too_slow(self):
+            self.deadline = None
+            if self.cycle is None or not self.cycle.response_started:
+                return self.refuse(408, f'the request did not arrive within {REQUEST_SECONDS} s of its first byte')
+            self.transport.close()
+
+        def refuse(self, status, reason, *more_headers):
+            """Answer status with a one-line reason and close, whatever the client has sent so far."""
+            body = ndjson({'error': reason}).encode()
+            head = [f'HTTP/1.1 {status} {HTTPStatus(status).phrase}', 'Content-Type: application/json',
+                    f'Content-Length: {len(body)}', 'Connection: close', *more_headers,
+                    *(f'{k}: {v}' for k, v in SAFETY_HEADERS.items())]
+            if not self.transport.is_closing():
+                self.transport.write('\r\n'.join(head + ['', '']).encode() + body)
+                self.transport.close()
+
+    return GuardedProtocol
 
 
 def bracketed(name):
@@ -332,37 +624,75 @@ def listen_failure(host, port, error):
     return f'cannot listen on {host} ({reason}); --host must be an address of this machine such as 127.0.0.1, ::1 or 0.0.0.0'
 
 
-def make_server(bot, generator, sampling, system, host, port, allowed_hosts=''):
-    """A server (not yet serving) of the chat page for bot; sampling holds the generation settings of
-    Chatbot.reply, of which a request may change temperature and top_k; system is the default system
-    prompt; allowed_hosts names (comma-separated) more hosts the page may be reached by."""
-    if not host:  # '' would listen on every interface, which only --host=0.0.0.0 may ask for
-        raise ValueError('--host is empty; give the address to listen on: 127.0.0.1 (this machine only), ::1, '
-                         'or 0.0.0.0 (other machines too)')
-    allowed = allowed_names(allowed_hosts)
-    with open(PAGE, encoding='utf-8') as f:
-        page = f.read()
+def listening_socket(host, port):
+    """A socket listening on host:port (IPv6 for an IPv6 address), or a ValueError saying why not."""
+    family = socket.AF_INET6 if ':' in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
-        server = ChatServer(host, port)
-    except OSError as e:
-        raise ValueError(listen_failure(host, port, e)) from None
-    bound, port = server.server_address[:2]
-    server.hosts = host_names((host, bound), port, allowed)
-    server.url = f'http://{bracketed(bound)}:{port}/'
-    server.bot, server.generator, server.sampling, server.system = bot, generator, dict(sampling), system
-    server.generation_lock = threading.Lock()
-    defaults = {'system': system, 'temperature': sampling['temperature'], 'top_k': sampling['top_k']}
-    # '<' escaped so no text in the settings can close the page's script element
-    server.page = page.replace('/*DEFAULTS*/null', json.dumps(defaults).replace('<', '\\u003c')).encode()
-    return server
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((host, port))
+        sock.listen(1024)
+    except (OSError, OverflowError) as e:
+        sock.close()
+        raise ValueError(listen_failure(host, port, e) if isinstance(e, OSError) else f'--port={port} is not a port') from None
+    return sock
+
+
+class ChatServer:
+    """The chat's server, listening (not yet serving): serve_forever() serves until shutdown() or Ctrl-C;
+    a ValueError with a one-line reason where it cannot listen as asked. sampling holds the generation settings of Chatbot.reply, of which a request may change temperature and
+    top_k (the API also top_p and max_tokens, up to sampling's); system is the operator's system prompt."""
+
+    def __init__(self, bot, generator, sampling, system, host, port, allowed_hosts='', api_key='',
+                 allow_anyone=False, show_system=False):
+        if not host:  # '' would listen on every interface, which only --host=0.0.0.0 may ask for
+            raise ValueError('--host is empty; give the address to listen on: 127.0.0.1 (this machine only), ::1, '
+                             'or 0.0.0.0 (other machines too)')
+        allowed = allowed_names(allowed_hosts)
+        self.socket = listening_socket(host, port)
+        bound, port = self.socket.getsockname()[:2]
+        self.server_address = (bound, port)
+        if not ipaddress.ip_address(bound).is_loopback and not api_key and not allow_anyone:
+            self.socket.close()
+            raise ValueError(f'--host={host} lets other machines connect: set --api_key=SECRET (clients send it as a '
+                             'Bearer token, a browser as the password) or, on a network you trust, --allow_anyone=True')
+        self.hosts = host_names((host, bound), port, allowed)
+        unspecified = ipaddress.ip_address(bound).is_unspecified  # 0.0.0.0 or ::: every address of this machine
+        self.url = f'http://{bracketed("127.0.0.1" if unspecified else bound)}:{port}/'
+        self.reach = ('this machine only' if ipaddress.ip_address(bound).is_loopback else
+                      f'{"every" if unspecified else "any"} machine that can reach {bracketed(bound)}:{port} and '
+                      + ('sends the key (--api_key)' if api_key else 'no key asked (--allow_anyone=True): anyone'))
+        self.bot, self.sampling, self.system, self.api_key = bot, dict(sampling), system, api_key
+        self.replies = Replies(bot, generator)
+        self.created = int(time.time())
+        defaults = {'system': system if show_system else '', 'temperature': sampling['temperature'],
+                    'top_k': sampling['top_k']}
+        with open(PAGE, encoding='utf-8') as f:
+            # '<' escaped so no text in the settings can close the page's script element
+            self.page = f.read().replace('/*DEFAULTS*/null', json.dumps(defaults).replace('<', '\\u003c')).encode()
+        config = uvicorn.Config(build_app(self), http=guarded_protocol(collections.Counter()), ws='none',
+                                lifespan='off', log_config=None, log_level='warning', access_log=False,
+                                server_header=False, limit_concurrency=MAX_CONNECTIONS, timeout_graceful_shutdown=2)
+        self.uvicorn = uvicorn.Server(config)
+
+    def serve_forever(self):
+        """Serve until shutdown() (from another thread) or Ctrl-C; then every reply stops."""
+        try:
+            self.uvicorn.run(sockets=[self.socket])
+        finally:
+            self.replies.close()
+            self.socket.close()
+
+    def shutdown(self):
+        self.uvicorn.should_exit = True
 
 
 def serve(server, location):
     """Serve until Ctrl-C."""
     print(f'WiggleGPT chat ({location}) at {server.url} (Ctrl-C stops)', flush=True)
+    print(f'reachable by {server.reach}; the OpenAI API at {server.url}v1', flush=True)
     try:
         server.serve_forever()
-    except KeyboardInterrupt:
-        print('\nstopped', file=sys.stderr)
-    finally:
-        server.server_close()
+    except KeyboardInterrupt:  # uvicorn stops at Ctrl-C, then raises it again for the caller
+        pass
+    print('\nstopped', file=sys.stderr)

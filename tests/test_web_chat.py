@@ -1,17 +1,20 @@
 """
 chat.py's web page over HTTP: the streamed reply, the history trimmed as the REPL trims it, one
-generation at a time, each bad request's status and reason, a client leaving mid-reply (and one
-only half-closing), the host names answered, the limit on connections, and a few hundred fuzzed
-requests.
+generation at a time, each bad request's status and reason, a client leaving mid-reply, the host
+names answered, the key, the limits under abuse (clients that trickle, a full queue, too many
+connections from one client) and a few hundred fuzzed requests. tests/test_openai_api.py has the
+OpenAI API.
 
     python -m pytest tests/test_web_chat.py              (-m "not slow": the quick ones only)
 """
 
+import asyncio
 import http.client
 import json
 import os
 import random
 import resource
+import select
 import signal
 import socket
 import struct
@@ -55,24 +58,41 @@ def bot(tmp_path_factory):
 
 @pytest.fixture
 def start(bot):
-    """start(host, allowed_hosts): a server of the chat serving in a thread, stopped after the test."""
+    """start(host, allowed_hosts, **more ChatServer settings): a server of the chat serving in a thread,
+    stopped after the test."""
     servers = []
 
-    def start(host='127.0.0.1', allowed_hosts=''):
-        server = web_chat.make_server(bot, torch.Generator().manual_seed(0), SAMPLING, '', host, 0, allowed_hosts)
-        threading.Thread(target=server.serve_forever, args=(0.05,), daemon=True).start()  # quick to shut down
-        servers.append(server)
+    def start(host='127.0.0.1', allowed_hosts='', system='', **settings):
+        server = web_chat.ChatServer(bot, torch.Generator().manual_seed(0), SAMPLING, system, host, 0, allowed_hosts,
+                                     **settings)
+        thread = threading.Thread(target=server.serve_forever, daemon=True)
+        thread.start()
+        servers.append((server, thread))
         return server
 
     yield start
-    for server in servers:
+    for server, thread in servers:
         server.shutdown()
-        server.server_close()
+        thread.join(30)
+        assert not thread.is_alive()
+
+
+@pytest.fixture(scope='module')
+def shared_server(bot):
+    server = web_chat.ChatServer(bot, torch.Generator().manual_seed(0), SAMPLING, '', '127.0.0.1', 0)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield server
+    server.shutdown()
+    thread.join(30)
 
 
 @pytest.fixture
-def server(start):
-    return start()
+def server(shared_server):
+    """The module's server, once the last test's replies and connections are over (starting one per test
+    took most of these tests' time)."""
+    wait_idle(shared_server)
+    return shared_server
 
 
 @pytest.fixture
@@ -84,11 +104,13 @@ def gate(bot):
     handle.remove()
 
 
-def post(server, body, headers=None):
-    """An open POST /chat: returns (connection, response) with the response's headers read."""
-    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+def post(server, body, headers=None, source=None):
+    """An open POST /chat (from the loopback address source, if given): returns (connection, response)
+    with the response's headers read."""
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30, source_address=source and (source, 0))
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    connection.request('POST', '/chat', data, {'Content-Type': 'application/json', **(headers or {})})
+    # Connection: close hands the socket to the response: closing the response is the client leaving
+    connection.request('POST', '/chat', data, {'Content-Type': 'application/json', 'Connection': 'close', **(headers or {})})
     return connection, connection.getresponse()
 
 
@@ -101,14 +123,14 @@ def stream_events(text):
     return [json.loads(line) for line in text.splitlines() if line.strip()]
 
 
-def exchange(server, body=b'', headers=None, line=b'POST /chat HTTP/1.1', half_close=True):
+def exchange(server, body=b'', headers=None, line=b'POST /chat HTTP/1.1', half_close=False):
     """A request sent as raw bytes: line, the server's Host, Content-Type: application/json, the body's
-    Content-Length and body, each header replaced by headers (str or bytes; None leaves it out), then the
-    client half-closes (it sends nothing more, which must not stop a reply). Returns (status, headers, text)
-    once the server closes; status None where no HTTP answer came."""
+    Content-Length, Connection: close and body, each header replaced by headers (str or bytes; None leaves
+    it out); with half_close the client then shuts its side (which tells the server it has gone). Returns
+    (status, headers, text) once the server closes; status None where no HTTP answer came."""
     host, port = server.server_address[:2]
     fields = {'Host': f'{web_chat.bracketed(host)}:{port}', 'Content-Type': 'application/json',
-              'Content-Length': str(len(body)), **(headers or {})}
+              'Content-Length': str(len(body)), 'Connection': 'close', **(headers or {})}
     head = [line] + [name.encode() + b': ' + (value if isinstance(value, bytes) else value.encode())
                      for name, value in fields.items() if value is not None]
     with socket.create_connection((host, port), timeout=10) as s:
@@ -125,10 +147,17 @@ def parse_answer(answer):
     """(status, {lower-case header: value}, body text) of an HTTP answer; (None, {}, text) for no answer."""
     head, _, body = answer.partition(b'\r\n\r\n')
     lines = head.decode('latin-1').split('\r\n')
-    if not lines[0].startswith('HTTP/1.0 '):
+    if not lines[0].startswith('HTTP/1.'):
         return None, {}, answer.decode(errors='replace')
-    fields = dict(line.partition(': ')[::2] for line in lines[1:])
-    return int(lines[0].split()[1]), {k.lower(): v for k, v in fields.items()}, body.decode()
+    fields = {k.lower(): v for k, v in (line.partition(': ')[::2] for line in lines[1:])}
+    if fields.get('transfer-encoding') == 'chunked':  # a streamed reply: size in hex, CRLF, the chunk, CRLF, ...
+        chunks, rest = [], body
+        while rest:
+            size, _, rest = rest.partition(b'\r\n')
+            chunks.append(rest[:int(size, 16)])
+            rest = rest[int(size, 16) + 2:]
+        body = b''.join(chunks)
+    return int(lines[0].split()[1]), fields, body.decode()
 
 
 def error_of(text):
@@ -138,28 +167,49 @@ def error_of(text):
 
 
 def wait_idle(server):
-    """Wait until every connection's handler has finished (and said what it would on stderr)."""
-    for _ in range(web_chat.MAX_CONNECTIONS):
-        assert server.slots.acquire(timeout=10)
-    for _ in range(web_chat.MAX_CONNECTIONS):
-        server.slots.release()
+    """Wait until no reply is running or waiting and every connection has closed (and said what it would on
+    stderr)."""
+    deadline = time.monotonic() + 10
+    while server.replies.queued or server.uvicorn.server_state.connections:
+        assert time.monotonic() < deadline, 'the server stayed busy'
+        time.sleep(0.02)
 
 
-def test_the_page_is_served_with_the_chat_settings(server):
+def get_page(server):
     connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
     connection.request('GET', '/')
     response = connection.getresponse()
-    page = response.read().decode()
     assert response.status == 200 and response.getheader('Content-Type').startswith('text/html')
+    page = response.read().decode()
+    connection.close()
+    return page
+
+
+def test_the_page_is_served_with_the_chat_settings(server):
+    page = get_page(server)
     assert 'const DEFAULTS = {"system": "", "temperature": 0.0, "top_k": 50}' in page
     assert '<textarea id="message"' in page and 'id="clear"' in page
+
+
+def test_the_operators_system_prompt_applies_but_is_shown_only_when_asked(start, bot, gate):
+    hidden = start(system='Secret rules.')
+    assert 'Secret rules' not in get_page(hidden)
+    _, response = post(hidden, {'message': 'hi'})
+    assert events(response)[-1]['done']
+    assert gate.inputs[0] == bot.encode(bot.prompt('Secret rules.', [], 'hi', SAMPLING['max_new_tokens'])[0])
+    _, response = post(hidden, {'message': 'hi', 'system': 'Mine.'})  # a visitor's own replaces it
+    assert events(response)[-1]['done']
+    prompts = [bot.decode(ids) for ids in gate.inputs if len(ids) > 1]
+    assert len(prompts) == 2 and prompts[1] == bot.prompt('Mine.', [], 'hi', SAMPLING['max_new_tokens'])[0]
+    shown = start(system='Open rules.', show_system=True)
+    assert '"system": "Open rules."' in get_page(shown)
 
 
 def test_the_reply_streams_piece_by_piece_as_the_repl_would_write_it(server, bot, gate):
     gate.hold_at = 5  # the 5th model call waits: the pieces before it must already have reached the client
     connection, response = post(server, {'message': 'Hello there', 'system': 'Be brief.'})
     assert response.status == 200 and response.getheader('Content-Type').startswith('application/x-ndjson')
-    first = json.loads(response.fp.readline())
+    first = json.loads(response.readline())
     assert gate.held.wait(30) and not gate.opened.is_set() and 'piece' in first
     gate.opened.set()
     rest = events(response)
@@ -189,7 +239,7 @@ def hold_one_and_queue_another(server, gate):
     _, first = post(server, {'message': 'first, a long story'})
     assert gate.held.wait(30)
     _, second = post(server, {'message': 'second'})
-    assert json.loads(second.fp.readline()) == {'waiting': web_chat.WAITING}
+    assert json.loads(second.readline()) == {'waiting': web_chat.WAITING}
     time.sleep(0.5)
     return first, second
 
@@ -201,10 +251,10 @@ def test_one_reply_at_a_time_and_a_second_client_is_told_to_wait(server, gate):
     assert events(first)[-1]['done']
     rest = events(second)
     assert rest[-1]['done']
-    # every model call of the first reply came before any of the second's (each request has its own thread)
-    first_thread, second_thread = gate.threads[0], gate.threads[-1]
-    n_first = gate.threads.count(first_thread)
-    assert first_thread != second_thread and gate.threads == [first_thread] * n_first + [second_thread] * (gate.calls - n_first)
+    # every model call of the first reply came before any of the second's: a reply's first call takes its
+    # whole prompt, the later ones a token each (the KV cache)
+    starts = [i for i, ids in enumerate(gate.inputs) if len(ids) > 1]
+    assert len(starts) == 2 and starts[0] == 0 and len(set(gate.threads)) == 1
 
 
 def test_a_client_that_leaves_while_nothing_is_written_stops_its_reply(server, bot, gate, monkeypatch):
@@ -217,8 +267,7 @@ def test_a_client_that_leaves_while_nothing_is_written_stops_its_reply(server, b
     response.close()
     time.sleep(0.2)
     gate.opened.set()
-    assert server.generation_lock.acquire(timeout=10)
-    server.generation_lock.release()
+    wait_idle(server)
     assert gate.calls <= 4 < SAMPLING['max_new_tokens']
 
 
@@ -260,10 +309,8 @@ def test_a_client_that_leaves_stops_its_reply(server, gate):
     gate.opened.set()
     # the reply ends within a token or two of the gate and frees the model; the client that left while
     # waiting never gets the model at all
-    assert server.generation_lock.acquire(timeout=10)
-    server.generation_lock.release()
-    time.sleep(0.5)
-    assert gate.calls <= 4 < SAMPLING['max_new_tokens'] and len(set(gate.threads)) == 1
+    wait_idle(server)
+    assert gate.calls <= 4 < SAMPLING['max_new_tokens'] and [len(ids) > 1 for ids in gate.inputs].count(True) == 1
 
 
 @pytest.mark.parametrize('body, headers, status, reason', [
@@ -293,42 +340,65 @@ def test_bad_requests_get_a_4xx_and_a_one_line_reason(server, gate, body, header
 
 
 @pytest.mark.parametrize('line, headers, body, status, reason', [
-    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': None}, b'', 411, 'the request needs a Content-Length header',
-                 id='no-length'),
-    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '12x'}, b'', 400, "Content-Length '12x' is not a number of bytes",
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': None}, b'', 400, 'the body is not JSON', id='no-length'),
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '12x'}, b'', 400, 'the request is not HTTP/1.0 or 1.1',
                  id='length-12x'),
-    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': b'\xb2'}, b'', 400,
-                 "Content-Length '\u00b2' is not a number of bytes", id='length-superscript-2'),
-    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '-1'}, b'', 400, "Content-Length '-1' is not a number of bytes",
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': b'\xb2'}, b'', 400, 'the request is not HTTP/1.0 or 1.1',
+                 id='length-superscript-2'),
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '-1'}, b'', 400, 'the request is not HTTP/1.0 or 1.1',
                  id='length-negative'),
     pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '999999999'}, b'', 413,
-                 f'the body is too long: at most {web_chat.MAX_BODY} bytes are read', id='length-too-long'),
-    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '9' * 5000}, b'', 413,
-                 f'the body is too long: at most {web_chat.MAX_BODY} bytes are read', id='length-5000-digits'),
-    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '20'}, b'{"message": "hi"', 400,
-                 'the body ended after 16 of its 20 bytes', id='body-shorter-than-its-length'),
+                 'the body is too long: at most 1000 bytes are read', id='length-too-long'),
+    pytest.param(b'POST /chat HTTP/1.1', {}, b'{"message": "' + b'x' * 1000 + b'"}', 413,
+                 'the body is too long: at most 1000 bytes are read', id='body-too-long'),
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': None, 'Transfer-Encoding': 'chunked'},
+                 b'%x\r\n' % 1200 + b'x' * 1200 + b'\r\n0\r\n\r\n', 413, 'the body is too long: at most 1000 bytes',
+                 id='chunked-body-too-long'),
+    pytest.param(b'POST /chat HTTP/1.1', {'Content-Length': '9' * 5000}, b'', 400, 'the request is not HTTP/1.0 or 1.1',
+                 id='length-5000-digits'),
     pytest.param(b'POST /chat HTTP/1.1', {}, b'[' * 200000, 400, 'the body is nested too deeply to read', id='nested-body'),
     pytest.param(b'POST /chat HTTP/1.1', {}, b'{"message": "hi", "top_k": ' + b'[' * 5000 + b']' * 5000 + b'}', 400,
                  'the body is nested too deeply to read', id='nested-setting'),
-    pytest.param(b'GET /nope HTTP/1.1', {}, b'', 404, 'no page /nope; the chat is at /', id='no-page'),
-    pytest.param(b'POST /other HTTP/1.1', {}, b'{}', 404, 'no route /other; messages go to POST /chat', id='no-route'),
+    pytest.param(b'GET /nope HTTP/1.1', {}, b'', 404, 'no route /nope; the page is /', id='no-page'),
+    pytest.param(b'POST /other HTTP/1.1', {}, b'{}', 404, 'no route /other; the page is /, its messages go to POST /chat',
+                 id='no-route'),
     pytest.param(b'GET / HTTP/1.1', {'Host': 'evil.example'}, b'', 403, "does not answer to the host 'evil.example'",
                  id='foreign-host'),
-    # http.server's own refusals come in the same form
-    pytest.param(b'BREW /chat HTTP/1.1', {}, b'', 501, "Unsupported method ('BREW')", id='unknown-method'),
-    pytest.param(b'POST /chat HTTP/1.1', {f'X-{i}': 'x' for i in range(101)}, b'', 431, 'Too many headers',
-                 id='too-many-headers'),
+    pytest.param(b'BREW /chat HTTP/1.1', {}, b'', 405, 'BREW is not allowed on /chat', id='unknown-method'),
+    pytest.param(b'GET /chat HTTP/1.1', {}, b'', 405, 'GET is not allowed on /chat', id='wrong-method'),
+    pytest.param(b'GET /', {}, b'', 400, 'the request is not HTTP/1.0 or 1.1', id='http-0.9'),
 ])
-def test_malformed_requests_get_a_4xx_and_a_one_line_reason(server, gate, line, headers, body, status, reason):
-    got, _, text = exchange(server, body, headers, line)
+def test_malformed_requests_get_a_4xx_and_a_one_line_reason(server, gate, monkeypatch, line, headers, body, status, reason):
+    if 'at most 1000 bytes' in reason:  # the body is counted as it comes, with or without its length
+        monkeypatch.setattr(web_chat, 'MAX_BODY', 1000)
+    got, fields, text = exchange(server, body, headers, line)
     assert got == status and reason in error_of(text), text
-    assert gate.calls == 0
+    assert fields['x-frame-options'] == 'DENY' and gate.calls == 0
 
 
-def test_a_body_that_does_not_come_gets_a_408(server, monkeypatch):
-    monkeypatch.setattr(web_chat.ChatHandler, 'timeout', 0.3)
-    status, _, text = exchange(server, b'', {'Content-Length': '10'}, half_close=False)
-    assert status == 408 and error_of(text) == 'the body did not arrive within 0.3 s'
+def test_headers_past_16_kb_get_a_400_before_they_end(server):
+    with socket.create_connection(server.server_address, timeout=10) as s:
+        s.sendall(b'POST /chat HTTP/1.1\r\nX-Big: ' + b'x' * 20000)  # and no end in sight
+        status, fields, text = parse_answer(s.makefile('rb').read())
+    assert status == 400 and 'the request is not HTTP/1.0 or 1.1' in error_of(text)
+
+
+def test_head_gets_the_pages_headers_and_no_server_names_its_software(server):
+    status, fields, text = exchange(server, line=b'HEAD / HTTP/1.1', headers={'Content-Type': None, 'Content-Length': None})
+    assert status == 200 and text == '' and fields['content-type'].startswith('text/html'), (status, text)
+    assert 'server' not in fields and fields['x-frame-options'] == 'DENY'
+
+
+@pytest.mark.parametrize('body, sent', [(b'', b''), (b'{"message": "hi"}', b'{"mess')], ids=['headers', 'body'])
+def test_a_request_that_does_not_arrive_in_time_gets_a_408(server, monkeypatch, body, sent):
+    monkeypatch.setattr(web_chat, 'REQUEST_SECONDS', 0.3)
+    port = server.server_address[1]
+    with socket.create_connection(server.server_address, timeout=10) as s:
+        started = time.monotonic()
+        head = b'POST /chat HTTP/1.1\r\nHost: 127.0.0.1:%d\r\nContent-Type: application/json\r\n' % port
+        s.sendall(head + (b'Content-Length: %d\r\n\r\n' % len(body) + sent if body else b'X-Slow: 1'))
+        status, fields, text = parse_answer(s.makefile('rb').read())
+    assert status == 408 and 'did not arrive within 0.3 s' in error_of(text) and time.monotonic() - started < 5
 
 
 @pytest.mark.parametrize('system, message, what', [('word ' * 130, 'hi', 'system prompt'),
@@ -345,33 +415,26 @@ def test_a_conversation_too_long_for_the_context_names_what_is_too_long(server, 
     assert gate.calls == 0
 
 
-@pytest.mark.parametrize('host, allowed_hosts, header, status', [
-    ('127.0.0.1', '', '127.0.0.1:{port}', 200),
-    ('127.0.0.1', '', 'localhost:{port}', 200),
-    ('127.0.0.1', '', 'LocalHost:{port}', 200),
-    ('127.0.0.1', '', '[::1]:{port}', 200),
-    ('127.0.0.1', '', f'{socket.gethostname()}:{{port}}', 200),
-    ('127.0.0.1', '', 'evil.example:{port}', 403),
-    ('127.0.0.1', '', '127.0.0.1', 403),  # the port may be left out on port 80 only
-    ('127.0.0.1', '', 'localhost:1', 403),
-    ('127.0.0.1', '', None, 403),
-    ('127.0.0.1', 'chat.lan, Box.LAN', 'box.lan:{port}', 200),
-    ('0.0.0.0', '', 'evil.example:{port}', 403),  # any host used to be answered off loopback
-    ('0.0.0.0', '', '0.0.0.0:{port}', 200),
-    ('0.0.0.0', '', 'localhost:{port}', 200),
-    ('0.0.0.0', 'chat.lan', 'chat.lan:{port}', 200),
-    ('0.0.0.0', 'chat.lan', 'chat.lan.evil.example:{port}', 403),
-    ('127.0.0.1', '::2, [FE80::1]', '[fe80::1]:{port}', 200),  # IPv6 literals, bracketed or not
-    ('127.0.0.1', '::2, [FE80::1]', '[::2]:{port}', 200),
+@pytest.mark.parametrize('host, allowed_hosts, answers', [
+    ('127.0.0.1', '', [('127.0.0.1:{port}', 200), ('localhost:{port}', 200), ('LocalHost:{port}', 200), ('[::1]:{port}', 200),
+                       (f'{socket.gethostname()}:{{port}}', 200), ('evil.example:{port}', 403),
+                       ('127.0.0.1', 403),  # the port may be left out on port 80 only
+                       ('localhost:1', 403), (None, 400)]),  # HTTP/1.1 needs a Host
+    ('127.0.0.1', 'chat.lan, Box.LAN', [('box.lan:{port}', 200)]),
+    ('0.0.0.0', '', [('evil.example:{port}', 403),  # any host used to be answered off loopback
+                     ('0.0.0.0:{port}', 200), ('localhost:{port}', 200)]),
+    ('0.0.0.0', 'chat.lan', [('chat.lan:{port}', 200), ('chat.lan.evil.example:{port}', 403)]),
+    ('127.0.0.1', '::2, [FE80::1]', [('[fe80::1]:{port}', 200), ('[::2]:{port}', 200)]),  # IPv6 literals, bracketed or not
 ])
-def test_only_requests_to_the_servers_own_names_are_answered(start, host, allowed_hosts, header, status):
+def test_only_requests_to_the_servers_own_names_are_answered(start, host, allowed_hosts, answers):
     """DNS rebinding (another site's name pointed at this machine) is refused on every address."""
-    server = start(host, allowed_hosts)
+    server = start(host, allowed_hosts, allow_anyone=host == '0.0.0.0')
     port = server.server_address[1]
-    got, _, text = exchange(server, headers={'Host': header and header.format(port=port)}, line=b'GET / HTTP/1.1')
-    assert got == status, text
-    if status == 403:
-        assert 'does not answer to the host' in error_of(text)
+    for header, status in answers:
+        got, _, text = exchange(server, headers={'Host': header and header.format(port=port)}, line=b'GET / HTTP/1.1')
+        assert got == status, (header, text)
+        if status != 200:
+            assert {403: 'does not answer to the host', 400: 'not HTTP/1.0 or 1.1'}[status] in error_of(text)
 
 
 @pytest.mark.parametrize('host, allowed_hosts, message', [
@@ -383,7 +446,7 @@ def test_only_requests_to_the_servers_own_names_are_answered(start, host, allowe
 ])
 def test_an_empty_host_or_an_allowed_host_with_a_port_is_refused_in_one_line(bot, host, allowed_hosts, message):
     with pytest.raises(ValueError) as e:  # name:8000 used to become [name:8000]:8000, which nothing matches
-        web_chat.make_server(bot, None, SAMPLING, '', host, 0, allowed_hosts)
+        web_chat.ChatServer(bot, None, SAMPLING, '', host, 0, allowed_hosts)
     assert str(e.value).startswith(message) and '\n' not in str(e.value), str(e.value)
 
 
@@ -397,7 +460,7 @@ def test_the_server_listens_on_ipv6(start):
         pytest.skip('no IPv6 on this machine')
     server = start('::1')
     status, _, text = exchange(server, json.dumps({'message': 'hi'}).encode())
-    assert server.address_family == socket.AF_INET6 and status == 200 and stream_events(text)[-1]['done']
+    assert server.socket.family == socket.AF_INET6 and status == 200 and stream_events(text)[-1]['done']
 
 
 def test_a_host_that_cannot_be_listened_on_is_named_as_the_trouble(bot):
@@ -410,7 +473,7 @@ def test_a_host_that_cannot_be_listened_on_is_named_as_the_trouble(bot):
         ('192.0.2.1', 0, 'cannot listen on 192.0.2.1 (Cannot assign requested address); --host must be an address'),
         ('127.0.0.1', port, f'cannot listen on 127.0.0.1:{port} (Address already in use); choose another --port')]:
         with pytest.raises(ValueError) as e:
-            web_chat.make_server(bot, None, SAMPLING, '', host, port)
+            web_chat.ChatServer(bot, None, SAMPLING, '', host, port)
         assert str(e.value).startswith(message) and ('--port' in str(e.value)) == (host == '127.0.0.1'), str(e.value)
     taken.close()
 
@@ -421,13 +484,49 @@ def test_no_other_site_may_frame_the_page_or_any_answer(server):
         assert fields['x-frame-options'] == 'DENY' and fields['content-security-policy'] == "frame-ancestors 'none'", status
 
 
-def test_connections_past_the_limit_get_a_503_at_once_and_the_server_recovers(server):
+@pytest.mark.slow  # a second or two: -m 'not slow' stays under 40 s
+def test_a_full_queue_answers_503_with_retry_after_on_both_routes(server, gate, monkeypatch):
+    monkeypatch.setattr(web_chat, 'MAX_QUEUED', 2)
+    first, second = hold_one_and_queue_another(server, gate)
+    _, third = post(server, {'message': 'third'})
+    assert third.status == 503 and int(third.getheader('Retry-After')) >= 1
+    assert 'replies are running or waiting' in error_of(third.read().decode())
+    with pytest.importorskip('openai').OpenAI(base_url=server.url + 'v1', api_key='-', max_retries=0) as client:
+        with pytest.raises(Exception) as e:
+            client.chat.completions.create(model='wigglegpt', messages=[{'role': 'user', 'content': 'Hi'}])
+    assert e.value.status_code == 503 and e.value.body['code'] == 'overloaded' and e.value.body['type'] == 'server_error'
+    gate.opened.set()
+    assert events(first)[-1]['done'] and events(second)[-1]['done']
+    _, fourth = post(server, {'message': 'fourth'})  # room again
+    assert events(fourth)[-1]['done']
+
+
+@pytest.mark.parametrize('settings, reach', [
+    ({}, None),
+    ({'api_key': 'k'}, 'every machine that can reach 0.0.0.0:{port} and sends the key (--api_key)'),
+    ({'allow_anyone': True}, 'every machine that can reach 0.0.0.0:{port} and no key asked (--allow_anyone=True): anyone'),
+])
+def test_listening_beyond_loopback_needs_a_key_or_an_explicit_anyone(bot, settings, reach):
+    if reach is None:
+        with pytest.raises(ValueError) as e:
+            web_chat.ChatServer(bot, None, SAMPLING, '', '0.0.0.0', 0, **settings)
+        assert str(e.value).startswith('--host=0.0.0.0 lets other machines connect: set --api_key=SECRET')
+        return
+    server = web_chat.ChatServer(bot, None, SAMPLING, '', '0.0.0.0', 0, **settings)
+    server.socket.close()
+    assert server.reach == reach.format(port=server.server_address[1]) and server.url.startswith('http://127.0.0.1:')
+    local = web_chat.ChatServer(bot, None, SAMPLING, '', '127.0.0.1', 0)
+    local.socket.close()
+    assert local.reach == 'this machine only'
+
+
+def test_connections_past_a_clients_limit_get_a_503_at_once_and_the_server_recovers(server):
     address = server.server_address[:2]
-    idle = [socket.create_connection(address, timeout=10) for _ in range(web_chat.MAX_CONNECTIONS)]
+    idle = [socket.create_connection(address, timeout=10) for _ in range(web_chat.MAX_CONNECTIONS_PER_CLIENT)]
     try:
         with socket.create_connection(address, timeout=5) as extra:
             status, fields, text = parse_answer(extra.makefile('rb').read())
-        assert status == 503 and 'connections are open' in error_of(text) and fields['x-frame-options'] == 'DENY'
+        assert status == 503 and 'connections open, the most' in error_of(text) and fields['x-frame-options'] == 'DENY'
     finally:
         for connection in idle:
             connection.close()
@@ -453,21 +552,14 @@ def test_a_reply_is_served_past_file_descriptor_1023(server):
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
 
 
-def test_a_client_that_half_closes_still_gets_its_reply(server):
-    """shutdown(SHUT_WR) after the request says the client sends nothing more, not that it stopped reading."""
-    status, _, text = exchange(server, json.dumps({'message': 'hi'}).encode())
-    got = stream_events(text)
-    assert status == 200 and got[-1]['done'] and [e for e in got if 'piece' in e]
-
-
 def test_a_client_gone_before_its_error_line_leaves_no_traceback(server, monkeypatch, capsys):
     left = threading.Event()
 
-    def refused_after_the_client_left(handler):
-        assert left.wait(10)
+    async def refused_after_the_client_left(request):
+        assert await asyncio.to_thread(left.wait, 10)
         raise web_chat.RequestError(400, 'too late')
 
-    monkeypatch.setattr(web_chat, 'read_request', refused_after_the_client_left)
+    monkeypatch.setattr(web_chat, 'read_json', refused_after_the_client_left)
     with socket.create_connection(server.server_address[:2], timeout=10) as s:
         s.sendall(b'POST /chat HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n\r\n' % server.server_address[1])
         s.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack('ii', 1, 0))  # closed with a reset
@@ -517,15 +609,21 @@ def fuzzed_requests(rng):
         yield headers, body
 
 
+@pytest.mark.slow  # a second or two: -m 'not slow' stays under 40 s
 def test_fuzzed_requests_get_a_4xx_line_or_a_reply_and_no_traceback(server, monkeypatch, tmp_path, capsys):
     monkeypatch.chdir(tmp_path)
     answers = {}
     for headers, body in fuzzed_requests(random.Random(0)):
-        status, _, text = exchange(server, body, headers)
+        length = headers.get('Content-Length', '')
+        # a body short of its length would wait for the deadline: the client gives up on it (and shuts its side)
+        short = isinstance(length, str) and length.isdigit() and int(length) > len(body)
+        status, _, text = exchange(server, body, headers, half_close=short)
         answers[status] = answers.get(status, 0) + 1
         if status == 200:
             got = stream_events(text)
-            assert all({'piece', 'dropped'} & set(e) for e in got[:-1]) and ('done' in got[-1] or 'error' in got[-1])
+            assert all({'piece', 'dropped'} & set(e) for e in got[:-1]) and ('done' in got[-1] or 'error' in got[-1]), got
+        elif status is None:  # a client that left before its body was complete: no one to answer
+            assert text == '' and short, (headers, body[:80])
         else:
             assert status in range(400, 500) and error_of(text), (headers, body[:80], text)
     assert answers[200] and len(answers) > 4  # both kinds of answer, and several refusals, were seen
@@ -554,7 +652,7 @@ def test_chat_py_serves_the_page_on_localhost_and_stops_on_ctrl_c(tmp_path):
         got = [json.loads(x) for x in connection.getresponse().read().decode().splitlines()]
         assert got[-1]['done']
         connection.request('GET', '/')
-        assert '"system": "Be brief."' in connection.getresponse().read().decode()
+        assert 'Be brief.' not in connection.getresponse().read().decode()  # the operator's, not the visitors'
     finally:
         proc.send_signal(signal.SIGINT)
         try:
@@ -569,9 +667,90 @@ def test_chat_py_serves_the_page_on_localhost_and_stops_on_ctrl_c(tmp_path):
     for args, reason in [([f'--port={taken.getsockname()[1]}'], 'error: cannot listen on 127.0.0.1:'),
                          (['--port=70000'], 'error: port = 70000 is not allowed'),
                          (['--host='], 'error: --host is empty'),
+                         (['--host=0.0.0.0', '--port=0'], 'error: --host=0.0.0.0 lets other machines connect: set --api_key'),
                          (['--port=0', '--allowed_hosts=name:8000'], "error: --allowed_hosts names 'name:8000'")]:
         busy = run_script(tmp_path, os.path.join(repo, 'chat.py'), '--out_dir=chat', '--device=cpu', '--web=True', *args,
                           check=False, timeout=120)
         lines = message_lines(busy.stderr)
         assert busy.returncode == 2 and len(lines) == 1 and lines[0].startswith(reason), busy.stderr
     taken.close()
+
+
+def from_address(server, address):
+    """A connection to server from the loopback address address (127.0.0.0/8 is all this machine's)."""
+    return socket.create_connection(server.server_address, timeout=10, source_address=(address, 0))
+
+
+@pytest.mark.slow
+def test_clients_that_trickle_keep_no_one_else_out(server, monkeypatch):
+    """64 connections from one client and 64 from 64 clients send a request a byte every 0.2 s; the one
+    client gets MAX_CONNECTIONS_PER_CLIENT of them, the rest 503 at once; every trickler is cut off
+    REQUEST_SECONDS after its first byte (408), however steadily it trickles; meanwhile another client
+    is answered within 5 s."""
+    monkeypatch.setattr(web_chat, 'REQUEST_SECONDS', 3)
+    started = time.monotonic()
+    try:
+        tricklers = [from_address(server, '127.0.0.2')]
+    except OSError:
+        pytest.skip('this machine cannot connect from 127.0.0.2')
+    tricklers += [from_address(server, '127.0.0.2') for _ in range(63)]
+    tricklers += [from_address(server, f'127.0.1.{i + 1}') for i in range(64)]
+    request = b'POST /chat HTTP/1.1\r\nHost: 127.0.0.1:%d\r\n' % server.server_address[1] + b'X-Slow: ' + b'y' * 1000
+    answers, ended = {}, {}
+
+    def trickle():
+        sent = 0
+        time.sleep(0.5)  # the refusals at connection arrive before a byte is sent (which a closed socket would reset)
+        while len(ended) < len(tricklers) and time.monotonic() - started < 20:
+            for i, s in enumerate(tricklers):
+                if i in ended:
+                    continue
+                readable, _, _ = select.select([s], [], [], 0)
+                if readable:  # the server has answered (and closes): read it all, send no more
+                    s.settimeout(5)
+                    try:
+                        answers[i] = parse_answer(s.makefile('rb').read())[0]
+                    except OSError:  # reset by a byte sent as the server closed: the answer is lost, not its end
+                        answers[i] = 'reset'
+                    ended[i] = time.monotonic() - started
+                    continue
+                try:
+                    s.send(request[sent:sent + 1])
+                except OSError:
+                    ended[i] = time.monotonic() - started
+            sent += 1
+            time.sleep(0.2)
+
+    thread = threading.Thread(target=trickle)
+    thread.start()
+    try:
+        time.sleep(1)  # the tricklers are in
+        asked = time.monotonic()
+        _, response = post(server, {'message': 'hi'})
+        assert events(response)[-1]['done'] and time.monotonic() - asked < 5
+        thread.join(30)
+    finally:
+        for s in tricklers:
+            s.close()
+    one_client = [answers.get(i) for i in range(64)]
+    assert one_client.count(503) == 64 - web_chat.MAX_CONNECTIONS_PER_CLIENT, str(one_client)
+    assert set(answers.values()) <= {408, 503, 'reset'} and len(ended) == len(tricklers)
+    assert max(ended.values()) < web_chat.REQUEST_SECONDS + 2  # cut off from their first byte, not their last
+    assert [i for i in range(64, 128) if answers.get(i) == 408]  # the many clients' were held until the deadline
+
+
+@pytest.mark.slow
+def test_forty_queued_chats_are_answered_in_the_order_they_came(server, bot, gate):
+    gate.hold_at = 1  # the first reply waits at its first model call, so the others queue behind it
+    responses = []
+    for i in range(40):  # forty clients, one connection each
+        _, response = post(server, {'message': f'chat number {i}'}, source=f'127.0.2.{i + 1}')
+        if i == 0:
+            assert gate.held.wait(30)
+        else:
+            assert json.loads(response.readline()) == {'waiting': web_chat.WAITING}  # queued before the next comes
+        responses.append(response)
+    gate.opened.set()
+    assert all(events(response)[-1]['done'] for response in responses)
+    prompts = [ids for ids in gate.inputs if len(ids) > 1]
+    assert prompts == [bot.encode(bot.prompt('', [], f'chat number {i}', SAMPLING['max_new_tokens'])[0]) for i in range(40)]

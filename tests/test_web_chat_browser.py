@@ -109,3 +109,28 @@ def test_a_conversation_in_the_browser_with_the_keyboard_alone(tmp_path):
     finally:
         server.terminate()
         server.communicate(timeout=30)
+
+
+def test_with_a_key_the_browser_asks_for_it_and_the_page_chats(tmp_path):
+    """--api_key: the browser's password prompt (answered here by Playwright) lets the page and its messages
+    through; without it the page is refused."""
+    write_bpe_checkpoint(tmp_path / 'chat', block_size=128)
+    server = subprocess.Popen([python(), os.path.join(REPO, 'chat.py'), '--out_dir=chat', '--device=cpu', '--web=True',
+                               '--port=0', '--max_new_tokens=8', '--api_key=sesame'],
+                              cwd=tmp_path, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = server.stdout.readline().split(' at ')[-1].split(' ')[0]
+        with playwright.sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            with pytest.raises(playwright.Error, match='ERR_INVALID_AUTH_CREDENTIALS'):  # headless: no one to ask
+                browser.new_page().goto(url)
+            page = browser.new_context(http_credentials={'username': 'me', 'password': 'sesame'}).new_page()
+            assert page.goto(url).status == 200
+            page.keyboard.type('Hello?')
+            page.keyboard.press('Enter')
+            page.wait_for_function('!document.getElementById("send").disabled && document.querySelectorAll(".assistant").length == 1')
+            assert page.locator('.turn.note').count() == 0  # no 'Not sent' or failure note: /chat took the key too
+            browser.close()
+    finally:
+        server.terminate()
+        server.communicate(timeout=30)
