@@ -58,7 +58,8 @@ web = False  # serve the chat as a web page instead of the terminal REPL
 host = '127.0.0.1'  # web: the address to listen on; 0.0.0.0 opens it to other machines
 port: 'in [0, 65535]' = 8000  # web: 0 picks a free port
 allowed_hosts = ''  # web: more host names the page may be reached by, comma-separated (e.g. a machine's LAN name)
-api_key = ''  # web: a key every request must carry (Bearer token; a browser's password); needed off loopback
+api_key = ''  # web: a key every request must carry (Bearer token; a browser's password); needed off loopback;
+# never printed (in a config file, rather than --api_key, it stays out of the machine's process list)
 allow_anyone = False  # web: off loopback without a key, anyone who can reach the port may chat
 show_system = False  # web: the page shows the --system prompt to its visitors
 # -----------------------------------------------------------------------------

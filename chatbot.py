@@ -46,9 +46,12 @@ class Chatbot:
         head = chat_turn('system', system) if system else ''
         tail = chat_turn('user', user_text) + '<|assistant|>\n'
         budget = self.block_size - self.reply_room(max_new_tokens)
+        # each exchange is a token at least: of a longer history only the last block_size can fit, and the
+        # rest is not encoded at all (a web client may send thousands)
+        first = max(0, len(exchanges) - self.block_size)
         # each exchange encoded once, so a long history costs linear time; the oldest go until the rest fit
-        sizes = [len(self.encode(e)) for e in exchanges]
-        total, dropped = len(self.encode(head + tail)) + sum(sizes), 0
+        sizes = [0] * first + [len(self.encode(e)) for e in exchanges[first:]]
+        total, dropped = len(self.encode(head + tail)) + sum(sizes), first
         while dropped < len(exchanges) and total > budget:
             total -= sizes[dropped]
             dropped += 1

@@ -191,7 +191,7 @@ def _apply_override(config, item):
     if checked is _BAD:
         fail(f"--{key} expects {type(default).__name__}, got '{text}' ({type(value).__name__})")
     config[key] = checked
-    _report(f'{key} = {checked!r}')
+    _report(f'{key} = {_shown(key, checked)}')
     return key
 
 
@@ -222,7 +222,7 @@ def _apply_file(config, path):
         if checked is _BAD:
             fail(f'{path} sets {name} = {value!r}, expected {type(old).__name__}')
         config[name] = checked
-        _report(f'{name} = {checked!r} (from {path})')
+        _report(f'{name} = {_shown(name, checked)} (from {path})')
         changed.append(name)
     return changed
 
@@ -247,6 +247,13 @@ def _require_known(config, key, message):
     close = difflib.get_close_matches(key, list(config), n=1)
     hint = f" (did you mean '{close[0]}'?)" if close else ''
     fail(f"{message} '{key}'{hint}")
+
+
+SECRET_SETTINGS = ('api_key',)  # their values are never printed (logs keep what a run prints)
+
+
+def _shown(name, value):
+    return '(set, not shown)' if name in SECRET_SETTINGS else repr(value)
 
 
 def _report(line):

@@ -5,7 +5,7 @@ chat API at http://127.0.0.1:8000, both on the model chat.py loaded (Starlette o
     GET  /                      the page; it keeps the conversation and sends it with each message
     POST /chat                  the page's route: {"message": "...", "history": [["user text", "reply"], ...],
                                 "system": "...", "temperature": 0.7, "top_k": 50}   (all but message optional)
-        -> 200, one JSON object per line as it happens (blank lines may come between them: skip them):
+        -> 200, one JSON object per line as it happens:
              {"waiting": "..."}      other replies are queued first; this one starts when they end
              {"dropped": n}          the n oldest exchanges did not fit beside a reply (the page forgets them)
              {"piece": "text"} ...   the reply
@@ -32,15 +32,16 @@ the operator's (--system), which otherwise applies; the page does not show the o
 Limits that hold under abuse: the whole request (headers and body) must arrive within REQUEST_SECONDS
 of its first byte (else 408 and the connection closes), a client (an IP address) holds at most
 MAX_CONNECTIONS_PER_CLIENT connections (more get 503 at once), MAX_CONNECTIONS in all, and a body at most
-MAX_BODY bytes; waiting connections cost a socket, not a thread, so clients that trickle bytes keep no
-one else out. HTTP/0.9 requests are refused (400).
+MAX_BODY bytes; waiting connections cost a socket, not a thread, and when all MAX_CONNECTIONS are open
+the oldest one not being answered is closed to make room, so clients that trickle bytes keep no one
+else out. HTTP/0.9 requests are refused (400) at their first line.
 
 Who may connect: it listens on loopback (this machine only) unless --host names another address, which
 needs --api_key=SECRET (a Bearer token on every route; the page's browser asks for it as a password,
 any user name) or --allow_anyone=True; startup says which. The key travels in clear over http: on an
 untrusted network put the server behind TLS. Whatever the host, it answers only requests made to it by
 one of its names (its address, localhost, 127.0.0.1, [::1], the machine's name, and those of
---allowed_hosts), so no other website can reach it through DNS rebinding; no other site may show its
+--allowed_hosts: another machine reaching it by an address needs that address there), so no other website can reach it through DNS rebinding; no other site may show its
 page in a frame; and its POST routes take only application/json, which a page of another site cannot
 send without a preflight this server does not grant.
 """
@@ -50,6 +51,7 @@ import base64
 import binascii
 import collections
 import errno
+import hashlib
 import hmac
 import ipaddress
 import json
@@ -180,6 +182,11 @@ def fit(bot, system, exchanges, message, max_new_tokens):
 API_SETTINGS = {'model': (str,), 'messages': (list,), 'temperature': (int, float), 'top_p': (int, float),
                 'top_k': (int,), 'max_tokens': (int,), 'max_completion_tokens': (int,), 'stop': (str, list),
                 'seed': (int,), 'stream': (bool,), 'stream_options': (dict,), 'n': (int,), 'user': (str,)}
+# OpenAI's other parameters, which clients and front-ends send with these values when they mean nothing by them
+NEUTRAL = {'frequency_penalty': (0,), 'presence_penalty': (0,), 'logprobs': (False,), 'logit_bias': ({},),
+           'parallel_tool_calls': (True, False), 'tools': ([],), 'tool_choice': ('none', 'auto'), 'store': (False,),
+           'response_format': ({'type': 'text'},), 'metadata': ({},)}
+MAX_STOP_CHARACTERS = 256  # each stop string is looked for after every token: a long one would hold the model
 ROLES = {'system': 'system', 'developer': 'system', 'user': 'user', 'assistant': 'assistant'}
 
 
@@ -187,12 +194,16 @@ def api_request(body, max_new_tokens):
     """A /v1/chat/completions body checked: (system or None, [(role, text), ...] ending with the user's,
     {sampling settings it changes}, stop strings, seed or None, stream, include_usage)."""
     for key, value in body.items():
+        if key in NEUTRAL and (value is None or any(value == v and type(value) is type(v) for v in NEUTRAL[key])):
+            continue
+        if key in NEUTRAL:
+            raise RequestError(400, f'{key} is not supported here, except as {" or ".join(map(json.dumps, NEUTRAL[key]))}', key)
         if key not in API_SETTINGS:
             raise RequestError(400, f'Unrecognized request argument supplied: {key}', key)
         is_bool = isinstance(value, bool) and bool not in API_SETTINGS[key]
         if value is not None and (not isinstance(value, API_SETTINGS[key]) or is_bool):
             raise RequestError(400, f'{key} must be of type {API_SETTINGS[key][0].__name__}, got {json.dumps(value)[:40]}', key)
-    given = {key: value for key, value in body.items() if value is not None}
+    given = {key: value for key, value in body.items() if value is not None and key in API_SETTINGS}
     if 'model' not in given or 'messages' not in given:
         missing = 'model' if 'model' not in given else 'messages'
         raise RequestError(400, f'Missing required parameter: {missing!r}', missing)
@@ -210,18 +221,21 @@ def api_request(body, max_new_tokens):
     if given.get('n', 1) != 1:
         raise RequestError(400, 'n must be 1: this server generates one choice per request', 'n')
     stops = [given['stop']] if isinstance(given.get('stop'), str) else given.get('stop', [])
-    if len(stops) > 4 or not all(isinstance(s, str) and s for s in stops):
-        raise RequestError(400, 'stop must be a string or a list of at most 4 non-empty strings', 'stop')
+    if len(stops) > 4 or not all(isinstance(s, str) and 0 < len(s) <= MAX_STOP_CHARACTERS for s in stops):
+        raise RequestError(400, f'stop must be a string or a list of at most 4, each of 1 to {MAX_STOP_CHARACTERS} '
+                                'characters', 'stop')
     seed = given.get('seed')
     if seed is not None and not 0 <= seed < 2 ** 63:
         raise RequestError(400, f'seed must be in [0, 2**63), got {seed}', 'seed')
     options = given.get('stream_options', {})
+    if options and not given.get('stream'):
+        raise RequestError(400, 'stream_options is only allowed with stream=true', 'stream_options')
     if set(options) - {'include_usage'}:
         raise RequestError(400, 'stream_options takes include_usage only', 'stream_options')
     system, turns = None, []
     for i, message in enumerate(given['messages']):
         param = f'messages[{i}]'
-        if not isinstance(message, dict) or message.get('role') not in ROLES:
+        if not isinstance(message, dict) or not isinstance(message.get('role'), str) or message['role'] not in ROLES:
             raise RequestError(400, f'{param} must be an object with a role among {", ".join(ROLES)}', param)
         text = message_text(message.get('content'), param)
         role = ROLES[message['role']]
@@ -297,7 +311,8 @@ class Replies:
             except Exception as e:  # a fault of the model or the machine: the client is told, the server goes on
                 traceback.print_exc()
                 emit(('error', f'the reply failed ({error_line(e)})'))
-            self.seconds.append(time.perf_counter() - start)
+            if not stop.is_set():  # a reply cut short by its client's leaving says nothing of how long one takes
+                self.seconds.append(time.perf_counter() - start)
 
         released = False
 
@@ -379,9 +394,16 @@ def build_app(chat):
         return StreamingResponse(lines(), media_type='application/x-ndjson; charset=utf-8',
                                  headers={'Cache-Control': 'no-store'})
 
+    the_model = {'id': MODEL_ID, 'object': 'model', 'created': chat.created, 'owned_by': 'wigglegpt'}
+
     async def models(request):
-        return JSONResponse({'object': 'list', 'data': [{'id': MODEL_ID, 'object': 'model', 'created': chat.created,
-                                                         'owned_by': 'wigglegpt'}]})
+        return JSONResponse({'object': 'list', 'data': [the_model]})
+
+    async def model(request):
+        if request.path_params['name'] != MODEL_ID:
+            return error_response(request.url.path, 404, f'The model {request.path_params["name"][:80]!r} does not '
+                                                          f'exist; this server has {MODEL_ID!r}', 'model', 'model_not_found')
+        return JSONResponse(the_model)
 
     async def completions(request):
         try:
@@ -418,7 +440,7 @@ def build_app(chat):
                 started = False
                 async for kind, value in events:
                     if kind == 'piece':
-                        # the template's newline before the reply is not the reply's: as the history keeps it
+                        # spaces before the reply are not the reply's (the same content as without stream)
                         value = value if started else value.lstrip()
                         started = started or bool(value)
                         if value:
@@ -446,7 +468,7 @@ def build_app(chat):
                 else:
                     finish, usage = outcome(value)
                     return JSONResponse({**head, 'object': 'chat.completion', 'choices': [
-                        {'index': 0, 'message': {'role': 'assistant', 'content': ''.join(pieces).strip()},
+                        {'index': 0, 'message': {'role': 'assistant', 'content': ''.join(pieces).lstrip()},
                          'logprobs': None, 'finish_reason': finish}], 'usage': usage})
 
         return await unless_gone(request, whole_reply())
@@ -460,7 +482,8 @@ def build_app(chat):
                               code='method_not_allowed', headers=exc.headers)
 
     routes = [Route('/', page), Route('/index.html', page), Route('/chat', page_chat, methods=['POST']),
-              Route('/v1/models', models), Route('/v1/chat/completions', completions, methods=['POST'])]
+              Route('/v1/models', models), Route('/v1/models/{name:path}', model),
+              Route('/v1/chat/completions', completions, methods=['POST'])]
     return Guard(Starlette(routes=routes, exception_handlers={404: refused, 405: refused}), chat)
 
 
@@ -530,30 +553,64 @@ def key_matches(authorization, key):
             return False
     elif scheme.lower() != b'bearer':
         return False
-    return hmac.compare_digest(credentials.strip(), key.encode())
+    # digests of equal length: the comparison's time says nothing of the key, its length included
+    return hmac.compare_digest(hashlib.sha256(credentials.strip()).digest(), hashlib.sha256(key.encode()).digest())
 
 
-def guarded_protocol(clients):
-    """uvicorn's HTTP/1.1 protocol with the limits that hold under abuse: a deadline for each request and
-    a cap on each client's connections (clients: a Counter of open connections by address, per server)."""
+def guarded_protocol():
+    """uvicorn's HTTP/1.1 protocol with the limits that hold under abuse (a class per server, whose
+    connections it counts): a deadline for each request, a cap on each client's connections and on all,
+    and HTTP/0.9 refused at its first line."""
+    clients = collections.Counter()  # open connections by the client's address
+    connections = {}  # every open connection, oldest first (a dict keeps the order of insertion)
 
     class GuardedProtocol(H11Protocol):
         deadline = None
+        refused = False
 
         def connection_made(self, transport):
             super().connection_made(transport)
-            self.address = self.client[0] if self.client else ''
+            self.address, self.head = self.client[0] if self.client else '', b''
             clients[self.address] += 1
+            connections[self] = None
             if clients[self.address] > MAX_CONNECTIONS_PER_CLIENT:
                 return self.refuse(503, f'this client has {MAX_CONNECTIONS_PER_CLIENT} connections open, the most '
                                         'this server takes from one; close one and try again', 'Retry-After: 5')
+            if len(connections) > MAX_CONNECTIONS and not self.make_room():
+                return self.refuse(503, f'{MAX_CONNECTIONS} connections are being served, the most this server takes; '
+                                        'try again shortly', 'Retry-After: 5')
             # a client that connects and sends nothing has REQUEST_SECONDS too
             self.deadline = self.loop.call_later(REQUEST_SECONDS, self.too_slow)
 
+        def make_room(self):
+            """Close the oldest connection not being served (one sending its request, or idle between
+            requests), so that clients that connect and wait cannot fill the server; False if none is."""
+            for other in connections:
+                if other is not self and not other.refused and not other.serving():
+                    other.refuse(503, 'the server needed room for a newer connection, and this one had no request '
+                                      'being answered; send the whole request at once')
+                    return True
+            return False
+
+        def serving(self):
+            """Whether a request has arrived whole and its response is not finished."""
+            return (self.conn.their_state in (h11.DONE, h11.MUST_CLOSE) and self.cycle is not None
+                    and not self.cycle.response_complete)
+
         def data_received(self, data):
+            if self.refused:
+                return  # answered and closing: what the client still sends is read and dropped
             if self.deadline is None and self.conn.their_state is not h11.DONE:
                 self.deadline = self.loop.call_later(REQUEST_SECONDS, self.too_slow)
+            if self.conn.their_state is h11.IDLE and len(self.head) < 8192:
+                # h11 would wait for headers that an HTTP/0.9 request ("GET /" and a newline) never sends
+                self.head += data
+                line, newline, _ = self.head.lstrip(b'\r\n').partition(b'\n')
+                if newline and not line.rstrip(b'\r').endswith((b' HTTP/1.0', b' HTTP/1.1')):
+                    return self.send_400_response('')
             super().data_received(data)
+            if self.conn.their_state is not h11.IDLE:
+                self.head = b''
             if self.deadline is not None and self.conn.their_state not in (h11.IDLE, h11.SEND_BODY):
                 self.deadline.cancel()
                 self.deadline = None
@@ -562,11 +619,12 @@ def guarded_protocol(clients):
             clients[self.address] -= 1
             if not clients[self.address]:
                 del clients[self.address]
+            connections.pop(self, None)
             if self.deadline is not None:
                 self.deadline.cancel()
             super().connection_lost(exc)
 
-        def send_400_response(self, msg):  # h11 could not parse the request (HTTP/0.9 among others)
+        def send_400_response(self, msg):  # h11 could not parse the request
             self.refuse(400, 'the request is not HTTP/1.0 or 1.1 as this server reads it (a request line '
                              '"METHOD /path HTTP/1.1", then headers, each "Name: value")')
 
@@ -577,14 +635,22 @@ def guarded_protocol(clients):
             self.transport.close()
 
         def refuse(self, status, reason, *more_headers):
-            """Answer status with a one-line reason and close, whatever the client has sent so far."""
+            """Answer status with a one-line reason, whatever the client has sent so far, and close. The
+            close waits a second, reading and dropping what the client still sends: closed at once with its
+            request unread, the connection would be reset and the answer lost."""
+            if self.refused or self.transport.is_closing():
+                return
+            self.refused = True
+            if self.deadline is not None:
+                self.deadline.cancel()
+                self.deadline = None
             body = ndjson({'error': reason}).encode()
             head = [f'HTTP/1.1 {status} {HTTPStatus(status).phrase}', 'Content-Type: application/json',
                     f'Content-Length: {len(body)}', 'Connection: close', *more_headers,
                     *(f'{k}: {v}' for k, v in SAFETY_HEADERS.items())]
-            if not self.transport.is_closing():
-                self.transport.write('\r\n'.join(head + ['', '']).encode() + body)
-                self.transport.close()
+            self.transport.write('\r\n'.join(head + ['', '']).encode() + body)
+            self.transport.write_eof()
+            self.loop.call_later(1, self.transport.close)
 
     return GuardedProtocol
 
@@ -660,8 +726,9 @@ class ChatServer:
         unspecified = ipaddress.ip_address(bound).is_unspecified  # 0.0.0.0 or ::: every address of this machine
         self.url = f'http://{bracketed("127.0.0.1" if unspecified else bound)}:{port}/'
         self.reach = ('this machine only' if ipaddress.ip_address(bound).is_loopback else
-                      f'{"every" if unspecified else "any"} machine that can reach {bracketed(bound)}:{port} and '
-                      + ('sends the key (--api_key)' if api_key else 'no key asked (--allow_anyone=True): anyone'))
+                      f'machines that reach port {port} by this machine\'s name ({socket.gethostname()}) or one in '
+                      f'--allowed_hosts{"" if unspecified else f" at {bracketed(bound)}"}, '
+                      + ('with the key (--api_key)' if api_key else 'with no key asked (--allow_anyone=True)'))
         self.bot, self.sampling, self.system, self.api_key = bot, dict(sampling), system, api_key
         self.replies = Replies(bot, generator)
         self.created = int(time.time())
@@ -670,9 +737,8 @@ class ChatServer:
         with open(PAGE, encoding='utf-8') as f:
             # '<' escaped so no text in the settings can close the page's script element
             self.page = f.read().replace('/*DEFAULTS*/null', json.dumps(defaults).replace('<', '\\u003c')).encode()
-        config = uvicorn.Config(build_app(self), http=guarded_protocol(collections.Counter()), ws='none',
-                                lifespan='off', log_config=None, log_level='warning', access_log=False,
-                                server_header=False, limit_concurrency=MAX_CONNECTIONS, timeout_graceful_shutdown=2)
+        config = uvicorn.Config(build_app(self), http=guarded_protocol(), ws='none', lifespan='off', log_config=None,
+                                log_level='warning', access_log=False, server_header=False, timeout_graceful_shutdown=2)
         self.uvicorn = uvicorn.Server(config)
 
     def serve_forever(self):

@@ -60,9 +60,11 @@ def raw(port, data, wait=10.0, source='127.0.0.1'):
     return lines[0], {k.lower(): v for k, v in (x.partition(': ')[::2] for x in lines[1:])}, body
 
 
-def trickle(port, connections, every, seconds, source='127.0.0.2'):
-    """connections that send a request a byte every `every` s for `seconds` s, in a thread."""
-    sockets = [socket.create_connection(('127.0.0.1', port), source_address=(source, 0)) for _ in range(connections)]
+def trickle(port, connections, every, seconds):
+    """connections (each from its own loopback address: 64 clients) that send a request a byte every `every` s
+    for `seconds` s, in a thread."""
+    sockets = [socket.create_connection(('127.0.0.1', port), source_address=(f'127.0.5.{i + 1}', 0))
+               for i in range(connections)]
 
     def run():
         for byte in (b'GET / HTTP/1.1\r\nX-Slow: ' + b'y' * 1000)[:int(seconds / every)]:
@@ -91,16 +93,18 @@ def main(tree):
         print(f'the operator\'s --system in the page: {"Operator secret." in body.decode()}')
         status, headers, body = raw(port, b'HEAD / HTTP/1.1\r\n' + host + b'\r\n')
         print(f'HEAD /: {status}')
-        status, headers, body = raw(port, b'GET /\r\n\r\n')
-        print(f'HTTP/0.9 "GET /": {status}, X-Frame-Options {headers.get("x-frame-options", "(none)")}, '
-              f'body starts {body[:40]!r}')
+        for request in (b'GET /\r\nHost: 127.0.0.1:%d\r\n\r\n' % port, b'GET /\r\n'):
+            started = time.monotonic()
+            status, headers, body = raw(port, request, wait=12)
+            print(f'HTTP/0.9 {request[:24]!r}: {status} after {time.monotonic() - started:.1f} s, X-Frame-Options '
+                  f'{headers.get("x-frame-options", "(none)")}, body starts {body[:40]!r}')
 
         started = time.monotonic()
-        thread = trickle(port, 32, 2, 24)
+        thread = trickle(port, 64, 2, 24)
         time.sleep(1)
         status, _, body = raw(port, b'GET / HTTP/1.1\r\n' + host + b'\r\n', source='127.0.0.1')
-        print(f'32 connections trickling a header byte every 2 s, then a normal GET: {status} after '
-              f'{time.monotonic() - started - 1:.1f} s')
+        print(f'64 clients trickling a header byte every 2 s, then a normal GET: {status} after '
+              f'{time.monotonic() - started - 1:.2f} s')
         thread.join()
 
         started = time.monotonic()

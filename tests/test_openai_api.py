@@ -9,6 +9,7 @@ piece for piece, stop sequences, a seed, each bad request's error in OpenAI's sh
 import base64
 import http.client
 import json
+import random
 import threading
 
 import pytest
@@ -64,7 +65,9 @@ def repl_reply(bot, prompt, **changes):
 
 
 def test_the_model_list_names_the_one_model(client):
-    assert [m.id for m in client.models.list()] == ['wigglegpt']
+    assert [m.id for m in client.models.list()] == ['wigglegpt'] and client.models.retrieve('wigglegpt').id == 'wigglegpt'
+    with pytest.raises(openai.NotFoundError):
+        client.models.retrieve('gpt-4o')
 
 
 def test_a_completion_is_the_repls_reply_with_its_token_counts(client, bot, prompts):
@@ -106,14 +109,17 @@ def test_the_stream_is_server_sent_events_ending_with_done(server):
     assert events[-2:] == ['data: [DONE]', ''] and all(e.startswith('data: {') for e in events[:-2])
 
 
-def test_a_stop_sequence_ends_the_reply_before_it(client):
+def test_a_stop_sequence_ends_the_reply_before_it_streamed_or_not(client):
     messages = [{'role': 'user', 'content': 'Count.'}]
     unstopped = client.chat.completions.create(model='wigglegpt', messages=messages).choices[0].message.content
     stop = unstopped.rstrip()[-3:]  # no whitespace: the reply is shown without its leading space
     assert stop.strip() == stop and unstopped.index(stop) < len(unstopped) - 3
     got = client.chat.completions.create(model='wigglegpt', messages=messages, stop=[stop, 'never seen'])
-    assert got.choices[0].message.content == unstopped[:unstopped.index(stop)].strip()
+    assert got.choices[0].message.content == unstopped[:unstopped.index(stop)]  # spaces before it kept, as OpenAI does
     assert got.choices[0].finish_reason == 'stop' and got.usage.completion_tokens < 12
+    chunks = list(client.chat.completions.create(model='wigglegpt', messages=messages, stop=stop, stream=True))
+    assert ''.join(c.choices[0].delta.content or '' for c in chunks) == got.choices[0].message.content
+    assert chunks[-1].choices[0].finish_reason == 'stop'
 
 
 def test_a_seed_repeats_a_sampled_reply(client):
@@ -129,6 +135,13 @@ def test_a_seed_repeats_a_sampled_reply(client):
     ({'max_tokens': 13}, openai.BadRequestError, 400, 'max_tokens must be in [1, 12], got 13', 'max_tokens'),
     ({'n': 2}, openai.BadRequestError, 400, 'n must be 1', 'n'),
     ({'stop': ['a', 'b', 'c', 'd', 'e']}, openai.BadRequestError, 400, 'stop must be a string or a list of at most 4', 'stop'),
+    ({'stop': 'x' * 257}, openai.BadRequestError, 400, 'each of 1 to 256 characters', 'stop'),
+    ({'stream_options': {'include_usage': True}}, openai.BadRequestError, 400, 'only allowed with stream=true',
+     'stream_options'),
+    ({'frequency_penalty': 0.5}, openai.BadRequestError, 400, 'frequency_penalty is not supported here, except as 0',
+     'frequency_penalty'),
+    ({'messages': [{'role': ['user'], 'content': 'a'}]}, openai.BadRequestError, 400, 'messages[0] must be an object with a role',
+     'messages[0]'),
     ({'messages': []}, openai.BadRequestError, 400, "the last message must be the user's", 'messages'),
     ({'messages': [{'role': 'user', 'content': 'a'}, {'role': 'assistant', 'content': 'b'}]}, openai.BadRequestError,
      400, "the last message must be the user's", 'messages'),
@@ -152,6 +165,40 @@ def test_a_bad_request_gets_openais_error_shape(client, prompts, changes, error,
     assert prompts() == []  # nothing was generated
 
 
+def test_openais_other_parameters_at_their_neutral_values_are_accepted(client):
+    got = client.chat.completions.create(model='wigglegpt', messages=[{'role': 'user', 'content': 'Hi'}], max_tokens=2,
+                                         frequency_penalty=0, presence_penalty=0, logprobs=False, logit_bias={},
+                                         response_format={'type': 'text'}, user='someone')
+    assert got.choices[0].message.role == 'assistant'
+
+
+def test_fuzzed_api_requests_get_openais_error_shape_or_a_reply(server, client, capsys):
+    """Each good request with one field given an odd value: a 4xx in OpenAI's shape or a reply, never a 500."""
+    rng = random.Random(0)
+    odd = [None, True, 0, -1, 2 ** 70, 1.5, '', 'x', [], {}, [[]], ['user'], {'role': 'user'}, [{'type': 'text'}],
+           [{'role': 'user', 'content': None}], [{'role': ['user'], 'content': 'a'}], {'include_usage': 'yes'}]
+    good = {'model': 'wigglegpt', 'messages': [{'role': 'user', 'content': 'Hi'}], 'max_tokens': 2}
+    connection = http.client.HTTPConnection(*server.server_address, timeout=60)
+    statuses = set()
+    for _ in range(150):
+        body = json.loads(json.dumps(good))
+        where = rng.choice(['model', 'messages', 'max_tokens', 'temperature', 'top_p', 'top_k', 'stop', 'seed', 'n',
+                            'stream', 'stream_options', 'frequency_penalty', 'logprobs', 'message', 'role', 'content'])
+        if where in ('message', 'role', 'content'):
+            target = body['messages'] if where == 'message' else body['messages'][0]
+            target[0 if where == 'message' else where] = rng.choice(odd)
+        else:
+            body[where] = rng.choice(odd)
+        connection.request('POST', '/v1/chat/completions', json.dumps(body),
+                           {'Content-Type': 'application/json', 'Authorization': f'Bearer {KEY}'})
+        response = connection.getresponse()
+        text = response.read().decode()
+        statuses.add(response.status)
+        assert response.status == 200 or (400 <= response.status < 500 and set(json.loads(text)['error']) ==
+                                          {'message', 'type', 'param', 'code'}), (body, response.status, text)
+    assert 200 in statuses and len(statuses) > 1 and 'Traceback' not in capsys.readouterr().err
+
+
 def test_a_conversation_longer_than_the_context_is_refused_with_its_code(client):
     with pytest.raises(openai.BadRequestError) as e:
         client.chat.completions.create(model='wigglegpt', messages=[{'role': 'user', 'content': 'word ' * 200}])
@@ -165,7 +212,8 @@ def test_the_key_is_required_on_every_route(server, client):
         assert e.value.body['code'] == 'invalid_api_key'
     connection = http.client.HTTPConnection(*server.server_address, timeout=60)
     for path, headers in [('/', {}), ('/', {'Authorization': 'Bearer wrong'}), ('/chat', {}), ('/nope', {}),
-                          ('/', {'Authorization': 'Basic ' + 'user:wrong'.encode().hex()})]:
+                          ('/', {'Authorization': 'Basic ' + base64.b64encode(b'user:wrong').decode()}),
+                          ('/', {'Authorization': 'Basic ' + base64.b64encode(f'user:{KEY}x'.encode()).decode()})]:
         connection.request('GET', path, headers=headers)
         response = connection.getresponse()
         response.read()
