@@ -331,7 +331,8 @@ def load_checkpoint_file(ckpt_path, device, overrides):
 # the most each size may be: far above any model trained here (block_size 1024), far below what exhausts
 # memory or time (RoPE's tables, which no file holds, grow with block_size; each layer takes time to build)
 SIZE_LIMITS = {'vocab_size': MAX_VOCAB_SIZE, 'block_size': 2 ** 16, 'n_layer': 1024, 'n_head': 1024, 'n_embd': 2 ** 16,
-               'bio_compartments': 1024, 'fast_weight_rank': 1024}
+               'bio_compartments': 1024, 'fast_weight_rank': 1024, 'moe_experts': 1024, 'moe_top_k': 1024,
+               'moe_max_experts': 1024, 'moe_min_experts': 1024}
 # settings naming one of a few
 CHOICES = {'mlp': ('', *MLP_KINDS), 'bio_variant': ('v3', 'v2', 'v1'), 'gelu_params_like': ('', 'v3', 'v2', 'v1')}
 
@@ -360,6 +361,8 @@ def setting_problem(name, value, default):
         return None if 0 <= value < 1 else 'is not from 0 up to (not including) 1'
     if name == 'tau_rrp':
         return None if 0 < value < math.inf else 'is not a number of positions above 0'
+    if name == 'moe_balance':
+        return None if 0 <= value < math.inf else 'is not a finite number from 0'
     return None if math.isfinite(value) else 'is not a finite number'
 
 
@@ -396,6 +399,14 @@ def config_problem(settings, relations=True):
         return f'gelu_tanh=True is a setting of the GELU MLP (mlp=gelu; this is mlp={kind})'
     if settings['stochastic_release'] and not settings['use_presynaptic']:
         return 'stochastic_release=True draws the presynaptic release: it needs use_presynaptic=True'
+    if settings['use_moe']:
+        order = [settings[k] for k in ('moe_top_k', 'moe_min_experts', 'moe_experts', 'moe_max_experts')]
+        if order != sorted(order):
+            return ('use_moe=True needs moe_top_k <= moe_min_experts <= moe_experts <= moe_max_experts (here {}, {}, {}, {})'
+                    .format(*order))
+        if settings['bio_variant'] != 'v3' or settings['use_sparse_gate'] or settings['gelu_params_like']:
+            return ('use_moe=True makes experts of an MLP kind as it is: not with bio_variant v1/v2, the sparse gate '
+                    'or gelu_params_like')
     return None
 
 
@@ -409,6 +420,10 @@ def mlp_matrix_weights(config):
     are most of theirs (lineage.py); an MLP widened by gelu_params_like holds about those of the bio MLP it
     matches (rounding its width costs less than that MLP's oscillation parameters)."""
     n, hidden = config.n_embd, 4 * config.n_embd
+    if config.use_moe:  # every slot's expert, each 1/top_k as wide (model_bio.make_mlp), and the router
+        width = hidden if config.mlp in ('bio', 'gelu', 'relu2') else mlp_width(config)
+        per_unit = 3 * n if config.mlp in GATED_KINDS else 2 * n
+        return config.moe_max_experts * (per_unit * max(1, round(width / config.moe_top_k)) + n)
     if config.mlp in GATED_KINDS and not config.gelu_params_like:
         return 3 * n * mlp_width(config)
     kind = config.bio_variant if config.mlp == 'bio' else (config.gelu_params_like or 'v3')

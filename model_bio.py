@@ -49,6 +49,7 @@ import torch.nn.functional as F
 from torch.utils.checkpoint import checkpoint
 
 import lineage  # the earlier bio MLPs (v1, v2)
+import moe  # the mixture of experts that grows and prunes itself
 import synapses  # seed 003's synaptic mechanisms: presynaptic depression, fast weights
 from oscillation import OscillatingActivation, oscillate  # the activation's maths and its implementations
 
@@ -80,6 +81,12 @@ class GPTConfig:
     use_fast_weights: bool = False  # a Hebbian fast-weight scratchpad beside the MLP (synapses.py)
     fast_weight_rank: int = 16  # fast weights: keys and values per head
     fast_weight_decay: float = 0.95  # fast weights: what a write keeps per position
+    use_moe: bool = False  # the MLP as a mixture of experts that splits and merges (moe.py)
+    moe_experts: int = 4  # experts active at the start
+    moe_top_k: int = 2  # experts per token; each has 1/top_k of the dense MLP's width
+    moe_max_experts: int = 8  # slots: at most this many active
+    moe_min_experts: int = 2  # merges stop here
+    moe_balance: float = 0.01  # weight of the load-balancing loss
 
     def __post_init__(self):
         settle_mlp(vars(self))  # checkpoints from before mlp existed have use_bio_mlp alone
@@ -221,9 +228,9 @@ def relu2(x):
 class MLP(nn.Module):
     """GPT-2's MLP: c_fc, GELU (mlp='gelu') or ReLU² (mlp='relu2'), c_proj."""
 
-    def __init__(self, config):
+    def __init__(self, config, hidden=None):
         super().__init__()
-        hidden = mlp_width(config)
+        hidden = hidden or mlp_width(config)
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.act = relu2 if config.mlp == 'relu2' else nn.GELU(approximate='tanh' if config.gelu_tanh else 'none')
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -238,9 +245,9 @@ class GatedMLP(nn.Module):
     2 x hidden rows, gate first). act is SiLU (mlp='swiglu', as LLaMA's) or the oscillating activation with
     its per-neuron omega, phi, baseline (mlp='bio_glu'): does the oscillation help where the MLP gates already?"""
 
-    def __init__(self, config):
+    def __init__(self, config, hidden=None):
         super().__init__()
-        hidden = mlp_width(config)
+        hidden = hidden or mlp_width(config)
         self.c_fc = nn.Linear(config.n_embd, 2 * hidden, bias=config.bias)
         self.activation = OscillatingActivation(hidden) if config.mlp == 'bio_glu' else None
         self.c_proj = nn.Linear(hidden, config.n_embd, bias=config.bias)
@@ -253,9 +260,9 @@ class GatedMLP(nn.Module):
 
 
 class BioMLP(nn.Module):
-    def __init__(self, config):
+    def __init__(self, config, hidden=None):
         super().__init__()
-        hidden = 4 * config.n_embd
+        hidden = hidden or 4 * config.n_embd
         self.c_fc = nn.Linear(config.n_embd, hidden, bias=config.bias)
         self.activation = OscillatingActivation(hidden)
         self.sparse_gate = SparseGate(hidden, config.bio_threshold) if config.use_sparse_gate else None
@@ -276,13 +283,22 @@ def bio_mlp(config):
 MLP_OF_KIND = {'bio': bio_mlp, 'gelu': MLP, 'relu2': MLP, 'swiglu': GatedMLP, 'bio_glu': GatedMLP}
 
 
+def make_mlp(config):
+    """The block's MLP: the kind config.mlp names, or (use_moe) experts of that kind, each 1/moe_top_k as wide."""
+    if not config.use_moe:
+        return MLP_OF_KIND[config.mlp](config)
+    kind = BioMLP if config.mlp == 'bio' else MLP_OF_KIND[config.mlp]
+    width = max(1, round((4 * config.n_embd if config.mlp == 'bio' else mlp_width(config)) / config.moe_top_k))
+    return moe.MoE(config, lambda: kind(config, width))
+
+
 class Block(nn.Module):
     def __init__(self, config):
         super().__init__()
         self.ln_1 = make_norm(config)
         self.attn = CausalSelfAttention(config)
         self.ln_2 = make_norm(config)
-        self.mlp = MLP_OF_KIND[config.mlp](config)
+        self.mlp = make_mlp(config)
         self.fast_weights = synapses.FastWeights(config) if config.use_fast_weights else None
 
     def forward(self, x, rope=None, kv_cache=None):
@@ -377,6 +393,8 @@ class GPT(nn.Module):
         # the mean over targets that are not -1; 0 (not nan) when a batch has none
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                reduction='sum') / (targets != -1).sum().clamp(min=1)
+        if self.config.use_moe and self.training:  # the experts' load-balancing term
+            loss = loss + sum(block.mlp.aux_loss for block in self.transformer.h)
         return logits, loss
 
     def sparse_gates(self):

@@ -141,6 +141,17 @@ stochastic_release = False  # with use_presynaptic: training draws each release,
 use_fast_weights = False  # seed 003's Hebbian fast-weight scratchpad beside the MLP (synapses.py)
 fast_weight_rank = 16  # its keys and values per head
 fast_weight_decay = 0.95  # what a write keeps per position
+use_moe = False  # seed 003's structural plasticity: the MLP as experts that split and merge (moe.py says how)
+moe_experts = 4  # active at the start
+moe_top_k = 2  # experts per token, each 1/moe_top_k of the MLP's width: the dense MLP's active parameters
+moe_max_experts = 8  # slots
+moe_min_experts = 2
+moe_balance = 0.01  # weight of the load-balancing loss
+moe_tax: '>= 0' = 0.01  # energy an expert pays per iteration (and earns, times its load)
+moe_health_decay: 'in [0, 1)' = 0.9  # health: a moving average of the load with this decay per iteration
+moe_split_health: '> 0' = 1.5  # a split needs this health (1: an even share of the load) ...
+moe_split_energy: '>= 0' = 1.5  # ... and this energy (each expert starts with 1)
+moe_change_every: '>= 1' = 100  # iterations between a layer's chances to split or merge
 gradient_checkpointing = False
 freeze_layers: '>= 0' = 0  # fine-tuning: the first N blocks keep their weights
 freeze_embeddings = False  # also keep the token (and position) embeddings; wte is tied to lm_head, so it stays too
@@ -191,6 +202,7 @@ from checkpoints import (ARCHITECTURE, CHECKPOINT_SUFFIXES, FORMAT_VERSION, TRAI
 from codec import (GPT2_VOCAB_SIZE, dataset_tokenizer, is_dataset_name, read_meta, tokenizer_difference,  # noqa: E402
                    tokenizer_facts)
 from files import append_line, claim_folder, create_new, write_file  # noqa: E402
+import moe  # noqa: E402
 from model_bio import GPT, GPTConfig, settle_mlp  # noqa: E402
 from optimizers import (OPTIMIZERS, SCHEDULES, build_optimizers, describe, load_optimizer_state,  # noqa: E402
                         optimizer_state, scheduled_lr, state_megabytes)
@@ -575,6 +587,16 @@ def random_states():
     return {'data': data_rng.get_state(), 'torch': [g['torch'] for g in gathered], 'cuda': [g['cuda'] for g in gathered]}
 
 
+@torch.no_grad()
+def fixed_loss(x, y):
+    """The model's loss on the batch x, y as evaluation computes it (dropout off): what a structural change moved."""
+    raw_model.eval()
+    with autocast:
+        _, loss = raw_model(x, y)
+    raw_model.train()
+    return loss.item()
+
+
 def weights_are_finite():
     return all(torch.isfinite(p).all() for p in raw_model.parameters())
 
@@ -801,6 +823,13 @@ try:
         skipped_in_a_row = 0 if step_is_finite else skipped_in_a_row + 1
         skipped_steps += not step_is_finite
         iter_num += 1
+        if use_moe:
+            for event in moe.keep_accounts(raw_model, optimizers, iter_num, config, lambda: fixed_loss(x, y), seed, ddp):
+                if master:
+                    change = f", loss {event['loss_change']:+.4f}" if 'loss_change' in event else ''
+                    print(f"iter {iter_num}: layer {event['layer']} {event['event']} of expert {event['expert']} "
+                          f"(health {event['health']:.2f}, energy {event['energy']:.2f}{change}): {event['experts']} experts")
+                log_json(event)
         tokens_seen += tokens_per_iter
         interval_iters += 1
         stop_requested = bool(shared[1] > 0) if ddp else signal_seen is not None

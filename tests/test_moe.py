@@ -1,0 +1,137 @@
+"""
+moe.py: the mixture of experts that grows and prunes itself. The choice counts a split's tied pair once;
+a split leaves the model's function as it was (float64) and gives the child the parent's optimizer
+state, for every optimizer; a merge's change is measured; the cache is exact; training splits and
+merges, logs each event, and resumes bit for bit across them; bad settings are one line.
+
+    python -m pytest tests/test_moe.py              (-m "not slow": the quick ones only)
+"""
+
+import pytest
+import torch
+
+import moe
+from conftest import TINY, load, message_lines, read_log, run_script, trained_straight_and_in_halves
+from model_bio import GPT, GPTConfig, MLP_KINDS
+from test_optimizers import INSTALLED, build
+from test_train import assert_same_state
+
+
+def model(mlp='bio', **changes):
+    torch.manual_seed(0)
+    settings = dict(n_layer=2, n_head=2, n_embd=32, block_size=16, vocab_size=64, mlp=mlp, use_moe=True, moe_experts=3,
+                    moe_top_k=2, moe_max_experts=6, moe_min_experts=2, bias=True)
+    return GPT(GPTConfig(**{**settings, **changes}))
+
+
+def test_the_choice_takes_the_top_k_distinct_scores_and_a_tie_counts_once():
+    inf = float('-inf')
+    scores = torch.tensor([[3.0, 1.0, 2.0, 0.0], [3.0, 3.0, 2.0, 1.0], [1.0, inf, inf, 2.0], [5.0, 5.0, 5.0, 5.0]])
+    chosen = moe.choose(scores, 2)
+    assert chosen.tolist() == [[True, False, True, False], [True, True, True, False],
+                               [True, False, False, True], [True, True, True, True]]
+
+
+@pytest.mark.parametrize('mlp', MLP_KINDS)
+def test_a_split_leaves_the_function_as_it_was_and_the_pair_then_grows_apart(mlp):
+    net = model(mlp).double()
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    net.eval()
+    with torch.no_grad():
+        before = net(x, all_positions=True)[0]
+    layer = net.transformer.h[0].mlp
+    child = layer.split(1, [], torch.Generator().manual_seed(0))
+    with torch.no_grad():
+        after = net(x, all_positions=True)[0]
+    assert child == 3 and layer.active.tolist() == [True, True, True, True, False, False]
+    assert (after - before).abs().max() < 1e-12  # float64 rounding: the pair's gates add up to the parent's
+    net.train()
+    net(x, y)[1].backward()
+    parent_grad, child_grad = layer.experts[1].c_fc.weight.grad, layer.experts[child].c_fc.weight.grad
+    assert parent_grad.abs().sum() > 0 and not torch.allclose(parent_grad, child_grad)  # the perturbation parts them
+
+
+@pytest.mark.parametrize('name', INSTALLED)
+def test_the_child_starts_with_the_parents_optimizer_state(name):
+    net = model()
+    built = build(net, name)
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    for _ in range(2):
+        net(x, y)[1].backward()
+        for opt in built:
+            opt.step()
+            opt.zero_grad()
+    layer = net.transformer.h[1].mlp
+    child = layer.split(0, built, torch.Generator().manual_seed(0))
+    pairs = list(zip(layer.experts[0].parameters(), layer.experts[child].parameters()))
+    pairs += [(layer.router[0], layer.router[child]), (layer.gate_bias[0], layer.gate_bias[child])]
+    states = [(opt.state[p], opt.state[c]) for opt in built for p, c in pairs if p in opt.state]
+    assert len(states) == len(pairs)  # every parameter of the expert has its state, in one optimizer or another
+    for parent, copied in states:
+        assert parent.keys() == copied.keys()
+        for key in parent:
+            same = torch.equal(parent[key], copied[key]) if torch.is_tensor(parent[key]) else parent[key] == copied[key]
+            assert same and (not torch.is_tensor(parent[key]) or parent[key].data_ptr() != copied[key].data_ptr()), key
+    layer.merge(child, built)
+    assert not any(c in opt.state for opt in built for _, c in pairs)
+
+
+def test_a_merge_is_measured_and_accounts_decide_alike_from_the_counts():
+    net = model().eval()  # as train_bio.py measures: no choices counted
+    x, y = torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16))
+    layer = net.transformer.h[0].mlp
+    layer.energy[2] = -0.5  # bankrupt
+    layer.choices.copy_(torch.tensor([10.0, 10.0, 0.0, 0, 0, 0]))
+    net.transformer.h[1].mlp.choices.copy_(torch.tensor([5.0, 5.0, 5.0, 0, 0, 0]))
+
+    def measure():
+        with torch.no_grad():
+            return net(x, y)[1].item()
+
+    settings = dict(moe_tax=0.1, moe_health_decay=0.5, moe_split_health=9.0, moe_split_energy=0.0, moe_change_every=1)
+    before = measure()
+    events = moe.keep_accounts(net, [], 7, settings, measure, 1337, ddp=False)
+    assert [(e['event'], e['layer'], e['expert'], e['experts']) for e in events] == [('merge', 0, 2, 2)]
+    assert events[0]['loss_change'] == pytest.approx(measure() - before, abs=1e-6) and events[0]['iter'] == 7
+    # the layer's accounts: load 1.5, 1.5, 0 of an even 1; energy +-tax * (load - 1); health halfway to the load
+    assert layer.energy[:2].tolist() == pytest.approx([1.05, 1.05]) and layer.health[:2].tolist() == pytest.approx([1.25] * 2)
+    assert layer.choices.sum() == 0
+
+
+def test_cached_tokens_are_the_recomputed_ones():
+    net = model('swiglu').double().eval()
+    net.transformer.h[0].mlp.split(0, [], torch.Generator().manual_seed(0))
+    x = torch.randint(0, 64, (1, 16))
+    cache = net.new_kv_cache()
+    with torch.no_grad():
+        full = net(x, all_positions=True)[0]
+        net(x[:, :10], kv_cache=cache)
+        steps = [net(x[:, t:t + 1], kv_cache=cache)[0][0, -1] for t in range(10, 16)]
+    assert max((s - full[0, t]).abs().max() for s, t in zip(steps, range(10, 16))) < 1e-12
+
+
+@pytest.mark.parametrize('args, message', [
+    (['--moe_top_k=3', '--moe_min_experts=2'], 'use_moe=True needs moe_top_k <= moe_min_experts <= moe_experts <= '
+                                               'moe_max_experts (here 3, 2, 4, 8)'),
+    (['--moe_experts=9'], 'use_moe=True needs moe_top_k <= moe_min_experts <= moe_experts <= moe_max_experts'),
+    (['--bio_variant=v2'], 'use_moe=True makes experts of an MLP kind as it is'),
+    (['--moe_tax=-1'], 'moe_tax = -1'),
+])
+def test_bad_settings_are_one_line(workdir, args, message):
+    proc = run_script(workdir, 'train_bio.py', *TINY, '--use_moe=True', '--max_iters=2', *args, check=False)
+    lines = message_lines(proc.stderr)
+    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_training_splits_and_merges_and_resumes_bit_for_bit_across_them(workdir):
+    args = [*TINY, '--use_moe=True', '--eval_interval=6', '--moe_change_every=2', '--moe_tax=1.0',
+            '--moe_split_health=1.02', '--moe_split_energy=1.0', '--moe_experts=3', '--moe_max_experts=4']
+    straight = trained_straight_and_in_halves(workdir, 'train_bio.py', *args, iters=12)
+    events = [r for r in read_log(workdir / 'straight') if 'event' in r]
+    kinds = {(r['event'], r['iter'] <= 6) for r in events}
+    assert {('split', True), ('merge', True), ('split', False), ('merge', False)} <= kinds, events
+    assert ' split of expert ' in straight.stdout and ' merge of expert ' in straight.stdout
+    a, b = load(workdir / 'straight' / 'ckpt.pt'), load(workdir / 'split' / 'ckpt.pt')
+    assert_same_state(a, b)
+    assert events == [r for r in read_log(workdir / 'split') if 'event' in r]
