@@ -75,6 +75,7 @@ class MoE(nn.Module):
         self.register_buffer('energy', torch.full((slots,), START_ENERGY))
         self.register_buffer('health', torch.ones(slots))
         self.register_buffer('choices', torch.zeros(slots), persistent=False)  # since the last account
+        self.register_buffer('load', torch.zeros(slots), persistent=False)  # of the last iteration accounted
         self.aux_loss = None
 
     def forward(self, x):
@@ -111,6 +112,7 @@ class MoE(nn.Module):
         caller under DDP)."""
         n = self.active.sum()
         load = n * self.choices / self.choices.sum().clamp(min=1)
+        self.load.copy_(load)
         self.energy += torch.where(self.active, tax * (load - 1), 0.0)
         self.health.copy_(torch.where(self.active, health_decay * self.health + (1 - health_decay) * load, 0.0))
         self.choices.zero_()
@@ -195,4 +197,21 @@ def keep_accounts(model, optimizers, iter_num, settings, measure, seed, ddp):
         else:
             continue
         events.append({'iter': iter_num, **record, 'experts': int(layer.active.sum())})
+    if ddp:  # the same counts give the same decisions; checked, as processes that disagree would train apart
+        active = torch.cat([layer.active.float() for _, layer in layers])
+        total = active.clone()
+        dist.all_reduce(total)
+        if not torch.equal(total, active * dist.get_world_size()):
+            raise RuntimeError(f'the processes disagree on the experts after iteration {iter_num}')
     return events
+
+
+def state_of(model):
+    """Each MoE layer's experts now, for the log: their slots, last load, energy and health."""
+    layers = []
+    for block in model.transformer.h:
+        if isinstance(block.mlp, MoE):
+            slots = block.mlp.active.nonzero(as_tuple=True)[0]
+            layers.append({'slots': slots.tolist(), **{k: [round(v, 4) for v in getattr(block.mlp, k)[slots].tolist()]
+                                                      for k in ('load', 'energy', 'health')}})
+    return layers

@@ -857,7 +857,8 @@ try:
                     line += f', {skipped_steps} skipped'
                 print(line)
                 log_json({'iter': iter_num, 'loss': lossf, 'lr': lr, 'time_ms': dt * 1000, 'mfu': mfu,
-                          'sparsity': sparsity, 'skipped_steps': skipped_steps, 'tokens': tokens_seen})
+                          'sparsity': sparsity, 'skipped_steps': skipped_steps, 'tokens': tokens_seen,
+                          **({'moe': moe.state_of(raw_model)} if use_moe else {})})
                 if wandb_log and writes:
                     wandb.log({'iter': iter_num, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu, 'sparsity': sparsity})
 except torch.cuda.OutOfMemoryError:  # said by each process that ran out, which need not be the first

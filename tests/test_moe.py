@@ -7,12 +7,19 @@ merges, logs each event, and resumes bit for bit across them; bad settings are o
     python -m pytest tests/test_moe.py              (-m "not slow": the quick ones only)
 """
 
+import json
+import subprocess
+from dataclasses import asdict
+
+import matplotlib.image
 import pytest
 import torch
 
 import moe
+from checkpoints import config_problem, load_model
 from conftest import TINY, load, message_lines, read_log, run_script, trained_straight_and_in_halves
 from model_bio import GPT, GPTConfig, MLP_KINDS
+from test_ddp import torchrun
 from test_optimizers import INSTALLED, build
 from test_train import assert_same_state
 
@@ -51,7 +58,7 @@ def test_a_split_leaves_the_function_as_it_was_and_the_pair_then_grows_apart(mlp
     assert parent_grad.abs().sum() > 0 and not torch.allclose(parent_grad, child_grad)  # the perturbation parts them
 
 
-@pytest.mark.parametrize('name', INSTALLED)
+@pytest.mark.parametrize('name', [name if name == 'adamw' else pytest.param(name, marks=pytest.mark.slow) for name in INSTALLED])
 def test_the_child_starts_with_the_parents_optimizer_state(name):
     net = model()
     built = build(net, name)
@@ -110,17 +117,23 @@ def test_cached_tokens_are_the_recomputed_ones():
     assert max((s - full[0, t]).abs().max() for s, t in zip(steps, range(10, 16))) < 1e-12
 
 
-@pytest.mark.parametrize('args, message', [
-    (['--moe_top_k=3', '--moe_min_experts=2'], 'use_moe=True needs moe_top_k <= moe_min_experts <= moe_experts <= '
-                                               'moe_max_experts (here 3, 2, 4, 8)'),
-    (['--moe_experts=9'], 'use_moe=True needs moe_top_k <= moe_min_experts <= moe_experts <= moe_max_experts'),
-    (['--bio_variant=v2'], 'use_moe=True makes experts of an MLP kind as it is'),
-    (['--moe_tax=-1'], 'moe_tax = -1'),
+@pytest.mark.parametrize('changes, message', [
+    ({'moe_top_k': 3}, 'use_moe=True needs moe_top_k <= moe_min_experts <= moe_experts <= moe_max_experts (here 3, 2, 4, 8)'),
+    ({'moe_experts': 9}, 'use_moe=True needs moe_top_k <= moe_min_experts <= moe_experts <= moe_max_experts'),
+    ({'mlp': 'bio', 'bio_variant': 'v2'}, 'use_moe=True makes experts of an MLP kind as it is'),
+    ({'mlp': 'gelu', 'gelu_params_like': 'v3'}, 'use_moe=True makes experts of an MLP kind as it is'),
+    ({'moe_balance': -1.0}, 'moe_balance=-1.0 is not a finite number from 0'),
 ])
-def test_bad_settings_are_one_line(workdir, args, message):
-    proc = run_script(workdir, 'train_bio.py', *TINY, '--use_moe=True', '--max_iters=2', *args, check=False)
+def test_bad_settings_are_named(changes, message):
+    settings = {**asdict(GPTConfig()), 'use_moe': True, 'moe_experts': 4, 'moe_max_experts': 8, **changes}
+    assert config_problem(settings).startswith(message), config_problem(settings)
+
+
+@pytest.mark.slow
+def test_a_bad_setting_is_one_line_as_a_user_meets_it(workdir):
+    proc = run_script(workdir, 'train_bio.py', *TINY, '--use_moe=True', '--max_iters=2', '--moe_experts=9', check=False)
     lines = message_lines(proc.stderr)
-    assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+    assert proc.returncode == 2 and len(lines) == 1 and 'moe_top_k <= moe_min_experts <= moe_experts' in lines[0], proc.stderr
 
 
 @pytest.mark.slow
@@ -135,3 +148,32 @@ def test_training_splits_and_merges_and_resumes_bit_for_bit_across_them(workdir)
     a, b = load(workdir / 'straight' / 'ckpt.pt'), load(workdir / 'split' / 'ckpt.pt')
     assert_same_state(a, b)
     assert events == [r for r in read_log(workdir / 'split') if 'event' in r]
+    # the plot of the experts over training, from the log
+    plotted = run_script(workdir, 'analysis/plot_moe.py', 'straight', '--out_dir', 'plot')
+    written = json.loads((workdir / 'plot' / 'moe.json').read_text())
+    assert len(written['layers']) == 2 and written['events'] == events and ' merges' in plotted.stdout
+    assert written['layers'][0]['experts'][-1] == [r for r in events if r['layer'] == 0][-1]['experts']
+    assert matplotlib.image.imread(workdir / 'plot' / 'moe.png').shape[0] > 300
+    # the changed structure loads wherever a checkpoint does: sampled, exported and read back, evaluated
+    run_script(workdir, 'sample_bio.py', '--out_dir=straight', '--start=hello', '--num_samples=1', '--max_new_tokens=4',
+               '--device=cpu')
+    run_script(workdir, 'export_hub.py', '--out_dir=straight', '--export_dir=exported')
+    run_script(workdir, 'eval_bio.py', '--ckpt=exported', '--tasks=val', '--dataset=tiny', '--device=cpu')
+    x = torch.randint(0, 50, (2, 16))
+    logits = [load_model(str(workdir / where), torch.device('cpu'))[0].eval()(x, all_positions=True)[0]
+              for where in ('straight/ckpt.pt', 'exported')]
+    assert torch.equal(*logits) and a['model']['transformer.h.0.mlp.active'].tolist() != [True] * 3 + [False]
+
+
+@pytest.mark.slow
+def test_two_processes_make_the_same_events(workdir):
+    """Under torchrun each process counts its own tokens' choices; the counts are all-reduced, so all decide
+    alike (keep_accounts checks it and stops a run whose processes disagree)."""
+    args = [*TINY, '--use_moe=True', '--eval_interval=6', '--moe_change_every=2', '--moe_tax=1.0',
+            '--moe_split_health=1.02', '--moe_split_energy=1.0', '--moe_experts=3', '--moe_max_experts=4']
+    proc = subprocess.run(torchrun('train_bio.py', *args, '--max_iters=12', '--out_dir=out'), cwd=workdir,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    events = [r for r in read_log(workdir / 'out') if 'event' in r]
+    assert {'split', 'merge'} <= {r['event'] for r in events} and proc.stdout.count(' split of expert ') == len(
+        [r for r in events if r['event'] == 'split'])  # said once, by the first process
