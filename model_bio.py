@@ -393,8 +393,10 @@ class GPT(nn.Module):
         # the mean over targets that are not -1; 0 (not nan) when a batch has none
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                reduction='sum') / (targets != -1).sum().clamp(min=1)
-        if self.config.use_moe and self.training:  # the experts' load-balancing term
+        if self.config.use_moe and self.training:  # the experts' load-balancing term, read once
             loss = loss + sum(block.mlp.aux_loss for block in self.transformer.h)
+            for block in self.transformer.h:
+                block.mlp.aux_loss = None
         return logits, loss
 
     def sparse_gates(self):
@@ -416,9 +418,13 @@ class GPT(nn.Module):
         return silent.item() / total if total else None
 
     def flops_per_token(self):
-        """Forward + backward FLOPs per token: 6 per parameter plus attention's score/value products."""
+        """Forward + backward FLOPs per token: 6 per parameter a token meets plus attention's score/value products."""
         cfg = self.config
-        return 6 * self.get_num_params() + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
+        params = self.get_num_params()
+        for block in self.transformer.h:  # experts: the parameters a token meets, not every slot's
+            if cfg.use_moe:
+                params += block.mlp.active_params_per_token() - sum(p.numel() for p in block.mlp.parameters())
+        return 6 * params + 12 * cfg.n_layer * cfg.n_embd * cfg.block_size
 
     def estimate_mfu(self, tokens_per_second, peak_flops):
         """Model FLOPs utilization: achieved FLOP/s over the device's peak (None if the peak is unknown)."""

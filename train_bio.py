@@ -809,6 +809,9 @@ try:
             loss = loss * (counts[micro_step] * world_size / trained_tokens)
             loss_sum += loss.detach().float()
             scaler.scale(loss).backward()
+        if use_moe:
+            for block in raw_model.transformer.h:
+                block.mlp.drop_inactive_grads()
         # a step whose gradients are not finite is skipped (with float16 the GradScaler also lowers its scale)
         for opt in optimizers:
             scaler.unscale_(opt)

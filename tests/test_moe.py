@@ -7,6 +7,7 @@ merges, logs each event, and resumes bit for bit across them; bad settings are o
     python -m pytest tests/test_moe.py              (-m "not slow": the quick ones only)
 """
 
+import copy
 import json
 import subprocess
 from dataclasses import asdict
@@ -106,6 +107,41 @@ def test_a_merge_is_measured_and_accounts_decide_alike_from_the_counts():
     assert layer.choices.sum() == 0
 
 
+def test_slots_not_in_use_are_left_alone_by_the_optimizer():
+    net = model()
+    opt = build(net, 'adamw')[0]
+    layer = net.transformer.h[0].mlp
+    layer.merge(1, [opt])
+    unused = [*layer.experts[1].parameters(), *layer.experts[5].parameters()]
+    before = [p.clone() for p in unused]
+    for _ in range(2):
+        net(torch.randint(0, 64, (4, 16)), torch.randint(0, 64, (4, 16)))[1].backward()
+        for block in net.transformer.h:
+            block.mlp.drop_inactive_grads()
+        opt.step()
+        opt.zero_grad()
+    assert all(torch.equal(p, q) and p not in opt.state for p, q in zip(unused, before))  # no decay, no state
+    assert layer.experts[0].c_fc.weight in opt.state
+    copy.deepcopy(net)  # no graph of the last forward kept (the balance term is read once)
+
+
+def test_routing_under_bf16_autocast_is_computed_in_float32():
+    net = model(moe_experts=6, moe_max_experts=8)
+    layer = net.transformer.h[0].mlp
+    chosen = []
+    layer.register_forward_hook(lambda m, args, out: chosen.append(m.choices.clone()))
+    with torch.autocast('cpu', dtype=torch.bfloat16):
+        net(torch.randint(0, 64, (128, 16)), torch.randint(0, 64, (128, 16)))
+    assert chosen[0].sum() == 2 * 128 * 16  # no ties between distinct experts: top_k each, not more
+
+
+def test_flops_count_the_parameters_a_token_meets():
+    dense, experts = model(moe_experts=4, bias=False, use_moe=False), model(moe_experts=4, bias=False)
+    routers = 2 * 4 * (32 + 1)  # layers x active experts x (router row + gate bias)
+    assert experts.flops_per_token() - dense.flops_per_token() == 6 * routers
+    assert experts.get_num_params() > 2 * dense.get_num_params() - 64 * 32  # every slot's weights exist
+
+
 def test_cached_tokens_are_the_recomputed_ones():
     net = model('swiglu').double().eval()
     net.transformer.h[0].mlp.split(0, [], torch.Generator().manual_seed(0))
@@ -124,6 +160,7 @@ def test_cached_tokens_are_the_recomputed_ones():
     ({'mlp': 'bio', 'bio_variant': 'v2'}, 'use_moe=True makes experts of an MLP kind as it is'),
     ({'mlp': 'gelu', 'gelu_params_like': 'v3'}, 'use_moe=True makes experts of an MLP kind as it is'),
     ({'moe_balance': -1.0}, 'moe_balance=-1.0 is not a finite number from 0'),
+    ({'n_layer': 32, 'moe_max_experts': 256}, 'use_moe=True builds n_layer x moe_max_experts = 8192 experts, more than the 4096'),
 ])
 def test_bad_settings_are_named(changes, message):
     settings = {**asdict(GPTConfig()), 'use_moe': True, 'moe_experts': 4, 'moe_max_experts': 8, **changes}
