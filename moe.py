@@ -9,19 +9,20 @@ come on top); moe_experts of them are active, the rest wait (never routed, never
 Each token is computed alone: the router's scores s_e = w_e . x choose its experts, the gates weigh
 them, and no token is dropped (no capacity), so the KV cache, resuming and DDP see an MLP like any other.
 
-    chosen: the experts whose score is among the top_k distinct values of s over the active experts
-            (experts tied at one value count once: a split's two halves tie, below)
+    units:  the experts are grouped in units (each its own at the start; a split's halves share one);
+            a unit's score is its experts' highest
+    chosen: every expert of the top_k units by score
     gates:  softmax of s_e + b_e over the chosen (b: a per-expert gate bias, in the gates only)
     out:    sum over the chosen of gate_e * expert_e(x)
 
 Balance: the Switch Transformer's auxiliary loss, moe_balance * n * sum_e f_e * P_e per layer (n active
-experts, f_e the share of choices that went to e, P_e the mean softmax probability of e), added to the
+experts, f_e the share of the gates that went to e, P_e the mean softmax probability of e), added to the
 training loss; it is smallest when the load is even.
 
-Energy and health, per expert and iteration (from the choices of the whole iteration, summed over its
+Energy and health, per expert and iteration (from the gates of the whole iteration, summed over its
 micro-steps and, under DDP, over processes, so that every process decides alike):
 
-    load_e   = n * (choices of e) / (all choices)          1 where the load is even
+    load_e   = n * (gates of e) / (all gates)              1 where the load is even
     energy_e = energy_e + moe_tax * (load_e - 1)           income for being chosen, a fixed tax
     health_e = moe_health_decay * health_e + (1 - moe_health_decay) * load_e
 
@@ -30,16 +31,15 @@ health is at least moe_split_health, its energy at least moe_split_energy and a 
 moe_max_experts); else its poorest expert is merged away if its energy is below 0 and more than
 moe_min_experts are active.
 
-Split (the model's function unchanged at that instant): the free slot gets a copy of the parent's
-weights and router row, so that the two tie and are chosen together wherever the parent was; both gate
-biases are lowered by log 2, so that the pair's gates add up to the parent's; the output matrices are
-perturbed symmetrically (c_proj + D and c_proj - D), so that the pair's output is the parent's while
-their gradients differ and they grow apart. The optimizer's state is copied for the child; the
-parent's and child's energy are half the parent's. Known weakness: only the instant is exact. At the next
-step the pair's router rows differ, their tie breaks, and a token that was given the pair and another
-expert loses one of the three: a jump about the size of a merge (a review measured a layer's output move
-by 0.47 relative one step after a split, against 0.09 for the step alone and 0.73 for a merge). Routing
-the pair as one unit until it has grown apart would remove it; not built yet.
+Split (the model's function unchanged at that instant, and moved by training alone after it): the
+free slot gets a copy of the parent's weights and router row and joins the parent's unit, so the pair
+is chosen wherever the parent was, and stays chosen together as their router rows grow apart (a unit's
+score is its best member's: no token loses one half when they part); both gate biases are lowered by
+log 2, so that the pair's gates add up to the parent's; the output matrices are perturbed symmetrically
+(c_proj + D and c_proj - D), so that the pair's output is the parent's while their gradients differ and
+they specialize. A token therefore meets more experts as its units grow: top_k units, not top_k
+experts (FLOPs are counted so). The optimizer's state is copied for the child; the parent's and
+child's energy are half the parent's.
 
 Merge: the expert is removed (its slot goes inactive, its optimizer state is dropped); the change of
 the model's output is measured by the caller and logged.
@@ -55,8 +55,8 @@ START_ENERGY = 1.0  # each expert's at the start; moe_tax sets how fast it moves
 
 
 def choose(scores, k):
-    """A bool mask of the chosen experts per row of scores (inactive ones -inf): those whose score is
-    among the k largest distinct values of the row."""
+    """A bool mask of the chosen units per row of scores (-inf for units without an active expert): those
+    whose score is among the k largest distinct values of the row (all of them where there are fewer)."""
     threshold = scores.max(dim=-1, keepdim=True).values
     for _ in range(k - 1):
         below = scores.masked_fill(scores >= threshold, float('-inf')).max(dim=-1, keepdim=True).values
@@ -76,9 +76,10 @@ class MoE(nn.Module):
         self.router = nn.ParameterList(nn.Parameter(torch.randn(config.n_embd) * 0.02) for _ in range(slots))
         self.gate_bias = nn.ParameterList(nn.Parameter(torch.zeros(())) for _ in range(slots))
         self.register_buffer('active', torch.arange(slots) < config.moe_experts)
+        self.register_buffer('unit', torch.arange(slots))  # each expert's unit, named by its first expert's slot
         self.register_buffer('energy', torch.full((slots,), START_ENERGY))
         self.register_buffer('health', torch.ones(slots))
-        self.register_buffer('choices', torch.zeros(slots), persistent=False)  # since the last account
+        self.register_buffer('routed', torch.zeros(slots), persistent=False)  # gates since the last account
         self.register_buffer('load', torch.zeros(slots), persistent=False)  # of the last iteration accounted
         self.aux_loss = None
 
@@ -88,7 +89,8 @@ class MoE(nn.Module):
         with torch.autocast(flat.device.type, enabled=False):  # bf16 scores would tie distinct experts
             scores = flat.to(exact) @ torch.stack(list(self.router)).to(exact).t()
         scores = scores.masked_fill(~self.active, float('-inf'))
-        chosen = choose(scores, self.top_k)
+        units = torch.full_like(scores, float('-inf')).scatter_reduce(1, self.unit.expand_as(scores), scores, 'amax')
+        chosen = choose(units, self.top_k)[:, self.unit] & self.active
         bias = torch.stack(list(self.gate_bias)).to(exact)
         gates = torch.softmax((scores + bias).masked_fill(~chosen, float('-inf')), dim=-1)
         out = torch.zeros_like(flat)
@@ -104,28 +106,30 @@ class MoE(nn.Module):
             out = out + 0.0 * sum(p.reshape(-1)[0] for expert in unused for p in expert.parameters())
         if self.training and torch.is_grad_enabled():
             with torch.no_grad():
-                self.choices += chosen.sum(0)
+                self.routed += gates.sum(0)
             n = self.active.sum()
-            share = chosen.float().mean(0) / chosen.float().sum(-1).mean()
+            share = gates.detach().mean(0)
             probability = torch.softmax(scores, dim=-1).mean(0)
             self.aux_loss = self.balance * n * (share * probability).sum()
         return out.reshape(x.shape)
 
     @torch.no_grad()
     def settle_accounts(self, tax, health_decay):
-        """The iteration's energy and health from the choices counted since the last call (all-reduced by the
+        """The iteration's energy and health from the gates summed since the last call (all-reduced by the
         caller under DDP)."""
         n = self.active.sum()
-        load = n * self.choices / self.choices.sum().clamp(min=1)
+        load = n * self.routed / self.routed.sum().clamp(min=1e-12)
         self.load.copy_(load)
         self.energy += torch.where(self.active, tax * (load - 1), 0.0)
         self.health.copy_(torch.where(self.active, health_decay * self.health + (1 - health_decay) * load, 0.0))
-        self.choices.zero_()
+        self.routed.zero_()
 
     def active_params_per_token(self):
-        """The parameters a token meets: top_k experts' and the active experts' router rows and gate biases."""
+        """The parameters a token meets: top_k units' experts (the mean unit's), the active router rows and gate biases."""
         n = int(self.active.sum())
-        return self.top_k * sum(p.numel() for p in self.experts[0].parameters()) + n * (self.router[0].numel() + 1)
+        units = len(set(self.unit[self.active].tolist()))
+        expert = sum(p.numel() for p in self.experts[0].parameters())
+        return round(self.top_k * n / units * expert) + n * (self.router[0].numel() + 1)
 
     @torch.no_grad()
     def drop_inactive_grads(self):
@@ -160,6 +164,7 @@ class MoE(nn.Module):
                 if p in optimizer.state:
                     optimizer.state[c] = copy_state(optimizer.state[p])
         self.active[child] = True
+        self.unit[child] = self.unit[parent]
         self.energy[parent] /= 2
         self.energy[child] = self.energy[parent]
         self.health[child] = self.health[parent]
@@ -182,16 +187,16 @@ def copy_state(state):
 
 
 def keep_accounts(model, optimizers, iter_num, settings, measure, seed, ddp):
-    """After iteration iter_num's step: every MoE layer's energy and health (the choices all-reduced under
+    """After iteration iter_num's step: every MoE layer's energy and health (the gates all-reduced under
     DDP), and every settings['moe_change_every'] iterations each layer's split or merge (not in frozen
     layers). measure() is the model's loss on the iteration's last batch, read before and after a merge.
     Returns the events, a dict each."""
     layers = [(i, block.mlp) for i, block in enumerate(model.transformer.h) if isinstance(block.mlp, MoE)]
     if ddp:
-        counts = torch.stack([layer.choices for _, layer in layers])
+        counts = torch.stack([layer.routed for _, layer in layers])
         dist.all_reduce(counts)
         for (_, layer), count in zip(layers, counts):
-            layer.choices.copy_(count)
+            layer.routed.copy_(count)
     for _, layer in layers:
         layer.settle_accounts(settings['moe_tax'], settings['moe_health_decay'])
     if iter_num % settings['moe_change_every']:
@@ -228,11 +233,11 @@ def keep_accounts(model, optimizers, iter_num, settings, measure, seed, ddp):
 
 
 def state_of(model):
-    """Each MoE layer's experts now, for the log: their slots, last load, energy and health."""
+    """Each MoE layer's experts now, for the log: their slots, units, last load, energy and health."""
     layers = []
     for block in model.transformer.h:
         if isinstance(block.mlp, MoE):
             slots = block.mlp.active.nonzero(as_tuple=True)[0]
-            layers.append({'slots': slots.tolist(), **{k: [round(v, 4) for v in getattr(block.mlp, k)[slots].tolist()]
+            layers.append({'slots': slots.tolist(), 'units': block.mlp.unit[slots].tolist(), **{k: [round(v, 4) for v in getattr(block.mlp, k)[slots].tolist()]
                                                       for k in ('load', 'energy', 'health')}})
     return layers

@@ -12,6 +12,7 @@ analysis_out/moe). A log without the experts' records is one 'error: ' line and 
 """
 import argparse
 import json
+import math
 import os
 import sys
 
@@ -41,8 +42,10 @@ def read_experts(path):
             series['iters'].append(record['iter'])
             series['experts'].append(len(layer['slots']))
             for key in ('load', 'energy', 'health'):
-                for slot, value in zip(layer['slots'], layer[key]):
-                    series[key].setdefault(str(slot), []).append([record['iter'], value])
+                values = dict(zip(map(str, layer['slots']), layer[key]))
+                for slot in values.keys() | series[key].keys():
+                    # null where a slot is empty, so that a slot reused by a later split is not drawn as one expert
+                    series[key].setdefault(slot, []).append([record['iter'], values.get(slot)])
         layers.append(series)
     events = [r for r in records if r.get('event') in ('split', 'merge')]
     return layers, events
@@ -58,7 +61,8 @@ def plot(layers, events, path):
         row[0].set_ylabel(f'layer {i}\nexperts')
         for column, key in zip(row[1:], ('load', 'energy')):
             for slot, points in sorted(series[key].items(), key=lambda item: int(item[0])):
-                column.plot(*zip(*points), lw=0.9, label=f'expert {slot}')
+                column.plot([i for i, _ in points], [math.nan if v is None else v for _, v in points], lw=0.9,
+                            label=f'slot {slot}')
             column.set_ylabel(key)
         row[1].axhline(1, color='gray', ls=':', lw=0.8)
         row[2].axhline(0, color='gray', ls=':', lw=0.8)
