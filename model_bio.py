@@ -83,7 +83,7 @@ class GPTConfig:
     fast_weight_decay: float = 0.95  # fast weights: what a write keeps per position
     use_moe: bool = False  # the MLP as a mixture of experts that splits and merges (moe.py)
     moe_experts: int = 4  # experts active at the start
-    moe_top_k: int = 2  # experts per token; each has 1/top_k of the dense MLP's width
+    moe_top_k: int = 2  # units of experts per token (one expert each until a split); each expert 1/top_k of the MLP's width
     moe_max_experts: int = 8  # slots: at most this many active
     moe_min_experts: int = 2  # merges stop here
     moe_balance: float = 0.01  # weight of the load-balancing loss
