@@ -77,6 +77,13 @@ is the total over all processes, so the data a run sees does not depend on their
 processes agree on stopping every iteration (a signal saves within seconds, well inside torchrun's
 30 s), and if one dies the others stop with one line instead of hanging.
 
+--use_moe=True makes each MLP a mixture of experts that splits and merges itself (moe.py: the routing,
+energy, health and the rules, with moe_* settings below): every moe_change_every iterations a layer may
+split its healthiest expert or merge away a bankrupt one; each event is a line and a log.jsonl record
+(a merge with the loss it cost on the iteration's batch), the experts' loads and energies are logged
+every log_interval, and the checkpoint holds the structure, so resuming is exact across events.
+python analysis/plot_moe.py OUT_DIR draws them.
+
 --rehearsal_iters=N writes nothing and prints ms/iter, tokens/s, MFU, peak GPU memory and the
 projected time of the whole run, so an 8 GB user learns in a minute whether the 3070 config fits
 and how long it takes. wandb_log=True logs to Weights & Biases.
