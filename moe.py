@@ -104,9 +104,10 @@ class MoE(nn.Module):
         if unused and torch.is_grad_enabled():
             # a zero that uses every weight: DDP's reduction then finds a gradient (of 0) for each, routed or not
             out = out + 0.0 * sum(p.reshape(-1)[0] for expert in unused for p in expert.parameters())
-        if self.training and torch.is_grad_enabled():
-            with torch.no_grad():
-                self.routed += gates.sum(0)
+        if self.training:  # the balance term; the gates count toward the loads only where training steps
+            if torch.is_grad_enabled():
+                with torch.no_grad():
+                    self.routed += gates.sum(0)
             n = self.active.sum()
             share = gates.detach().mean(0)
             probability = torch.softmax(scores, dim=-1).mean(0)
