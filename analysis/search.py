@@ -8,7 +8,8 @@ processes (or machines sharing the folder) can work on it at once, each running 
         --space moe_tax=0.001:0.1:log moe_split_health=1.05:2.0 moe_change_every=10:100:int --trials 12
 
 --space NAME=LOW:HIGH[:log][:int]: a setting drawn between LOW and HIGH (on a log scale with :log; whole
-numbers with :int). --trials: the study's total of finished trials (already finished ones count, so a
+numbers with :int); with a single setting Optuna samples it independently (its CMA-ES needs two or more).
+A study keeps its space and settings: a rerun in the same --study_dir with others is refused. --trials: the study's total of finished trials (already finished ones count, so a
 rerun after Ctrl-C goes on where it stopped). Every trial trains with --seed (default 1: not one of
 compare_runs.py's 1337, 1338, ...), so trials differ in their settings alone. Each run is train_bio.py in <study_dir>/trial-<number>; its output is in
 that folder's train.out. A run that diverges scores infinity.
@@ -88,6 +89,14 @@ def main():
     storage = f"sqlite:///{os.path.abspath(os.path.join(args.study_dir, 'study.db'))}"
     study = optuna.create_study(study_name=STUDY, storage=storage, load_if_exists=True, direction='minimize',
                                 sampler=optuna.samplers.CmaEsSampler(seed=args.seed))
+    # a study's trials compare only if they searched one space with the same fixed settings
+    asked = {'space': {n: list(v) for n, v in space.items()}, 'fixed': fixed}
+    if not study.user_attrs:
+        for key, value in asked.items():
+            study.set_user_attr(key, value)
+    elif {key: study.user_attrs.get(key) for key in asked} != asked:
+        fail(f'{args.study_dir} holds a study of another space or other settings ({study.user_attrs}); pass another '
+             '--study_dir, or the same --config, --set, --space and --seed')
 
     def finished():
         return [t for t in study.get_trials(deepcopy=False) if t.state == optuna.trial.TrialState.COMPLETE]
@@ -97,7 +106,11 @@ def main():
         settings = {name: trial.suggest_int(name, lo, hi, log=log) if integer else trial.suggest_float(name, lo, hi, log=log)
                     for name, (lo, hi, log, integer) in space.items()}
         run_dir = os.path.join(args.study_dir, f'trial-{trial.number}')
-        train([*fixed, *[f'--{k}={v!r}' for k, v in settings.items()], f'--out_dir={run_dir}'], run_dir)
+        try:
+            train([*fixed, *[f'--{k}={v!r}' for k, v in settings.items()], f'--out_dir={run_dir}'], run_dir)
+        except (KeyboardInterrupt, SystemExit):  # Ctrl-C (its run saved) or a run that failed: the study goes on later
+            study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            raise
         score = final_val_loss(run_dir)
         study.tell(trial, score if math.isfinite(score) else float('inf'))
         best = study.best_trial

@@ -52,6 +52,11 @@ def test_a_study_trains_its_trials_resumes_and_names_its_best(workdir):
         assert f"learning_rate = {t['settings']['learning_rate']!r}" in log and 'seed = 1' in log
     assert 'python analysis/compare_runs.py --config tiny_cfg.py --seeds 3' in again.stdout and 'defaults:' in again.stdout
     assert matplotlib.image.imread(workdir / 'study' / 'search.png').shape[0] > 200
+    # the study keeps its space: another one in the same folder would mix trials that do not compare
+    other = run_script(workdir, SCRIPT, *args[:-1], 'moe_change_every=1:8:int', '--trials', '4', '--study_dir', 'study',
+                       check=False)
+    assert other.returncode == 2 and 'study holds a study of another space' in message_lines(other.stderr)[0]
+    assert len(json.loads((workdir / 'study' / 'search.json').read_text())['trials']) == 3
 
 
 @pytest.mark.parametrize('space, message', [
