@@ -9,7 +9,10 @@ processes (or machines sharing the folder) can work on it at once, each running 
 
 --space NAME=LOW:HIGH[:log][:int]: a setting drawn between LOW and HIGH (on a log scale with :log; whole
 numbers with :int); with a single setting Optuna samples it independently (its CMA-ES needs two or more).
-A study keeps its space and settings: a rerun in the same --study_dir with others is refused. --trials: the study's total of finished trials (already finished ones count, so a
+Each range's ends are checked against train_bio.py's rules first. A study keeps its space and settings: a
+rerun in the same --study_dir with others is refused. Processes sharing a study draw with different sampler
+seeds, and may together pass --trials by one trial each. A trial that Ctrl-C interrupts is marked failed
+and queued again with its settings, so the next run goes on from its checkpoint. --trials: the study's total of finished trials (already finished ones count, so a
 rerun after Ctrl-C goes on where it stopped). Every trial trains with --seed (default 1: not one of
 compare_runs.py's 1337, 1338, ...), so trials differ in their settings alone. Each run is train_bio.py in <study_dir>/trial-<number>; its output is in
 that folder's train.out. A run that diverges scores infinity.
@@ -26,6 +29,7 @@ import json
 import math
 import os
 import re
+import shlex
 import sys
 
 import matplotlib
@@ -35,10 +39,11 @@ import matplotlib.pyplot as plt  # noqa: E402
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from configurator import check_folder, fail, one_line_errors  # noqa: E402
-from files import save_figure, write_file  # noqa: E402
-from compare_runs import final_val_loss, rehearsal_error, train  # noqa: E402
+from compare_runs import final_val_loss, rehearsal_error, resolve, train  # noqa: E402
+from files import WriteError, claim_folder, save_figure, write_file  # noqa: E402
 
 STUDY = 'search'
+JUDGING_SEEDS = (1337, 1338, 1339)  # compare_runs.py --seeds 3
 
 
 def parse_space(specs):
@@ -75,8 +80,15 @@ def main():
     space = parse_space(args.space)
     if args.trials < 1:
         fail(f'--trials {args.trials}: give at least 1')
+    if args.seed in JUDGING_SEEDS:
+        fail(f'--seed {args.seed} is one of the seeds compare_runs.py judges the pick on ({JUDGING_SEEDS[0]}-'
+             f'{JUDGING_SEEDS[-1]}); search on another')
     check_folder('--study_dir', args.study_dir)
     fixed = [args.config, *[f'--{kv}' for kv in args.set], f'--seed={args.seed}']
+    # each end of each setting's range, the others at their middle, checked against train_bio.py's rules
+    for name, (lo, hi, log, integer) in space.items():
+        for end in (lo, hi):
+            resolve([*fixed, f'--{name}={end!r}'])
     # the middle of the space, rehearsed: a setting train_bio.py refuses stops the search before any trial
     middle = {n: (lo * hi) ** 0.5 if log else (lo + hi) / 2 for n, (lo, hi, log, _) in space.items()}
     error = rehearsal_error([*fixed, *[f'--{n}={round(v) if space[n][3] else v!r}' for n, v in middle.items()]])
@@ -86,9 +98,13 @@ def main():
     import optuna  # here, not above: a bad argument is reported without its import time
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     os.makedirs(args.study_dir, exist_ok=True)
-    storage = f"sqlite:///{os.path.abspath(os.path.join(args.study_dir, 'study.db'))}"
+    database = os.path.join(args.study_dir, 'study.db')
+    if os.path.islink(database):  # SQLite would write wherever the link points
+        fail(f'{database} is a symbolic link; a study writes only its own file: remove the link')
+    storage = f"sqlite:///{os.path.abspath(database)}"
+    # the sampler's seed differs per process, so that processes sharing the study do not draw the same trials
     study = optuna.create_study(study_name=STUDY, storage=storage, load_if_exists=True, direction='minimize',
-                                sampler=optuna.samplers.CmaEsSampler(seed=args.seed))
+                                sampler=optuna.samplers.CmaEsSampler(seed=args.seed * 100003 + os.getpid()))
     # a study's trials compare only if they searched one space with the same fixed settings
     asked = {'space': {n: list(v) for n, v in space.items()}, 'fixed': fixed}
     if not study.user_attrs:
@@ -105,11 +121,14 @@ def main():
         trial = study.ask()
         settings = {name: trial.suggest_int(name, lo, hi, log=log) if integer else trial.suggest_float(name, lo, hi, log=log)
                     for name, (lo, hi, log, integer) in space.items()}
-        run_dir = os.path.join(args.study_dir, f'trial-{trial.number}')
+        # a trial that Ctrl-C interrupted comes back first, to go on in its own folder from its checkpoint
+        run_dir = trial.user_attrs.get('run_dir') or os.path.join(args.study_dir, f'trial-{trial.number}')
         try:
             train([*fixed, *[f'--{k}={v!r}' for k, v in settings.items()], f'--out_dir={run_dir}'], run_dir)
-        except (KeyboardInterrupt, SystemExit):  # Ctrl-C (its run saved) or a run that failed: the study goes on later
+        except BaseException:  # Ctrl-C (its run saved), or a run that failed
             study.tell(trial, state=optuna.trial.TrialState.FAIL)
+            if os.path.isfile(os.path.join(run_dir, 'ckpt.pt')):
+                study.enqueue_trial(settings, user_attrs={'run_dir': run_dir})
             raise
         score = final_val_loss(run_dir)
         study.tell(trial, score if math.isfinite(score) else float('inf'))
@@ -117,10 +136,16 @@ def main():
         print(f'trial {trial.number}: val {score:.4f} with {settings}; best so far {best.value:.4f} (trial {best.number})',
               flush=True)
 
+    try:  # one process writes the report at a time; one that finds another at it leaves it to that one
+        claim = claim_folder(args.study_dir, 'search report')
+    except WriteError as e:
+        print(f'the report is left to the process writing it ({e})')
+        return
     trials = sorted(finished(), key=lambda t: t.number)
+    finite = lambda v: v if math.isfinite(v) else None  # noqa: E731  (JSON has no infinity: null for a diverged run)
     report = {'space': {n: list(v) for n, v in space.items()}, 'fixed': fixed,
-              'trials': [{'number': t.number, 'val_loss': t.value, 'settings': t.params} for t in trials],
-              'best': {'number': study.best_trial.number, 'val_loss': study.best_value, 'settings': study.best_params}}
+              'trials': [{'number': t.number, 'val_loss': finite(t.value), 'settings': t.params} for t in trials],
+              'best': {'number': study.best_trial.number, 'val_loss': finite(study.best_value), 'settings': study.best_params}}
     write_file(os.path.join(args.study_dir, 'search.json'), json.dumps(report, indent=2))
     fig, ax = plt.subplots(figsize=(8, 4.5))
     values = [t.value for t in trials]
@@ -133,11 +158,13 @@ def main():
     fig.tight_layout()
     save_figure(fig, os.path.join(args.study_dir, 'search.png'), dpi=110)
     plt.close(fig)
+    claim.release()
     pick = ','.join(f'{k}={v!r}' for k, v in study.best_params.items())
-    extra = ' '.join(args.set)
+    judge = ['python', 'analysis/compare_runs.py', '--config', args.config, '--seeds', str(len(JUDGING_SEEDS)),
+             *(['--set', *args.set] if args.set else []), '--runs_dir', os.path.join(args.study_dir, 'judged'),
+             '--arms', f'searched:{pick}', 'defaults:']
     print(f'best: val {study.best_value:.4f} with {study.best_params} (trial {study.best_trial.number}); judge it on '
-          f'fresh seeds:\n    python analysis/compare_runs.py --config {args.config} --seeds 3 '
-          f'{"--set " + extra + " " if extra else ""}--runs_dir {args.study_dir}/judged --arms searched:{pick} defaults:')
+          f'fresh seeds:\n    {shlex.join(judge)}')
 
 
 if __name__ == '__main__':

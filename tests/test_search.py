@@ -80,3 +80,10 @@ def test_a_setting_train_bio_refuses_stops_the_search_in_one_line_before_any_tri
     lines = message_lines(proc.stderr)
     assert proc.returncode == 2 and len(lines) == 1 and "unknown config key 'learnin_rate'" in lines[0], proc.stderr
     assert not (workdir / 'study').exists()
+    # a range whose end train_bio.py refuses, and a search on a seed the judging uses, before any trial too
+    for args, message in [(['--space', 'learning_rate=1e-3:2e-3', 'moe_tax=-0.1:0.1'], 'moe_tax = -0.1 is not allowed'),
+                          (['--space', 'learning_rate=1e-3:2e-3', '--seed', '1338'], '--seed 1338 is one of the seeds')]:
+        proc = run_script(workdir, SCRIPT, '--config', config(workdir), *args, '--study_dir', 'study', check=False)
+        lines = message_lines(proc.stderr)
+        assert proc.returncode == 2 and len(lines) == 1 and message in lines[0], proc.stderr
+        assert not (workdir / 'study').exists()
