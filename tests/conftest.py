@@ -50,6 +50,7 @@ import subprocess
 import sys
 import threading
 from concurrent.futures import ThreadPoolExecutor
+from contextlib import contextmanager
 
 os.environ.setdefault('OMP_NUM_THREADS', '1')  # one thread per process (see above): set before torch loads
 
@@ -268,3 +269,15 @@ def write_gpt2_hub(cache_dir, name='gpt2', seed=0, **config):
     hub_cache(cache_dir, f'openai-community/{name}', {f: os.path.join(staging, f) for f in ('config.json', 'model.safetensors')})
     shutil.rmtree(staging)
     return model
+
+
+@contextmanager
+def serving(server):
+    """A web_chat.ChatServer serving in a thread while the block runs, then stopped."""
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        thread.join(30)

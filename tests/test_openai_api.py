@@ -10,7 +10,6 @@ import base64
 import http.client
 import json
 import random
-import threading
 
 import pytest
 import torch
@@ -18,7 +17,7 @@ import torch
 import web_chat
 from chat_template import chat_turn
 from chatbot import Chatbot
-from conftest import write_bpe_checkpoint
+from conftest import serving, write_bpe_checkpoint
 
 openai = pytest.importorskip('openai', reason='the openai package is a test-only dependency (.ci/run installs it)')
 SAMPLING = dict(max_new_tokens=12, temperature=0.0, top_k=50, top_p=1.0, repetition_penalty=1.15, penalty_window=64)
@@ -35,12 +34,9 @@ def bot(tmp_path_factory):
 @pytest.fixture(scope='module')
 def server(bot):
     """One server with a key for the module: requests do not change it."""
-    server = web_chat.ChatServer(bot, torch.Generator().manual_seed(0), SAMPLING, '', '127.0.0.1', 0, api_key=KEY)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    thread.join(30)
+    keyed = web_chat.ChatServer(bot, torch.Generator().manual_seed(0), SAMPLING, '', '127.0.0.1', 0, api_key=KEY)
+    with serving(keyed) as server:
+        yield server
 
 
 @pytest.fixture

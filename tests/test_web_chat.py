@@ -28,7 +28,7 @@ import torch
 import web_chat
 from chat_template import chat_turn
 from chatbot import Chatbot
-from conftest import message_lines, python, run_script, write_bpe_checkpoint
+from conftest import message_lines, python, run_script, serving, write_bpe_checkpoint
 
 SAMPLING = dict(max_new_tokens=12, temperature=0.0, top_k=50, top_p=1.0, repetition_penalty=1.15, penalty_window=64)
 
@@ -79,12 +79,8 @@ def start(bot):
 
 @pytest.fixture(scope='module')
 def shared_server(bot):
-    server = web_chat.ChatServer(bot, torch.Generator().manual_seed(0), SAMPLING, '', '127.0.0.1', 0)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
-    thread.start()
-    yield server
-    server.shutdown()
-    thread.join(30)
+    with serving(web_chat.ChatServer(bot, torch.Generator().manual_seed(0), SAMPLING, '', '127.0.0.1', 0)) as server:
+        yield server
 
 
 @pytest.fixture
