@@ -15,7 +15,10 @@ part 'steps' (the default) measures, each round running every variant once in a 
   CUDA (bytes kept for backward on CPU). bio is the config's bio_variant; --bio_variants=v3,v2,v1
   adds a row for each other one listed (bio_v2, bio_v1: WiggleGPT's earlier MLPs, lineage.py),
   eager and compiled, measured in the same rounds; --mlp_kinds=swiglu,relu2,bio_glu adds a row for
-  each of those MLPs (model_bio.py), against the same GELU rows; --synapses=presynaptic,stochastic,fast_weights,all
+  each of those MLPs (model_bio.py), against the same GELU rows; --moe_sizes=4,8 adds a row for the bio model's
+  MLP as a static mixture of that many experts (bio_moe4, ...: moe.py, top moe_top_k, as many active parameters
+  per token as the dense MLP), its ratios taken against the bio row (the step without the energy accounts, a few
+  small tensor operations per layer); --synapses=presynaptic,stochastic,fast_weights,all
   adds a row for the bio model with each of synapses.py's mechanisms (bio_presynaptic, ...), its
   ratios taken against the bio row. The GELU step is timed twice, under two names
   (gelu and gelu_twin): twin / GELU shows how far from 1 a ratio strays by chance on this machine.
@@ -39,6 +42,7 @@ step_time_ratio_compiled and step_memory_ratio, with step_twin_ratio_eager and
 step_twin_ratio_compiled beside them; for each added variant (v2, say) step_time_ratio_eager_v2,
 step_time_ratio_compiled_v2 and step_memory_ratio_v2, each against the same GELU rows, and so for each
 added MLP (step_time_ratio_eager_swiglu, ...); for each
+mixture (moe4, say) step_time_ratio_eager_moe4, ..._compiled_moe4 and step_memory_ratio_moe4 against the bio row; for each
 mechanism (presynaptic, say) step_time_ratio_eager_presynaptic, ..._compiled_presynaptic and
 step_memory_ratio_presynaptic against the bio row; attn_time_ratio_presynaptic and
 attn_memory_ratio_presynaptic (presynaptic / SDPA); whole_run_time_ratio (with whole_run_ratio_range).
@@ -47,10 +51,11 @@ attn_memory_ratio_presynaptic (presynaptic / SDPA); whole_run_time_ratio (with w
 The bench's own settings, beside train_bio.py's: part, rounds (40), act_calls (10), sample_repeats
 (3), new_tokens (500), whole_pairs (5), whole_iters (400), bench_compiled (True; False where
 torch.compile cannot build, e.g. GPUs on Windows), bio_variants ('': the config's bio_variant alone),
-mlp_kinds ('': none), synapses ('': none) and bench_out (a JSON file for the figures).
+mlp_kinds ('': none), moe_sizes ('': none), synapses ('': none) and bench_out (a JSON file for the figures).
 
     python bench_bio.py config_shakespeare_char_cpu.py --part=step --bio_variants=v3,v2,v1
     python bench_bio.py config_shakespeare_char_cpu.py --part=step --mlp_kinds=swiglu,relu2,bio_glu
+    python bench_bio.py config_shakespeare_char_cpu.py --part=step --moe_sizes=4,8
     python bench_bio.py config_shakespeare_char_cpu.py --part=step --synapses=presynaptic,stochastic,fast_weights,all
     python bench_bio.py config_gpt2_bio_3070.py --part=attn --batch_size=1 --rounds=5   (the 124M shape)
 """
@@ -100,6 +105,7 @@ BENCH_SETTINGS = dict(
     bio_variants='',  # the training step of these bio MLPs too, e.g. 'v3,v2,v1' ('' is the config's bio_variant alone)
     synapses='',  # the training step with these of synapses.py's mechanisms too, e.g. 'presynaptic,fast_weights,all'
     mlp_kinds='',  # the training step with these MLPs too (a row each against GELU), e.g. 'swiglu,relu2,bio_glu'
+    moe_sizes='',  # the training step with bio's MLP as a static mixture of these many experts too, e.g. '4,8'
     bench_out='',  # write the figures to this JSON file
 )
 # what each of them allows, in the rules train_bio.py declares its own in (configurator.py checks both)
@@ -235,7 +241,13 @@ def bench_attention(cfg, device, autocast):
             'attn_memory_ratio_presynaptic': memory['presynaptic'] / memory['sdpa']}
 
 
-def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=(), mlp_rows=()):
+def moe_changes(cfg, n):
+    """The GPTConfig changes that make the MLP a static mixture of n experts: every slot active, none free to
+    split into, none to merge away."""
+    return dict(use_moe=True, moe_experts=n, moe_max_experts=n, moe_min_experts=min(n, cfg['moe_min_experts']))
+
+
+def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=(), mlp_rows=(), moe_rows=()):
     vocab_size = config_model(cfg).vocab_size
     B, T = cfg['batch_size'], cfg['block_size']
     torch.manual_seed(0)
@@ -249,6 +261,8 @@ def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=(), mlp_
                       gelu_params_like='') for arm, v in variant_of.items()}
     for mechanism in synapse_rows:  # the config's bio model with a mechanism of synapses.py
         arms[f'bio_{mechanism}'] = {**arms['bio'], **SYNAPSE_FLAGS[mechanism]}
+    for n in moe_rows:
+        arms[f'bio_moe{n}'] = {**arms['bio'], **moe_changes(cfg, n)}
     arms['gelu'] = dict(mlp='gelu', bio_variant='v3', use_sparse_gate=False)
     for kind in mlp_rows:  # the field's MLPs and the gated oscillation, at their own widths (model_bio.mlp_width)
         arms[kind] = dict(mlp=kind, bio_variant='v3', use_sparse_gate=False, gelu_params_like='', gelu_tanh=False)
@@ -303,6 +317,8 @@ def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=(), mlp_
             results[f'step_time_ratio_{mode}_{mechanism}'] = times[f'bio_{mechanism}{suffix}'] / times['bio' + suffix]
         for kind in mlp_rows:
             results[f'step_time_ratio_{mode}_{kind}'] = times[kind + suffix] / times['gelu' + suffix]
+        for n in moe_rows:
+            results[f'step_time_ratio_{mode}_moe{n}'] = times[f'bio_moe{n}{suffix}'] / times['bio' + suffix]
     results['step_memory_ratio'] = memory['bio'] / memory['gelu']
     for arm, v in list(variant_of.items())[1:]:
         results[f'step_memory_ratio_{v}'] = memory[arm] / memory['gelu']
@@ -310,6 +326,8 @@ def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=(), mlp_
         results[f'step_memory_ratio_{mechanism}'] = memory[f'bio_{mechanism}'] / memory['bio']
     for kind in mlp_rows:
         results[f'step_memory_ratio_{kind}'] = memory[kind] / memory['gelu']
+    for n in moe_rows:
+        results[f'step_memory_ratio_moe{n}'] = memory[f'bio_moe{n}'] / memory['bio']
     return results
 
 
@@ -401,7 +419,8 @@ def main():
     train_defaults = script_defaults(train_script)
     cfg = configure({**train_defaults, **BENCH_SETTINGS}, argv, {**declared_rules(train_script), **BENCH_RULES})
     # the model's settings as train_bio.py checks them, so the bench measures only models it could train
-    problem = config_problem({**asdict(GPTConfig()), **{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}})
+    model_config = {**asdict(GPTConfig()), **{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}}
+    problem = config_problem(model_config)
     if problem:
         fail(problem)
     if cfg['bench_out']:  # now, not once the benchmark is done
@@ -420,6 +439,14 @@ def main():
     if not set(mlp_rows) <= set(ADDED_KINDS):
         fail(f"mlp_kinds={cfg['mlp_kinds']!r} must list MLPs out of {', '.join(ADDED_KINDS)} (bio and gelu always have "
              "their rows), e.g. 'swiglu,relu2,bio_glu'")
+    sizes = [n.strip() for n in cfg['moe_sizes'].split(',') if n.strip()]
+    if not all(n.isdigit() for n in sizes):
+        fail(f"moe_sizes={cfg['moe_sizes']!r} must list numbers of experts, e.g. '4,8'")
+    moe_rows = sorted({int(n) for n in sizes})
+    for n in moe_rows:  # each mixture as train_bio.py would check it
+        problem = config_problem({**model_config, **moe_changes(cfg, n)})
+        if problem:
+            fail(f"moe_sizes={cfg['moe_sizes']!r}: {problem}")
     report = {'torch': torch.__version__, 'argv': argv}
     if 'whole' in parts:
         report['whole'] = bench_whole_runs(cfg, train_defaults)
@@ -437,7 +464,7 @@ def main():
         if 'attn' in parts:
             report['attn'] = bench_attention(cfg, device, autocast)
         if 'step' in parts:
-            report['step'] = bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows, mlp_rows)
+            report['step'] = bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows, mlp_rows, moe_rows)
         if 'optim' in parts:
             report['optim'] = bench_optimizers(cfg, device)
         if 'sample' in parts:

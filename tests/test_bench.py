@@ -29,8 +29,8 @@ bias = False
 def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
     (workdir / 'config_bench_tiny.py').write_text(TINY_CONFIG)
     proc = run_script(workdir, 'bench_bio.py', 'config_bench_tiny.py', '--device=cpu', '--rounds=2',
-                      '--act_calls=1', '--sample_repeats=1', '--new_tokens=4', '--bench_out=bench.json', timeout=600,
-                      fresh=True)
+                      '--act_calls=1', '--sample_repeats=1', '--new_tokens=4', '--moe_sizes=2', '--bench_out=bench.json',
+                      timeout=600, fresh=True)
     report = json.loads((workdir / 'bench.json').read_text())
     assert report['device'].startswith('cpu') and report['dtype'] == 'float32'
     # the activation keeps its (32 x 128) input and its three 128-vectors; GELU keeps the input alone
@@ -39,9 +39,15 @@ def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
     for key in ('act_time_ratio_eager', 'act_time_ratio_compiled', 'step_time_ratio_eager', 'step_time_ratio_compiled',
                 'step_twin_ratio_eager', 'step_twin_ratio_compiled'):
         assert report[key] > 0 and f'{key} = ' in proc.stdout, key
-    assert set(report['step']['time_s']) == {'bio', 'bio_compiled', 'bio_unfused', 'gelu', 'gelu_compiled',
-                                            'gelu_twin', 'gelu_twin_compiled'}
-    assert report['step']['memory_bytes']['bio'] > 0
+    step = report['step']
+    assert set(step['time_s']) == {'bio', 'bio_compiled', 'bio_unfused', 'gelu', 'gelu_compiled', 'gelu_twin',
+                                   'gelu_twin_compiled', 'bio_moe2', 'bio_moe2_compiled'}
+    assert step['memory_bytes']['bio'] > 0
+    # the bio MLP as a static mixture of 2 experts (compiled too), against the dense bio row; backward keeps the routing
+    for mode in ('eager', 'compiled'):
+        suffix = '_compiled' if mode == 'compiled' else ''
+        assert report[f'step_time_ratio_{mode}_moe2'] == step['time_s'][f'bio_moe2{suffix}'] / step['time_s'][f'bio{suffix}']
+    assert report['step_memory_ratio_moe2'] == step['memory_bytes']['bio_moe2'] / step['memory_bytes']['bio'] > 1
     assert report['sample']['block_size_256']['tokens_per_s_cache'] > 0
     # presynaptic depression keeps the attention weights (and their decayed sums) that fused SDPA does not
     attn = report['attn']
@@ -122,7 +128,9 @@ def test_bench_user_mistakes_are_one_line_errors(workdir):
                           (['--device=cpu', '--dtype=half'], "dtype='half' is not one of"),
                           (['--part=everything'], "part = 'everything' is not allowed: it must be one of steps,"),
                           (['--synapses=dendrites'], "synapses='dendrites' must list mechanisms out of presynaptic"),
-                          (['--mlp_kinds=swiglu,gelu'], "mlp_kinds='swiglu,gelu' must list MLPs out of swiglu, relu2, bio_glu")]:
+                          (['--mlp_kinds=swiglu,gelu'], "mlp_kinds='swiglu,gelu' must list MLPs out of swiglu, relu2, bio_glu"),
+                          (['--moe_sizes=4,many'], "moe_sizes='4,many' must list numbers of experts, e.g. '4,8'"),
+                          (['--moe_sizes=1'], "moe_sizes='1': use_moe=True needs moe_top_k <= moe_min_experts")]:
         proc = run_script(workdir, 'bench_bio.py', *args, check=False)
         assert proc.returncode == 2 and message in proc.stderr, (args, proc.stderr)
         assert len(message_lines(proc.stderr)) == 1, proc.stderr
