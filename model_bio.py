@@ -394,9 +394,11 @@ class GPT(nn.Module):
         loss = F.cross_entropy(logits.view(-1, logits.size(-1)), targets.view(-1), ignore_index=-1,
                                reduction='sum') / (targets != -1).sum().clamp(min=1)
         if self.config.use_moe and self.training:  # the experts' load-balancing term, read once
-            loss = loss + sum(block.mlp.aux_loss for block in self.transformer.h)
+            balance = sum(block.mlp.aux_loss for block in self.transformer.h)
             for block in self.transformer.h:
                 block.mlp.aux_loss = None
+            self.balance_loss = balance.detach()  # for the training log, which reports the two apart
+            loss = loss + balance
         return logits, loss
 
     def sparse_gates(self):

@@ -81,7 +81,8 @@ processes agree on stopping every iteration (a signal saves within seconds, well
 energy, health and the rules, with moe_* settings below): every moe_change_every iterations a layer may
 split its healthiest expert or merge away a bankrupt one; each event is a line and a log.jsonl record
 (a merge with the loss it cost on the iteration's batch), the experts' loads and energies are logged
-every log_interval, and the checkpoint holds the structure, so resuming is exact across events.
+every log_interval (the iteration's loss is the language model's, as in a dense run; the balance term it
+trained with is printed beside it), and the checkpoint holds the structure, so resuming is exact across events.
 python analysis/plot_moe.py OUT_DIR draws them.
 
 --rehearsal_iters=N writes nothing and prints ms/iter, tokens/s, MFU, peak GPU memory and the
@@ -807,14 +808,18 @@ try:
             dist.all_reduce(shared)
         trained_tokens = shared[0].clamp(min=1)
         loss_sum = torch.zeros((), device=device)
+        balance_sum = torch.zeros((), device=device)  # the experts' balance term, within loss_sum
         for micro_step, (x, y) in enumerate(batches):
             # in DDP, gradients are averaged across processes only on the last micro-step
             sync = train_model.no_sync() if ddp and micro_step < gradient_accumulation_steps - 1 else nullcontext()
             with sync, autocast:
                 _, loss = train_model(x, y)
             # DDP averages the processes' gradients, so each process's share is scaled up by their number
-            loss = loss * (counts[micro_step] * world_size / trained_tokens)
+            share = counts[micro_step] * world_size / trained_tokens
+            loss = loss * share
             loss_sum += loss.detach().float()
+            if use_moe:
+                balance_sum += raw_model.balance_loss.float() * share
             scaler.scale(loss).backward()
         if use_moe:
             for block in raw_model.transformer.h:
@@ -851,9 +856,11 @@ try:
                  '(a lower learning_rate, or dtype=bfloat16, may help)')
 
         if iter_num % log_interval == 0:
+            # the language model's loss, as a dense run logs it, and the balance term beside it
+            losses = torch.stack([loss_sum - balance_sum, balance_sum])
             if ddp:
-                dist.all_reduce(loss_sum)
-            lossf = loss_sum.item() / world_size
+                dist.all_reduce(losses)
+            lossf, balancef = (losses / world_size).tolist()
             dt = (time.time() - interval_start) / interval_iters
             interval_start, interval_iters = time.time(), 0
             if master:
@@ -861,6 +868,8 @@ try:
                 sparsity = raw_model.read_sparsity()
                 line = (f'iter {iter_num}: loss {lossf:.4f}, time {dt * 1000:.2f}ms, '
                         f"mfu {'n/a' if mfu is None else f'{mfu * 100:.2f}%'}")
+                if use_moe:
+                    line += f', balance {balancef:.4f}'
                 if sparsity is not None:
                     line += f', sparsity {sparsity * 100:.2f}%'
                 if skipped_steps:
@@ -868,7 +877,7 @@ try:
                 print(line)
                 log_json({'iter': iter_num, 'loss': lossf, 'lr': lr, 'time_ms': dt * 1000, 'mfu': mfu,
                           'sparsity': sparsity, 'skipped_steps': skipped_steps, 'tokens': tokens_seen,
-                          **({'moe': moe.state_of(raw_model)} if use_moe else {})})
+                          **({'balance': balancef, 'moe': moe.state_of(raw_model)} if use_moe else {})})
                 if wandb_log and writes:
                     wandb.log({'iter': iter_num, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu, 'sparsity': sparsity})
 except torch.cuda.OutOfMemoryError:  # said by each process that ran out, which need not be the first

@@ -177,6 +177,24 @@ def test_flops_count_the_parameters_a_token_meets():
     assert experts.get_num_params() > 2 * dense.get_num_params() - 64 * 32  # every slot's weights exist
 
 
+def test_the_balance_term_is_reported_apart_and_checkpointing_changes_nothing():
+    plain, checkpointed = model(dropout=0.0), model(dropout=0.0, gradient_checkpointing=True)
+    x, y = torch.randint(0, 64, (3, 16)), torch.randint(0, 64, (3, 16))
+    losses = []
+    for net in (plain, checkpointed):
+        loss = net(x, y)[1]
+        loss.backward()
+        losses.append(loss)
+        # the training loss is the language model's (as in eval mode) plus the balance term the log shows apart
+        assert net.balance_loss > 0 and torch.allclose(loss - net.balance_loss, net.eval()(x, y)[1], atol=1e-6)
+    # recomputing the blocks in backward gives the same gradients, and the same loads (the gates counted twice)
+    assert torch.equal(*losses)
+    for p, q in zip(plain.parameters(), checkpointed.parameters()):
+        assert (p.grad is None) == (q.grad is None) and (p.grad is None or torch.allclose(p.grad, q.grad, atol=1e-7))
+    for a, b in zip(plain.transformer.h, checkpointed.transformer.h):
+        assert torch.allclose(a.mlp.routed / a.mlp.routed.sum(), b.mlp.routed / b.mlp.routed.sum())
+
+
 def test_cached_tokens_are_the_recomputed_ones():
     net = model('swiglu').double().eval()
     net.transformer.h[0].mlp.split(0, [], torch.Generator().manual_seed(0))
@@ -218,6 +236,10 @@ def test_training_splits_and_merges_and_resumes_bit_for_bit_across_them(workdir)
     kinds = {(r['event'], r['iter'] <= 6) for r in events}
     assert {('split', True), ('merge', True), ('split', False), ('merge', False)} <= kinds, events
     assert ' split of expert ' in straight.stdout and ' merge of expert ' in straight.stdout
+    # each iteration's record: the language model's loss, the balance term beside it
+    iterations = [r for r in read_log(workdir / 'straight') if 'loss' in r]
+    assert iterations and all(r['balance'] > 0 for r in iterations)
+    assert ', balance ' in straight.stdout
     a, b = load(workdir / 'straight' / 'ckpt.pt'), load(workdir / 'split' / 'ckpt.pt')
     assert_same_state(a, b)
     assert events == [r for r in read_log(workdir / 'split') if 'event' in r]
