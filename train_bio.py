@@ -427,6 +427,7 @@ iter_num, tokens_seen, best_val_loss, skipped_steps = 0, 0, float('inf'), 0
 # the wall clock of the training steps so far, evaluations and saves left out (None: a run resumed from a checkpoint
 # written before train_bio.py counted it, whose time so far is unknown)
 train_seconds = 0.0
+training_flops = 0  # the FLOPs trained so far, each iteration's at the structure it trained (experts come and go)
 if init_from == 'scratch':
     model_args = {k: config[k] for k in model_keys}
     model_args['vocab_size'] = meta_vocab_size or 50304
@@ -470,6 +471,7 @@ else:
         best_val_loss = float(checkpoint['best_val_loss'])
         skipped_steps = checkpoint.get('skipped_steps', 0)
         train_seconds = checkpoint.get('train_seconds', 0.0 if iter_num == 0 else None)
+        training_flops = checkpoint.get('flops')  # None from before train_bio.py counted them: set below
         saved = checkpoint.get('config', {})
         changed = [f'{k} {saved[k]!r} -> {v!r}' for k, v in config.items()
                    if k in saved and saved[k] != v and k != 'init_from' and k not in ARCHITECTURE]
@@ -627,6 +629,7 @@ def write_checkpoint(rng_states, also_best):
         'tokens': tokens_seen,
         'skipped_steps': skipped_steps,
         'train_seconds': train_seconds,
+        'flops': training_flops,
         'scaler': scaler.state_dict(),
         'rng': rng_states,
         'tokenizer': data_tokenizer,  # what the ids mean: resuming, fine-tuning and evaluating check the data's
@@ -755,6 +758,9 @@ warmup_iters_rehearsed = max(1, rehearsal_iters // 5)  # the first iterations co
 devices.reset_peak_memory(device)
 interval_start, interval_iters = time.time(), 0
 segment_start = time.time()  # of the training steps since the last evaluation
+flops_per_token = raw_model.flops_per_token()  # counted again after a split or merge
+if training_flops is None:  # a checkpoint from before they were counted, whose structure never changed
+    training_flops = flops_per_token * tokens_seen
 try:
     while True:
         # evaluate and save (not at the iteration a resumed run starts from: its checkpoint has that)
@@ -770,7 +776,7 @@ try:
                 # train_s and flops (6 per parameter and attention's products, per token trained) let a comparison
                 # read each run at the same time or compute (analysis/compare_runs.py)
                 record = {'iter': iter_num, 'train_loss': losses['train'], 'val_loss': losses['val'], 'tokens': tokens_seen,
-                          'train_s': train_seconds, 'flops': raw_model.flops_per_token() * tokens_seen}
+                          'train_s': train_seconds, 'flops': training_flops}
                 log_json({k: v for k, v in record.items() if v is not None})
                 if wandb_log:
                     wandb.log({'iter': iter_num, 'train/loss': losses['train'], 'val/loss': losses['val'], 'tokens': tokens_seen})
@@ -838,14 +844,16 @@ try:
         skipped_in_a_row = 0 if step_is_finite else skipped_in_a_row + 1
         skipped_steps += not step_is_finite
         iter_num += 1
+        tokens_seen += tokens_per_iter
+        training_flops += flops_per_token * tokens_per_iter
         if use_moe:
             for event in moe.keep_accounts(raw_model, optimizers, iter_num, config, lambda: fixed_loss(x, y), seed, ddp):
+                flops_per_token = raw_model.flops_per_token()
                 if master:
                     change = f", loss {event['loss_change']:+.4f}" if 'loss_change' in event else ''
                     print(f"iter {iter_num}: layer {event['layer']} {event['event']} of expert {event['expert']} "
                           f"(health {event['health']:.2f}, energy {event['energy']:.2f}{change}): {event['experts']} experts")
                 log_json(event)
-        tokens_seen += tokens_per_iter
         interval_iters += 1
         stop_requested = bool(shared[1] > 0) if ddp else signal_seen is not None
         if skipped_in_a_row >= max_skipped_steps:

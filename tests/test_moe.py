@@ -243,6 +243,18 @@ def test_training_splits_and_merges_and_resumes_bit_for_bit_across_them(workdir)
     a, b = load(workdir / 'straight' / 'ckpt.pt'), load(workdir / 'split' / 'ckpt.pt')
     assert_same_state(a, b)
     assert events == [r for r in read_log(workdir / 'split') if 'event' in r]
+    # the training FLOPs count each iteration at the structure it trained: replayed from the events
+    replay = GPT(GPTConfig(**a['model_args']))
+    tokens_per_iter, flops = 2 * 4 * 16, 0
+    for it in range(1, 13):
+        flops += replay.flops_per_token() * tokens_per_iter
+        for r in (r for r in events if r['iter'] == it):
+            layer = replay.transformer.h[r['layer']].mlp
+            if r['event'] == 'split':
+                layer.active[r['child']], layer.unit[r['child']] = True, layer.unit[r['expert']]
+            else:
+                layer.active[r['expert']] = False
+    assert [r['flops'] for r in read_log(workdir / 'straight') if 'val_loss' in r][-1] == a['flops'] == flops
     # the plot of the experts over training, from the log
     plotted = run_script(workdir, 'analysis/plot_moe.py', 'straight', '--out_dir', 'plot')
     written = json.loads((workdir / 'plot' / 'moe.json').read_text())
