@@ -63,6 +63,7 @@ mlp_kinds ('': none), moe_sizes ('': none), synapses ('': none) and bench_out (a
 import json
 import os
 import random
+import re
 import shutil
 import statistics
 import subprocess
@@ -241,10 +242,18 @@ def bench_attention(cfg, device, autocast):
             'attn_memory_ratio_presynaptic': memory['presynaptic'] / memory['sdpa']}
 
 
-def moe_changes(cfg, n):
-    """The GPTConfig changes that make the MLP a static mixture of n experts: every slot active, none free to
-    split into, none to merge away."""
-    return dict(use_moe=True, moe_experts=n, moe_max_experts=n, moe_min_experts=min(n, cfg['moe_min_experts']))
+def bio_arm(cfg, variant):
+    """The GPTConfig changes of the bio arm of this variant: the sparse gate is v3's (v2 and v1 have their event
+    layer); gelu_params_like widens the GELU arm alone."""
+    return dict(mlp='bio', bio_variant=variant, use_sparse_gate=cfg['use_sparse_gate'] and variant == 'v3',
+                gelu_params_like='')
+
+
+def moe_arm(cfg, n):
+    """The bio arm's MLP as a static mixture of n experts: every slot active, none free to split into, none to
+    merge away."""
+    return dict(bio_arm(cfg, cfg['bio_variant']), use_moe=True, moe_experts=n, moe_max_experts=n,
+                moe_min_experts=min(n, cfg['moe_min_experts']))
 
 
 def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=(), mlp_rows=(), moe_rows=()):
@@ -256,19 +265,17 @@ def bench_step(cfg, device, autocast, dtype, bio_variants, synapse_rows=(), mlp_
     scaler = devices.grad_scaler(device, dtype)
     # bio is the config's bio_variant, as before variants could be listed; each other variant its own row
     variant_of = {'bio': cfg['bio_variant'], **{f'bio_{v}': v for v in bio_variants if v != cfg['bio_variant']}}
-    # the sparse gate is v3's, v2 and v1 have their event layer; gelu_params_like widens the GELU arm alone
-    arms = {arm: dict(mlp='bio', bio_variant=v, use_sparse_gate=cfg['use_sparse_gate'] and v == 'v3',
-                      gelu_params_like='') for arm, v in variant_of.items()}
+    arms = {arm: bio_arm(cfg, v) for arm, v in variant_of.items()}
     for mechanism in synapse_rows:  # the config's bio model with a mechanism of synapses.py
         arms[f'bio_{mechanism}'] = {**arms['bio'], **SYNAPSE_FLAGS[mechanism]}
     for n in moe_rows:
-        arms[f'bio_moe{n}'] = {**arms['bio'], **moe_changes(cfg, n)}
+        arms[f'bio_moe{n}'] = moe_arm(cfg, n)
     arms['gelu'] = dict(mlp='gelu', bio_variant='v3', use_sparse_gate=False)
     for kind in mlp_rows:  # the field's MLPs and the gated oscillation, at their own widths (model_bio.mlp_width)
         arms[kind] = dict(mlp=kind, bio_variant='v3', use_sparse_gate=False, gelu_params_like='', gelu_tanh=False)
     models, variants = {}, {}
     for arm, changes in arms.items():
-        model = GPT(config_model(cfg, dropout=0.0, **changes)).to(device)
+        model = GPT(config_model(cfg, **{'dropout': 0.0, 'use_moe': False, **changes})).to(device)  # dense but the MoE rows
         optimizer, = build_optimizers(model, 'adamw', 1e-4, 0.1, 0.9, 0.95, 0.0, 0.95, device.type)
         for compiled in ((False, True) if cfg['bench_compiled'] else (False,)):
             run_model = torch.compile(model) if compiled else model
@@ -440,11 +447,11 @@ def main():
         fail(f"mlp_kinds={cfg['mlp_kinds']!r} must list MLPs out of {', '.join(ADDED_KINDS)} (bio and gelu always have "
              "their rows), e.g. 'swiglu,relu2,bio_glu'")
     sizes = [n.strip() for n in cfg['moe_sizes'].split(',') if n.strip()]
-    if not all(n.isdigit() for n in sizes):
+    if not all(re.fullmatch('[0-9]{1,6}', n) for n in sizes):
         fail(f"moe_sizes={cfg['moe_sizes']!r} must list numbers of experts, e.g. '4,8'")
     moe_rows = sorted({int(n) for n in sizes})
     for n in moe_rows:  # each mixture as train_bio.py would check it
-        problem = config_problem({**model_config, **moe_changes(cfg, n)})
+        problem = config_problem({**model_config, **moe_arm(cfg, n)})
         if problem:
             fail(f"moe_sizes={cfg['moe_sizes']!r}: {problem}")
     report = {'torch': torch.__version__, 'argv': argv}

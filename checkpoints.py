@@ -269,6 +269,10 @@ def check_progress(ckpt_path, checkpoint):
             if isinstance(value, bool) or not isinstance(value, int) or not 0 <= value < 2 ** 63:  # int64, as torch counts
                 raise ValueError(f'{ckpt_path} is malformed: its {name} is not a whole number from 0 to 2**63 '
                                  f'({shown(value)})')
+    if checkpoint.get('flops') is not None:  # None: unknown; past int64 in a long run (6 x 124M x 300B tokens)
+        value = checkpoint['flops'] = plain_number(checkpoint['flops'])
+        if isinstance(value, bool) or not isinstance(value, int) or value < 0:
+            raise ValueError(f'{ckpt_path} is malformed: its flops is not a whole number from 0 ({shown(value)})')
     if 'best_val_loss' in checkpoint:
         value = plain_number(checkpoint['best_val_loss'])
         # an int past float's range would fail float() below

@@ -471,7 +471,7 @@ else:
         best_val_loss = float(checkpoint['best_val_loss'])
         skipped_steps = checkpoint.get('skipped_steps', 0)
         train_seconds = checkpoint.get('train_seconds', 0.0 if iter_num == 0 else None)
-        training_flops = checkpoint.get('flops')  # None from before train_bio.py counted them: set below
+        training_flops = checkpoint.get('flops')  # None: unknown, or from before train_bio.py counted them (below)
         saved = checkpoint.get('config', {})
         changed = [f'{k} {saved[k]!r} -> {v!r}' for k, v in config.items()
                    if k in saved and saved[k] != v and k != 'init_from' and k not in ARCHITECTURE]
@@ -759,7 +759,7 @@ devices.reset_peak_memory(device)
 interval_start, interval_iters = time.time(), 0
 segment_start = time.time()  # of the training steps since the last evaluation
 flops_per_token = raw_model.flops_per_token()  # counted again after a split or merge
-if training_flops is None:  # a checkpoint from before they were counted, whose structure never changed
+if training_flops is None and (not use_moe or tokens_seen == 0):  # else experts may have split or merged: unknown
     training_flops = flops_per_token * tokens_seen
 try:
     while True:
@@ -845,7 +845,8 @@ try:
         skipped_steps += not step_is_finite
         iter_num += 1
         tokens_seen += tokens_per_iter
-        training_flops += flops_per_token * tokens_per_iter
+        if training_flops is not None:
+            training_flops += flops_per_token * tokens_per_iter
         if use_moe:
             for event in moe.keep_accounts(raw_model, optimizers, iter_num, config, lambda: fixed_loss(x, y), seed, ddp):
                 flops_per_token = raw_model.flops_per_token()
@@ -887,7 +888,8 @@ try:
                           'sparsity': sparsity, 'skipped_steps': skipped_steps, 'tokens': tokens_seen,
                           **({'balance': balancef, 'moe': moe.state_of(raw_model)} if use_moe else {})})
                 if wandb_log and writes:
-                    wandb.log({'iter': iter_num, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu, 'sparsity': sparsity})
+                    wandb.log({'iter': iter_num, 'train/loss_step': lossf, 'lr': lr, 'mfu': mfu, 'sparsity': sparsity,
+                               **({'train/balance_step': balancef} if use_moe else {})})
 except torch.cuda.OutOfMemoryError:  # said by each process that ran out, which need not be the first
     fail(f'out of memory on {devices.describe(device)} with batch_size={batch_size}, block_size={block_size}: lower '
          'batch_size (raising gradient_accumulation_steps keeps the tokens per iteration), or use '

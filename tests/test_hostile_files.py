@@ -146,6 +146,7 @@ def test_mutated_checkpoint_files_load_or_fail_in_one_line(tmp_path):
             'iter_num negative': {'iter_num': -1}, 'iter_num a fraction in a tensor': {'iter_num': torch.tensor(1.5)},
             'iter_num past int64': {'iter_num': 2 ** 63}, 'iter_num of 5,000 digits': {'iter_num': -10 ** 5000},
             'tokens text': {'tokens': 'x'}, 'tokens of two numbers': {'tokens': torch.ones(2, dtype=torch.long)},
+            'flops negative': {'flops': -1}, 'flops past int64': {'flops': 2 ** 70}, 'flops unknown': {'flops': None},
             'config holding a tensor': {'config': {'dataset': 'tiny', 'w': torch.zeros(2, 2)}},
             'config holding bytes': {'config': {'dataset': 'tiny', 'b': b'x'}},
             'config holding a list': {'config': {'dataset': 'tiny', 'l': [1]}},
@@ -199,6 +200,8 @@ def test_mutated_checkpoint_files_load_or_fail_in_one_line(tmp_path):
     assert results['best_val_loss of two numbers'].endswith('is malformed: its best_val_loss is not a number (a Tensor)')
     assert results['best_val_loss None'].endswith('is malformed: its best_val_loss is not a number (None)')
     assert results['iter_num text'].endswith("is malformed: its iter_num is not a whole number from 0 to 2**63 ('x')")
+    assert results['flops negative'].endswith('is malformed: its flops is not a whole number from 0 (-1)')
+    assert results['flops past int64'] == results['flops unknown'] == 'loaded'  # a long run's count; unknown
     assert results['tokens of two numbers'].endswith('is malformed: its tokens is not a whole number from 0 to 2**63 (a Tensor)')
     assert results['config holding bytes'].endswith(
         "is malformed: its config setting 'b' is a bytes, not text, a number, true/false or None")

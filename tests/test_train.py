@@ -54,6 +54,7 @@ def test_training_writes_log_checkpoints_and_the_original_formats(workdir):
     flops_per_token = 6 * sum(v.numel() for k, v in ckpt['model'].items() if k != 'lm_head.weight') + 12 * 2 * 32 * 16
     assert [e['flops'] for e in evals] == [flops_per_token * e['tokens'] for e in evals] and evals[-1]['flops'] > 0
     assert evals[0]['train_s'] < evals[1]['train_s'] < evals[2]['train_s'] == ckpt['train_seconds']
+    assert ckpt['flops'] == evals[-1]['flops']
     assert ckpt['best_val_loss'] == min(e['val_loss'] for e in evals)
     best = load(workdir / 'out' / 'ckpt_best.pt')
     assert best['iter_num'] == min(evals, key=lambda e: e['val_loss'])['iter']
@@ -62,14 +63,17 @@ def test_training_writes_log_checkpoints_and_the_original_formats(workdir):
 
 @pytest.mark.slow
 def test_a_run_resumed_from_before_train_s_was_counted_logs_no_train_s(workdir, tiny_run):
-    # its time so far is unknown: a train_s counted from the resume would pass for the whole run's (compare_runs)
+    # its time so far is unknown: a train_s counted from the resume would pass for the whole run's (compare_runs);
+    # a dense model's FLOPs so far are known from its tokens
     shutil.copytree(tiny_run, workdir / 'out')
     ckpt = load(workdir / 'out' / 'ckpt.pt')
+    flops = ckpt.pop('flops')
     del ckpt['train_seconds']
     torch.save(ckpt, workdir / 'out' / 'ckpt.pt')
     run_script(workdir, 'train_bio.py', *TINY, '--init_from=resume', '--max_iters=6', '--eval_interval=2', '--out_dir=out')
     evals = [r for r in read_log(workdir / 'out') if 'val_loss' in r]
-    assert [r['iter'] for r in evals] == [0, 2, 4, 6] and 'train_s' not in evals[-1] and evals[-1]['flops'] > 0
+    assert [r['iter'] for r in evals] == [0, 2, 4, 6] and 'train_s' not in evals[-1]
+    assert evals[-1]['flops'] == flops * 6 // ckpt['iter_num']
     assert load(workdir / 'out' / 'ckpt.pt')['train_seconds'] is None
 
 
