@@ -26,7 +26,7 @@ Each run is train_bio.py in its own folder, <runs_dir>/<arm>-seed<seed> (with --
 <arm>-lr<lr>-seed<seed>), seeds 1337, 1338, .... Finished runs are not trained again and unfinished
 ones are resumed from their checkpoint; a folder whose run was trained with other settings than
 asked stops the comparison with a one-line error, untouched. It reports best and final val loss per
-run; per arm and learning rate the mean and standard deviation over seeds; each arm's best learning
+run (a run still training, or stopped short of its max_iters, is left out, and said); per arm and learning rate the mean and standard deviation over seeds; each arm's best learning
 rate (lowest mean final val loss among its rates run on the most seeds, so that a --grid_seeds
 sweep's one-seed rates are shown but not picked); at those, each arm's paired difference from the baseline per seed
 with a 95% t interval and the iterations it needs to reach the baseline's mean final val loss; and, compute-matched,
@@ -173,7 +173,7 @@ def run_settings(args, arm_settings, lr, seed, run_dir):
 def train(settings, run_dir):
     """Run train_bio.py with these settings: from scratch, or on from the checkpoint an unfinished run left.
     A run folder whose checkpoint was trained with other settings is never touched."""
-    import torch  # here, not above: --evals, --tabulate and plot_loss.py (which imports this file) start without it
+    import torch  # here, not above: --evals and plot_loss.py (which imports this file) start without it
     resume = []
     ckpt_path = os.path.join(run_dir, 'ckpt.pt')
     if os.path.isfile(ckpt_path):
@@ -212,6 +212,16 @@ def train(settings, run_dir):
             print(f'{run_dir}: diverged ({errors[-1][len("error: "):]}); its loss counts as infinite')
             return
         fail(f'{run_dir} failed (exit {code}); see {run_dir}/train.out')
+
+
+def progress(run_dir):
+    """(iterations trained, max_iters) of the run's checkpoint; None without one."""
+    import torch
+    ckpt_path = os.path.join(run_dir, 'ckpt.pt')
+    if not os.path.isfile(ckpt_path):
+        return None
+    saved = torch.load(ckpt_path, map_location='cpu', weights_only=True, mmap=True)
+    return saved['iter_num'], saved['config']['max_iters']
 
 
 def final_val_loss(run_dir):
@@ -413,6 +423,12 @@ def main():
                 if os.path.isfile(os.path.join(args.runs_dir, name, DIVERGED)):
                     diverged.add(key)
                     evals = evals + [(math.inf, math.inf)]  # its final loss
+                elif evals:  # a run still training, or stopped short, has no final loss yet: left out, and said
+                    done = progress(os.path.join(args.runs_dir, name))
+                    if done is None or done[0] < done[1]:
+                        print(f'{name}: not finished ({"no checkpoint" if done is None else "iter %d of %d" % done}); '
+                              'left out of the tables')
+                        continue
                 if evals:
                     runs[key] = evals
     if not runs:

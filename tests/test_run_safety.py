@@ -440,5 +440,12 @@ def test_logs_with_values_that_are_not_numbers_are_skipped(workdir, tiny_run):
     run_script(workdir, 'analysis/plot_loss.py', 'out', '--out_dir=plots')
     assert json.loads((workdir / 'plots' / 'loss_summary.json').read_text())['out']['best_val_iter'] in (0, 2, 4)
     shutil.copytree(workdir / 'out', workdir / 'runs' / 'bio-seed1337')
-    run_script(workdir, 'analysis/compare_runs.py', '--runs_dir=runs', '--tabulate', '--arms', 'bio:', 'gelu:use_bio_mlp=False')
+    # a run still training (or stopped short) has no final loss yet: left out of the table, and said
+    shutil.copytree(tiny_run, workdir / 'runs' / 'gelu-seed1337')
+    ckpt = load(workdir / 'runs' / 'gelu-seed1337' / 'ckpt.pt')
+    ckpt['config']['max_iters'] = ckpt['iter_num'] + 1
+    torch.save(ckpt, workdir / 'runs' / 'gelu-seed1337' / 'ckpt.pt')
+    proc = run_script(workdir, 'analysis/compare_runs.py', '--runs_dir=runs', '--tabulate', '--arms', 'bio:',
+                      'gelu:use_bio_mlp=False')
+    assert f"gelu-seed1337: not finished (iter {ckpt['iter_num']} of {ckpt['iter_num'] + 1}); left out" in proc.stdout
     assert list(json.loads((workdir / 'runs' / 'compare.json').read_text())['runs']) == ['bio-seed1337']
