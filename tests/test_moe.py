@@ -126,7 +126,11 @@ def test_a_merge_is_measured_and_accounts_decide_alike_from_the_counts():
         with torch.no_grad():
             return net(x, y)[1].item()
 
-    settings = dict(moe_tax=0.1, moe_health_decay=0.5, moe_split_health=9.0, moe_split_energy=0.0, moe_change_every=1)
+    settings = dict(moe_tax=0.1, moe_health_decay=0.5, moe_split_health=9.0, moe_split_energy=0.0, moe_change_every=2,
+                    lr_decay_iters=8)
+    # the last moe_change_every iterations change nothing: training gets that long to recover from the last change
+    assert moe.keep_accounts(copy.deepcopy(net), [], 8, settings, measure, 1337, ddp=False) == []
+    settings['moe_change_every'] = 1
     before = measure()
     events = moe.keep_accounts(net, [], 7, settings, measure, 1337, ddp=False)
     assert [(e['event'], e['layer'], e['expert'], e['experts']) for e in events] == [('merge', 0, 2, 2)]
