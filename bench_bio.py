@@ -23,8 +23,9 @@ part 'steps' (the default) measures, each round running every variant once in a 
   ratios taken against the bio row. The GELU step is timed twice, under two names
   (gelu and gelu_twin): twin / GELU shows how far from 1 a ratio strays by chance on this machine.
 - attn: one attention layer alone at the config's batch and shape, forward + backward: PyTorch's
-  fused scaled_dot_product_attention against presynaptic depression (synapses.py), which needs the
-  attention weights themselves; time and memory (peak on CUDA, kept for backward on CPU).
+  fused scaled_dot_product_attention against presynaptic depression (synapses.py), which computes the
+  attention weights itself, synapse_chunk queries at a time; and a layer's fast-weight scratchpad
+  (synapses.py, chunked likewise); time and memory (peak on CUDA, kept for backward on CPU).
 - optim: the optimizer step alone (on fixed random gradients) of each optimizer of optimizers.py
   for the config's model: median ms per step and the bytes of its state, side by side; an optimizer
   whose package is not installed is listed as such.
@@ -45,7 +46,8 @@ added MLP (step_time_ratio_eager_swiglu, ...); for each
 mixture (moe4, say) step_time_ratio_eager_moe4, ..._compiled_moe4 and step_memory_ratio_moe4 against the bio row; for each
 mechanism (presynaptic, say) step_time_ratio_eager_presynaptic, ..._compiled_presynaptic and
 step_memory_ratio_presynaptic against the bio row; attn_time_ratio_presynaptic and
-attn_memory_ratio_presynaptic (presynaptic / SDPA); whole_run_time_ratio (with whole_run_ratio_range).
+attn_memory_ratio_presynaptic (presynaptic / SDPA), attn_time_ratio_fast_weights and
+attn_memory_ratio_fast_weights (the scratchpad / SDPA); whole_run_time_ratio (with whole_run_ratio_range).
 
 --part also takes act, attn, step, optim or sample to run that part alone (--part=optim: the optimizers).
 The bench's own settings, beside train_bio.py's: part, rounds (40), act_calls (10), sample_repeats
@@ -78,6 +80,7 @@ import torch.nn.functional as F
 import devices
 import model_bio
 import oscillation
+import synapses
 from checkpoints import config_problem
 from configurator import check_folder, configure, declared_rules, fail, script_defaults
 from files import WriteError, write_file
@@ -214,11 +217,13 @@ def bench_activation(cfg, device, autocast):
 
 def bench_attention(cfg, device, autocast):
     """One attention layer, forward + backward, at the config's batch and shape: PyTorch's fused SDPA against
-    presynaptic depression, which needs the attention weights themselves and a T x T by T x T product per head."""
+    presynaptic depression, which computes the attention weights itself, chunk by chunk (synapses.py); and
+    the fast weights' scratchpad (a layer's, beside its MLP), whose training form is chunked likewise."""
     torch.manual_seed(0)
     x = torch.randn(cfg['batch_size'], cfg['block_size'], cfg['n_embd'], device=device, requires_grad=True)
     layers = {name: model_bio.CausalSelfAttention(config_model(cfg, dropout=0.0, use_presynaptic=presynaptic)).to(device)
               for name, presynaptic in (('sdpa', False), ('presynaptic', True))}
+    layers['fast_weights'] = synapses.FastWeights(config_model(cfg, dropout=0.0, use_fast_weights=True)).to(device)
 
     def forward_backward(layer):
         def run():
@@ -233,13 +238,16 @@ def bench_attention(cfg, device, autocast):
     memory = {name: memory_of(device, fn, fn) for name, fn in variants.items()}
     kind = 'peak allocated' if device.type == 'cuda' else 'kept for backward'
     print(f"\nattention layer alone, batch {cfg['batch_size']} x {cfg['block_size']} tokens, {cfg['n_head']} heads x "
-          f"{cfg['n_embd'] // cfg['n_head']}: forward + backward")
+          f"{cfg['n_embd'] // cfg['n_head']}, chunks of {cfg['synapse_chunk']}: forward + backward (fast_weights: "
+          f"the scratchpad of rank {cfg['fast_weight_rank']})")
     for name in variants:
         print(f"  {name:12s} {times[name] * 1e3:9.2f} ms  {times[name] / times['sdpa']:6.2f}x SDPA  "
               f"{memory[name] / 2**20:9.1f} MiB {kind}  {memory[name] / memory['sdpa']:6.2f}x SDPA")
     return {'time_s': times, 'memory_bytes': memory, 'memory_kind': kind,
             'attn_time_ratio_presynaptic': times['presynaptic'] / times['sdpa'],
-            'attn_memory_ratio_presynaptic': memory['presynaptic'] / memory['sdpa']}
+            'attn_memory_ratio_presynaptic': memory['presynaptic'] / memory['sdpa'],
+            'attn_time_ratio_fast_weights': times['fast_weights'] / times['sdpa'],
+            'attn_memory_ratio_fast_weights': memory['fast_weights'] / memory['sdpa']}
 
 
 def bio_arm(cfg, variant):

@@ -335,7 +335,7 @@ def load_checkpoint_file(ckpt_path, device, overrides):
 # the most each size may be: far above any model trained here (block_size 1024), far below what exhausts
 # memory or time (RoPE's tables, which no file holds, grow with block_size; each layer takes time to build)
 SIZE_LIMITS = {'vocab_size': MAX_VOCAB_SIZE, 'block_size': 2 ** 16, 'n_layer': 1024, 'n_head': 1024, 'n_embd': 2 ** 16,
-               'bio_compartments': 1024, 'fast_weight_rank': 1024, 'moe_experts': 256, 'moe_top_k': 256,
+               'bio_compartments': 1024, 'fast_weight_rank': 1024, 'synapse_chunk': 2 ** 16, 'moe_experts': 256, 'moe_top_k': 256,
                'moe_max_experts': 256, 'moe_min_experts': 256}
 MAX_EXPERTS = 4096  # in a whole model: a hostile file's model is built (about 20 kB and 0.3 ms each) before its weights are read
 # settings naming one of a few
@@ -345,7 +345,7 @@ CHOICES = {'mlp': ('', *MLP_KINDS), 'bio_variant': ('v3', 'v2', 'v1'), 'gelu_par
 # GPTConfig's fields that a checkpoint decides, so that a run started from one takes them from it: all
 # but vocab_size (from the data), those no weight depends on (a resume may change them), and block_size
 # (also the training window, which may be shorter than the model's context)
-TRAINING_ONLY = ('dropout', 'gradient_checkpointing', 'moe_balance', 'moe_min_experts')
+TRAINING_ONLY = ('dropout', 'gradient_checkpointing', 'synapse_chunk', 'moe_balance', 'moe_min_experts')
 ARCHITECTURE = tuple(f.name for f in fields(GPTConfig) if f.name not in ('vocab_size', 'block_size', *TRAINING_ONLY))
 
 

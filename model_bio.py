@@ -81,6 +81,7 @@ class GPTConfig:
     use_fast_weights: bool = False  # a Hebbian fast-weight scratchpad beside the MLP (synapses.py)
     fast_weight_rank: int = 16  # fast weights: keys and values per head
     fast_weight_decay: float = 0.95  # fast weights: what a write keeps per position
+    synapse_chunk: int = 64  # presynaptic, fast weights: positions per chunk of their training form (speed only)
     use_moe: bool = False  # the MLP as a mixture of experts that splits and merges (moe.py)
     moe_experts: int = 4  # experts active at the start
     moe_top_k: int = 2  # units of experts per token (one expert each until a split); each expert 1/top_k of the MLP's width
@@ -166,13 +167,8 @@ class CausalSelfAttention(nn.Module):
         if self.presynaptic is None:
             y = F.scaled_dot_product_attention(q, k, v, is_causal=T > 1,
                                                dropout_p=self.dropout if self.training else 0.0)
-        else:  # depression changes the attention logits, so they are computed here
-            # scaled before the product, as SDPA does, so that float16 logits do not overflow
-            scores = ((q / math.sqrt(q.size(-1))) @ k.transpose(-1, -2)).float()
-            if T > 1:
-                scores = scores.masked_fill(torch.ones(T, T, dtype=torch.bool, device=x.device).triu(1), float('-inf'))
-            att = F.dropout(self.presynaptic(scores, kv_cache).softmax(-1), self.dropout, self.training)
-            y = att.to(v.dtype) @ v
+        else:  # depression changes the attention logits, so synapses.py computes the attention itself
+            y = self.presynaptic(q, k, v, kv_cache, self.dropout if self.training else 0.0)
         y = y.transpose(1, 2).contiguous().view(B, T, C)
         return self.resid_dropout(self.c_proj(y))
 

@@ -149,6 +149,7 @@ stochastic_release = False  # with use_presynaptic: training draws each release,
 use_fast_weights = False  # seed 003's Hebbian fast-weight scratchpad beside the MLP (synapses.py)
 fast_weight_rank = 16  # its keys and values per head
 fast_weight_decay = 0.95  # what a write keeps per position
+synapse_chunk = 64  # presynaptic and fast weights train chunk by chunk, this many positions each (speed and memory only)
 use_moe = False  # seed 003's structural plasticity: the MLP as experts that split and merge (moe.py says how)
 moe_experts = 4  # active at the start
 moe_top_k = 2  # units per token (an expert each, until splits pair them), each expert 1/moe_top_k of the MLP's width

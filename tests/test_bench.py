@@ -30,7 +30,7 @@ def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
     (workdir / 'config_bench_tiny.py').write_text(TINY_CONFIG)
     proc = run_script(workdir, 'bench_bio.py', 'config_bench_tiny.py', '--device=cpu', '--rounds=2',
                       '--act_calls=1', '--sample_repeats=1', '--new_tokens=4', '--moe_sizes=2', '--bench_out=bench.json',
-                      timeout=600, fresh=True)
+                      '--synapse_chunk=5', timeout=600, fresh=True)
     report = json.loads((workdir / 'bench.json').read_text())
     assert report['device'].startswith('cpu') and report['dtype'] == 'float32'
     # the activation keeps its (32 x 128) input and its three 128-vectors; GELU keeps the input alone
@@ -49,11 +49,15 @@ def test_bench_runs_as_a_user_runs_it_and_writes_the_ratios(workdir):
         assert report[f'step_time_ratio_{mode}_moe2'] == step['time_s'][f'bio_moe2{suffix}'] / step['time_s'][f'bio{suffix}']
     assert report['step_memory_ratio_moe2'] == step['memory_bytes']['bio_moe2'] / step['memory_bytes']['bio'] > 1
     assert report['sample']['block_size_256']['tokens_per_s_cache'] > 0
-    # presynaptic depression keeps the attention weights (and their decayed sums) that fused SDPA does not
+    # presynaptic depression in chunks of 5 (16 tokens: 4 chunks) keeps q, k, v, its output and a row per chunk
+    # for backward, as much as SDPA keeps and a little more; the fast weights' scratchpad, chunked too
     attn = report['attn']
-    assert attn['memory_bytes']['presynaptic'] > attn['memory_bytes']['sdpa'] > 0
-    assert report['attn_time_ratio_presynaptic'] == attn['time_s']['presynaptic'] / attn['time_s']['sdpa']
-    assert 'attn_memory_ratio_presynaptic = ' in proc.stdout and re.search(r'presynaptic .*x SDPA', proc.stdout)
+    assert attn['memory_bytes']['sdpa'] < attn['memory_bytes']['presynaptic'] < 1.5 * attn['memory_bytes']['sdpa']
+    for row in ('presynaptic', 'fast_weights'):
+        assert report[f'attn_time_ratio_{row}'] == attn['time_s'][row] / attn['time_s']['sdpa']
+        assert report[f'attn_memory_ratio_{row}'] == attn['memory_bytes'][row] / attn['memory_bytes']['sdpa']
+        assert f'attn_memory_ratio_{row} = ' in proc.stdout and re.search(rf'{row} .*x SDPA', proc.stdout)
+    assert 'chunks of 5' in proc.stdout
     # each optimizer's step, side by side; AdamW keeps two float32 moments per weight and a step count per tensor
     model = GPT(GPTConfig(n_layer=1, n_head=2, n_embd=32, block_size=16, vocab_size=65, bias=False, use_bio_mlp=True,
                           use_rmsnorm=True, use_rope=True))  # train_bio.py's defaults

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import synapses
+from bench_bio import saved_bytes
 from checkpoints import checked_config, load_model
 from conftest import TINY, load, read_log, run_script
 from generation import generate_tokens
@@ -74,99 +75,139 @@ def test_the_checks_catch_a_mechanism_that_peeks(monkeypatch):
             assert ahead > 1e-3, flags
     depress = synapses.PresynapticDepression.forward
 
-    def over_the_batch(self, scores, cache=None):
-        return depress(self, scores + scores.masked_fill(scores.isinf(), 0.0).mean(0, keepdim=True), cache)
+    def over_the_batch(self, q, k, v, cache=None, dropout_p=0.0):
+        return depress(self, q + q.mean(0, keepdim=True), k, v, cache, dropout_p)
     monkeypatch.setattr(synapses.PresynapticDepression, 'forward', over_the_batch)
     _, across, _ = earlier_logits_moved(sharp_model(FLAGS['presynaptic']))
     assert across > 1e-3
 
 
-def reference_depressed_scores(scores, drain, lam, refill):
+def reference_depressed_attention(q, k, v, drain, lam, refill):
     """synapses.py's docstring, one query at a time: each key's depletion (minus the log of its pool) grows by
     drain times the attention a query paid it before depression, and shrinks by the factor refill per position."""
-    B, nh, T, _ = scores.shape
-    out = torch.full_like(scores, float('-inf'))
+    B, nh, T, hs = q.shape
+    out = torch.zeros_like(v)
     for b in range(B):
         for h in range(nh):
-            depletion = torch.zeros(T, dtype=scores.dtype)
+            depletion = torch.zeros(T, dtype=q.dtype)
             for t in range(T):
+                scores = q[b, h, t] @ k[b, h, :t + 1].T / math.sqrt(hs)
                 pool = torch.exp(-depletion[:t + 1])
-                out[b, h, t, :t + 1] = scores[b, h, t, :t + 1] + lam[h] * torch.log(pool.clamp(min=synapses.POOL_EPS))
-                depletion[:t + 1] = refill * depletion[:t + 1] + drain[h] * scores[b, h, t, :t + 1].softmax(-1)
+                depressed = scores + lam[h] * torch.log(pool.clamp(min=synapses.POOL_EPS))
+                out[b, h, t] = depressed.softmax(-1) @ v[b, h, :t + 1]
+                depletion[:t + 1] = refill * depletion[:t + 1] + drain[h] * scores.softmax(-1)
     return out
 
 
+def dense_depressed_attention(q, k, v, log_drain, log_lambda, refill, dropout_p=0.0, stochastic=False, draws=None):
+    """The dense form synapses.py trained with before its chunks (T x T by T x T per head), kept as their
+    reference: (attention, the used sums the query after the last inherits). draws: the uniform numbers of
+    the release and then of dropout, each (B, nh, T, T)."""
+    T, hs = q.size(2), q.size(3)
+    scores = ((q / math.sqrt(hs)) @ k.transpose(-1, -2)).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1),
+                                                                     float('-inf'))
+    used_all = synapses.decayed_past(T + 1, T, refill, q.device).to(q.dtype) @ scores.softmax(-1)
+    log_pool = (-log_drain.exp()[:, None, None] * used_all[:, :, :T]).clamp(min=math.log(synapses.POOL_EPS))
+    if stochastic:
+        log_release = torch.full_like(log_pool, math.log(synapses.POOL_EPS)).masked_fill(draws[0] < log_pool.exp(), 0.0)
+        log_pool = log_pool + (log_release - log_pool).detach()
+    att = (scores + log_lambda.exp()[:, None, None] * log_pool).softmax(-1)
+    if dropout_p:
+        att = att * (draws[-1] >= dropout_p) / (1 - dropout_p)
+    return att @ v, used_all[:, :, T]
+
+
+def chunked_draws(seed, shape, chunk, count):
+    """The draws DepressedAttention makes chunk by chunk, laid out whole as dense_depressed_attention takes them."""
+    B, nh, T = shape
+    whole = [torch.ones(B, nh, T, T, dtype=torch.float64) for _ in range(count)]
+    for index, start in enumerate(range(0, T, chunk)):
+        n = min(chunk, T - start)
+        for full, part in zip(whole, synapses.chunk_draws(seed, index, (B, nh, n, start + n), 'cpu', torch.float64,
+                                                          count)):
+            full[:, :, start:start + n, :start + n] = part
+    return whole
+
+
+def qkv(T, B=2, nh=2, hs=4, seed=0, scale=2.0):
+    generator = torch.Generator().manual_seed(seed)
+    return [scale * torch.randn(B, nh, T, hs, dtype=torch.float64, generator=generator) for _ in range(3)]
+
+
 def test_presynaptic_depression_is_the_one_query_at_a_time_recursion():
-    config = GPTConfig(**SMALL, use_presynaptic=True)
+    config = GPTConfig(**SMALL, use_presynaptic=True, synapse_chunk=4)
     depression = synapses.PresynapticDepression(config).double()
     drain, lam = [9.0, 0.3], [1.5, 0.5]  # the first head's pools empty past eps: the clamp is tested too
     with torch.no_grad():
         depression.log_drain.copy_(torch.tensor(drain, dtype=torch.float64).log())
         depression.log_lambda.copy_(torch.tensor(lam, dtype=torch.float64).log())
     T = 9
-    torch.manual_seed(0)
-    scores = 3 * torch.randn(2, 2, T, T, dtype=torch.float64).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1),
-                                                                         float('-inf'))
-    expected = reference_depressed_scores(scores, drain, lam, math.exp(-1 / config.tau_rrp))
-    got = depression(scores)
+    q, k, v = qkv(T, scale=3.0)
+    expected = reference_depressed_attention(q, k, v, drain, lam, math.exp(-1 / config.tau_rrp))
+    got = depression(q, k, v)
     torch.testing.assert_close(got, expected)
-    bias = (got - scores).nan_to_num().detach()
-    assert math.isclose(bias.min(), 1.5 * math.log(synapses.POOL_EPS)) and (bias[:, 1] < -0.2).any()
+    _, used = dense_depressed_attention(q, k, v, depression.log_drain, depression.log_lambda, depression.refill)
+    assert (-9.0 * used).min() < math.log(synapses.POOL_EPS)  # some pool does empty
     # and as generation runs it: a prompt of 4 queries, then one query at a time, each seeing every key so far
     cache = {}
-    steps = [depression(scores[:, :, :4, :4], cache)]
-    steps += [depression(scores[:, :, t:t + 1, :t + 1], cache)[..., :t + 1] for t in range(4, T)]
-    for t, step in enumerate(steps[1:], start=4):
-        torch.testing.assert_close(step[:, :, 0], got[:, :, t, :t + 1])
-    torch.testing.assert_close(steps[0], got[:, :, :4, :4])
+    steps = [depression(q[:, :, :4], k[:, :, :4], v[:, :, :4], cache)]
+    steps += [depression(q[:, :, t:t + 1], k[:, :, :t + 1], v[:, :, :t + 1], cache) for t in range(4, T)]
+    torch.testing.assert_close(torch.cat(steps, dim=2), got)
 
 
-def reference_fast_weights(module, x):
-    """synapses.py's docstring, one token at a time: read F_(t-1) q_t, then write F_t."""
-    B, T, _ = x.shape
-    nh, r = module.n_head, module.rank
-    q, k, v = (part.view(B, T, nh, r) for part in module.c_qkv(x).split(nh * r, dim=2))
-    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
-    gate = torch.sigmoid(module.c_gate(x))
-    reads = torch.zeros(B, T, nh, r, dtype=x.dtype)
-    for b in range(B):
-        for h in range(nh):
-            scratch = torch.zeros(r, r, dtype=x.dtype)
-            for t in range(T):
-                reads[b, t, h] = scratch @ q[b, t, h]
-                scratch = module.decay * scratch + gate[b, t, h] * torch.outer(v[b, t, h], k[b, t, h])
-    return module.c_proj(reads.reshape(B, T, nh * r))
+@pytest.mark.parametrize('T', [1, 6, 33, 100])
+def test_chunks_give_the_dense_form_s_numbers_and_gradients(T):
+    """In float64, at chunk sizes that divide T, that do not, of 1 and past T: attention, the cache's used
+    sums, and the gradients of q, k, v and both parameters, against the dense form."""
+    q, k, v = qkv(T)
+    log_drain, log_lambda = torch.tensor([9.0, 0.3], dtype=torch.float64).log(), torch.tensor([1.5, 0.5]).double().log()
+    refill = math.exp(-1 / 5)
+    dy = torch.randn(2, 2, T, 4, dtype=torch.float64, generator=torch.Generator().manual_seed(1))
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, log_drain, log_lambda)]
+    expected, expected_used = dense_depressed_attention(*leaves, refill)
+    expected_grads = torch.autograd.grad(expected, leaves, dy)
+    for chunk in sorted({1, 3, 7, 16, T, T + 5}):
+        leaves = [t.clone().requires_grad_() for t in (q, k, v, log_drain, log_lambda)]
+        got, used = synapses.DepressedAttention.apply(*leaves, refill, chunk, 0.0, False, None)
+        torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12, msg=f'chunk {chunk}')
+        torch.testing.assert_close(used, expected_used, rtol=1e-12, atol=1e-12, msg=f'chunk {chunk}')
+        for name, grad, want in zip('q k v log_drain log_lambda'.split(), torch.autograd.grad(got, leaves, dy),
+                                    expected_grads):
+            torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-10, msg=f'chunk {chunk}, {name}')
 
 
-def test_fast_weights_are_the_one_token_at_a_time_recursion():
-    torch.manual_seed(0)
-    module = synapses.FastWeights(GPTConfig(**SMALL, use_fast_weights=True)).double()
-    x = torch.randn(2, 9, SMALL['n_embd'], dtype=torch.float64)
-    with torch.no_grad():
-        torch.testing.assert_close(module(x), reference_fast_weights(module, x))
-        cache = {}  # and as generation runs it: a prompt of 4, then one token at a time
-        steps = [module(x[:, :4], cache)] + [module(x[:, t:t + 1], cache) for t in range(4, 9)]
-        torch.testing.assert_close(torch.cat(steps, dim=1), module(x))
+def test_chunks_draw_what_the_dense_form_would_have_drawn():
+    """With stochastic release and dropout, a seed's draws laid out whole give the dense form the same
+    attention and gradients: the backward pass recomputes each chunk with its forward's draws."""
+    T, chunk, seed, p = 23, 5, 1234, 0.3
+    q, k, v = qkv(T)
+    log_drain, log_lambda = torch.tensor([0.9, 0.3], dtype=torch.float64).log(), torch.tensor([1.5, 0.5]).double().log()
+    leaves = [t.clone().requires_grad_() for t in (q, k, v, log_drain, log_lambda)]
+    got, _ = synapses.DepressedAttention.apply(*leaves, 0.8, chunk, p, True, seed)
+    draws = chunked_draws(seed, (2, 2, T), chunk, 2)
+    twins = [t.clone().requires_grad_() for t in (q, k, v, log_drain, log_lambda)]
+    expected, _ = dense_depressed_attention(*twins, 0.8, p, True, draws)
+    torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
+    seen = torch.ones(T, T, dtype=torch.bool).tril()
+    assert 0.25 < (draws[1][..., seen] < p).double().mean() < 0.35  # dropout's share, where keys are seen
+    undrawn, _ = dense_depressed_attention(q, k, v, log_drain, log_lambda, 0.8)
+    assert (got - undrawn).abs().max() > 0.1
+    for grad, want in zip(torch.autograd.grad(got.sum(), leaves), torch.autograd.grad(expected.sum(), twins)):
+        torch.testing.assert_close(grad, want, rtol=1e-10, atol=1e-10)
 
 
-def test_gradcheck_in_float64():
-    config = GPTConfig(**SMALL, use_presynaptic=True, use_fast_weights=True)
-    torch.manual_seed(0)
-    depression = synapses.PresynapticDepression(config).double()
-    T = 5
-    # a finite stand-in for -inf above the diagonal (exp(-50) is 0 to the tolerance), so differences stay finite
-    scores = torch.randn(2, 2, T, T, dtype=torch.float64).masked_fill(torch.ones(T, T, dtype=torch.bool).triu(1), -50.0)
-    drain = torch.tensor([0.6, 0.2], dtype=torch.float64).log().requires_grad_()
-    lam = torch.tensor([1.2, 0.7], dtype=torch.float64).log().requires_grad_()
-    assert torch.autograd.gradcheck(
-        lambda s, d, lm: functional_call(depression, {'log_drain': d, 'log_lambda': lm}, (s,)),
-        (scores.requires_grad_(), drain, lam))
-
-    fast = synapses.FastWeights(config).double()
-    names = [name for name, _ in fast.named_parameters()]
-    params = [p.detach().clone().requires_grad_() for _, p in fast.named_parameters()]
-    x = torch.randn(2, 4, SMALL['n_embd'], dtype=torch.float64, requires_grad=True)
-    assert torch.autograd.gradcheck(lambda x, *ps: functional_call(fast, dict(zip(names, ps)), (x,)), (x, *params))
+def test_backward_keeps_no_square_of_the_sequence():
+    """Bytes autograd keeps for backward at T = 1024 (bench_bio's count, each storage once): presynaptic
+    attention keeps q, k, v and a carry per chunk, the fast weights a few chunk x chunk products per chunk,
+    both well below one float32 T x T tensor per head (the dense forms kept about five and three)."""
+    T, chunk = 1024, 64
+    q, k, v = [t.float().requires_grad_() for t in qkv(T, B=1)]
+    config = GPTConfig(**{**SMALL, 'n_embd': 8}, use_presynaptic=True, use_fast_weights=True, synapse_chunk=chunk)
+    square = 2 * T * T * 4  # one float32 T x T tensor for each of the 2 heads
+    kept = saved_bytes(lambda: synapses.PresynapticDepression(config)(q, k, v))
+    assert kept < 0.1 * square, kept / square
+    kept = saved_bytes(lambda: synapses.FastWeights(config)(torch.randn(1, T, 8, requires_grad=True)))
+    assert kept < 0.5 * square, kept / square
 
 
 @pytest.mark.parametrize('flags', FLAGS.values(), ids=FLAGS.keys())
