@@ -135,19 +135,6 @@ def median_times(variants, device, rounds, calls):
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def saved_bytes(fn):
-    """Bytes autograd keeps for backward while fn runs, each storage counted once."""
-    storages = {}
-
-    def pack(t):
-        storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
-        fn()
-    return sum(storages.values())
-
-
 def memory_of(device, step, forward):
     """Bytes a variant needs: on CUDA the peak allocated while step runs, elsewhere what autograd keeps for
     backward while forward runs."""
@@ -155,7 +142,7 @@ def memory_of(device, step, forward):
         devices.reset_peak_memory(device)
         step()
         return devices.peak_memory(device)[0]
-    return saved_bytes(forward)
+    return devices.saved_bytes(forward)
 
 
 def with_impl(impl, fn):
@@ -200,7 +187,7 @@ def bench_activation(cfg, device, autocast):
     for fn in variants.values():  # warm up (and compile) before timing
         fn()
     times = median_times(variants, device, cfg['rounds'], cfg['act_calls'])
-    memory = {name: saved_bytes(fn) for name, fn in variants.items() if 'compiled' not in name}
+    memory = {name: devices.saved_bytes(fn) for name, fn in variants.items() if 'compiled' not in name}
     eager_impl = 'function' if oscillation.fused_kernels.get('forward') is False else 'fused'  # what 'auto' trains with
     print(f"\nactivation alone, input {tuple(x.shape)}: forward + backward")
     for name in variants:

@@ -1,7 +1,8 @@
 """
 Devices and precisions, in one place for every script: which device a run uses, the dtype and
 autocast it trains or samples in, the GPU's peak FLOP/s for MFU, and the CUDA calls that must
-name their device (synchronize, memory statistics, random states).
+name their device (synchronize, memory statistics, random states), and the bytes autograd keeps for
+backward (kept_for_backward), which a CPU can count.
 
 Functions raise ValueError with a one-line message for a setting that cannot work here; the
 scripts print it as their error.
@@ -28,7 +29,7 @@ The choices, for train, sample, chat and bench (the analysis scripts stay on the
 """
 
 import sys
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 
 import torch
 
@@ -178,6 +179,31 @@ def peak_memory(device):
     if device.type != 'cuda':
         return None
     return torch.cuda.max_memory_allocated(device), torch.cuda.get_device_properties(device).total_memory
+
+
+@contextmanager
+def kept_for_backward(exclude=()):
+    """Yields a dict that holds under 'bytes', once the block ends, what autograd kept for backward inside it,
+    each storage once, those of the tensors exclude (a model's weights, held anyway) left out: memory a CPU can
+    measure, which on a GPU is most of a training step's peak."""
+    storages, kept = {}, {}
+    held = {t.untyped_storage().data_ptr() for t in exclude}
+
+    def pack(t):
+        if t.untyped_storage().data_ptr() not in held:
+            storages[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        yield kept
+    kept['bytes'] = sum(storages.values())
+
+
+def saved_bytes(fn):
+    """Bytes autograd keeps for backward while fn runs, each storage once."""
+    with kept_for_backward() as kept:
+        fn()
+    return kept['bytes']
 
 
 def rng_state(device):

@@ -81,7 +81,7 @@ class GPTConfig:
     use_fast_weights: bool = False  # a Hebbian fast-weight scratchpad beside the MLP (synapses.py)
     fast_weight_rank: int = 16  # fast weights: keys and values per head
     fast_weight_decay: float = 0.95  # fast weights: what a write keeps per position
-    synapse_chunk: int = 64  # presynaptic, fast weights: positions per chunk of their training form (speed only)
+    synapse_chunk: int = 64  # presynaptic, fast weights: positions per chunk in training (speed, memory; the draws' layout)
     use_moe: bool = False  # the MLP as a mixture of experts that splits and merges (moe.py)
     moe_experts: int = 4  # experts active at the start
     moe_top_k: int = 2  # units of experts per token (one expert each until a split); each expert 1/top_k of the MLP's width

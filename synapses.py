@@ -14,8 +14,9 @@ use_presynaptic: short-term synaptic depression in attention (PresynapticDepress
     The pool at query t depends on queries before t alone: used[t] = refill * used[t - 1] + attention[t - 1]
     is a recursion down each key's column, which training computes synapse_chunk queries at a time
     (DepressedAttention: within a chunk a matrix product with decayed_past, between chunks the one row of
-    used the next chunk inherits); generation carries the next query's used in the cache. drain (0.25, seed 003's alpha_ca) and lambda (1.0, its lambda_loge)
-    are learned per head, both kept positive; tau_rrp is a setting (40, the seed's), eps 1e-6 (the seed's).
+    used the next chunk inherits); generation carries the next query's used in the cache. drain (0.25,
+    seed 003's alpha_ca) and lambda (1.0, its lambda_loge) are learned per head, both kept positive;
+    tau_rrp is a setting (40, the seed's), eps 1e-6 (the seed's).
 stochastic_release (with use_presynaptic): in training each key's release to each query is drawn, 1 with
     probability pool (the logit term 0) and 0 otherwise (lambda * log(eps): the key is not heard); in
     evaluation and generation it is the expected release, the pool itself. The draw's value goes
@@ -125,6 +126,7 @@ class DepressedAttention(torch.autograd.Function):
         return y, carry
 
     @staticmethod
+    @torch.autograd.function.once_differentiable  # the carries are constants to autograd: no second derivative
     def backward(ctx, dy, _):
         q, k, v, y, log_drain, log_lambda, carries = ctx.saved_tensors
         refill, chunk, dropout_p, stochastic, seed = ctx.settings
@@ -239,19 +241,23 @@ class FastWeights(nn.Module):
 
     def chunked_reads(self, q, k, v, gate):
         """Every token's read, chunk by chunk: within a chunk the parallel form (attention without softmax,
-        masked by decayed_past), from the chunks before it the scratchpad they wrote, carried between chunks.
-        Autograd keeps chunk x chunk tensors and one rank x rank scratchpad per chunk. Returns the reads
-        (B, nh, T, rank) and the scratchpad after the last token: F_(T-1), the cache's."""
+        masked by decayed_past), from the chunks before it the scratchpad they wrote, carried between chunks
+        in float32 at least (it sums the whole past). Autograd keeps chunk x chunk tensors and one rank x rank
+        scratchpad per chunk. Returns the reads (B, nh, T, rank) and the scratchpad after the last token:
+        F_(T-1), the cache's."""
         B, nh, T, rank = q.shape
-        scratch = q.new_zeros(B, nh, rank, rank)
+        work = torch.promote_types(q.dtype, torch.float32)
+        scratch = q.new_zeros(B, nh, rank, rank, dtype=work)
         reads = []
         for start in range(0, T, self.chunk):
             n = min(self.chunk, T - start)
-            part = slice(start, start + n)
-            past = decayed_past(n + 1, n, self.decay, q.device).to(q.dtype)  # row n: weights of the next scratchpad
-            written = past * gate[:, :, None, part]  # [t, s]: decay^(t-1-s) gate_s for s < t
-            powers = self.decay ** torch.arange(n + 1, device=q.device, dtype=torch.float64).to(q.dtype)
-            within = ((q[:, :, part] @ k[:, :, part].transpose(-1, -2)) * written[:, :, :n]) @ v[:, :, part]
-            reads.append(within + powers[:n, None] * (q[:, :, part] @ scratch.transpose(-1, -2)))
-            scratch = powers[n] * scratch + (v[:, :, part] * written[:, :, n, :, None]).transpose(-1, -2) @ k[:, :, part]
+            qc, kc, vc = (t[:, :, start:start + n] for t in (q, k, v))
+            past = decayed_past(n + 1, n, self.decay, q.device).to(work)  # row n: weights of the next scratchpad
+            written = past * gate[:, :, None, start:start + n].to(work)  # [t, s]: decay^(t-1-s) gate_s for s < t
+            within = ((qc @ kc.transpose(-1, -2)) * written[:, :, :n].to(q.dtype)) @ vc
+            with torch.autocast(q.device.type, enabled=False):
+                powers = self.decay ** torch.arange(n + 1, device=q.device, dtype=torch.float64).to(work)
+                earlier = powers[:n, None] * (qc.to(work) @ scratch.transpose(-1, -2))
+                reads.append(within + earlier.to(within.dtype))
+                scratch = powers[n] * scratch + (vc.to(work) * written[:, :, n, :, None]).transpose(-1, -2) @ kc.to(work)
         return torch.cat(reads, dim=2), scratch

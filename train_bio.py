@@ -149,7 +149,8 @@ stochastic_release = False  # with use_presynaptic: training draws each release,
 use_fast_weights = False  # seed 003's Hebbian fast-weight scratchpad beside the MLP (synapses.py)
 fast_weight_rank = 16  # its keys and values per head
 fast_weight_decay = 0.95  # what a write keeps per position
-synapse_chunk = 64  # presynaptic and fast weights train chunk by chunk, this many positions each (speed and memory only)
+synapse_chunk = 64  # presynaptic and fast weights train chunk by chunk, this many positions each: speed and memory,
+# and the layout of dropout's and the release's draws (a resume with another chunk is exact but for those)
 use_moe = False  # seed 003's structural plasticity: the MLP as experts that split and merge (moe.py says how)
 moe_experts = 4  # active at the start
 moe_top_k = 2  # units per token (an expert each, until splits pair them), each expert 1/moe_top_k of the MLP's width
@@ -214,7 +215,7 @@ from files import append_line, claim_folder, create_new, write_file  # noqa: E40
 import moe  # noqa: E402
 from model_bio import GPT, GPTConfig, settle_mlp  # noqa: E402
 from optimizers import (OPTIMIZERS, SCHEDULES, build_optimizers, describe, load_optimizer_state,  # noqa: E402
-                        optimizer_state, scheduled_lr, state_megabytes)
+                        optimizer_state, scheduled_lr, state_bytes, state_megabytes)
 # -----------------------------------------------------------------------------
 # GPTConfig's fields are settings of the same names (vocab_size comes from the data)
 model_keys = [f.name for f in fields(GPTConfig) if f.name != 'vocab_size']
@@ -720,6 +721,7 @@ def rehearsal_report(timed_iters, seconds):
           f"{per_iter * 1000:.1f} ms/iter, {tokens_per_iter / per_iter:,.0f} tokens/s, "
           f"mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}, peak memory "
           + (f'{memory[0] / 2**30:.2f} of {memory[1] / 2**30:.2f} GiB on {device}' if memory else 'n/a (measured on CUDA only)'))
+    memory_report(memory)
     # an evaluation's cost, from a few of its batches
     batches = eval_batches()['val']
     t0 = time.time()
@@ -741,6 +743,35 @@ def rehearsal_report(timed_iters, seconds):
           f'evaluation {duration(n_evals * per_eval)})')
 
 
+def memory_report(peak):
+    """A rehearsal's memory, projected for GPUs of 8, 12 and 16 GiB: weights, gradients and optimizer state, and
+    per sequence what the first micro-batch kept for backward (or, compiled on CUDA, the peak beyond the rest);
+    for each size the largest batch_size that fits with a tenth left for transients (the CUDA context, the
+    allocator's slack, the logits' gradient), and the accumulation that keeps the run's sequences per
+    iteration. A CPU can rehearse a GPU run's memory (--dtype=bfloat16 keeps float16's sizes), at batch 1."""
+    fixed = (sum(p.numel() * p.element_size() for p in raw_model.parameters())
+             + sum(p.numel() * 4 for p in raw_model.parameters() if p.requires_grad) + state_bytes(optimizers))
+    if kept_per_micro_batch is not None:
+        per_sequence, source = kept_per_micro_batch / batch_size, 'kept for backward'
+    elif peak:
+        per_sequence, source = max(peak[0] - fixed, 0) / batch_size, 'the peak beyond them'
+    else:
+        print('rehearsal: no memory projection (compiled, off CUDA: nothing to count); rehearse with --compile=False')
+        return
+    print(f'rehearsal: memory: weights, gradients and optimizer state {fixed / 2**20:,.2f} MiB; per sequence of '
+          f'{block_size} tokens {per_sequence / 2**20:,.2f} MiB ({source}, {dtype}); at batch_size={batch_size}: '
+          f'about {(fixed + batch_size * per_sequence) / 2**20:,.2f} MiB')
+    largest = {gib: int((0.9 * gib * 2**30 - fixed) // max(per_sequence, 1)) for gib in (8, 12, 16)}
+    print('rehearsal: the largest batch_size that fits, a tenth left for transients: '
+          + ', '.join(f'{gib} GiB {b}' if b >= 1 else f'{gib} GiB none (try --gradient_checkpointing=True)'
+                      for gib, b in largest.items()))
+    sequences = batch_size * gradient_accumulation_steps  # per process and iteration
+    keep = [f'{gib} GiB --batch_size={min(b, sequences)} --gradient_accumulation_steps={-(-sequences // min(b, sequences))}'
+            for gib, b in largest.items() if b >= 1]
+    if keep:
+        print(f"rehearsal: this run's {sequences} sequences per iteration at those: {'; '.join(keep)}")
+
+
 def count_training_time():
     """Add the steps' wall clock since segment_start to train_seconds (an unknown total stays unknown)."""
     global train_seconds
@@ -756,6 +787,7 @@ start_iter = iter_num
 skipped_in_a_row = 0
 stop_requested = False
 warmup_iters_rehearsed = max(1, rehearsal_iters // 5)  # the first iterations compile, allocate and tune: never timed
+kept_per_micro_batch = None  # what a rehearsal's first micro-batch keeps for backward (memory_report)
 devices.reset_peak_memory(device)
 interval_start, interval_iters = time.time(), 0
 segment_start = time.time()  # of the training steps since the last evaluation
@@ -819,8 +851,12 @@ try:
         for micro_step, (x, y) in enumerate(batches):
             # in DDP, gradients are averaged across processes only on the last micro-step
             sync = train_model.no_sync() if ddp and micro_step < gradient_accumulation_steps - 1 else nullcontext()
-            with sync, autocast:
+            # a rehearsal counts what its first micro-batch keeps for backward (torch.compile's graphs keep their own)
+            counting = not writes and iter_num == start_iter and micro_step == 0 and not compile
+            with sync, autocast, devices.kept_for_backward([*raw_model.parameters(), *raw_model.buffers()]) if counting else nullcontext() as kept:
                 _, loss = train_model(x, y)
+            if counting:
+                kept_per_micro_batch = kept['bytes']
             # DDP averages the processes' gradients, so each process's share is scaled up by their number
             share = counts[micro_step] * world_size / trained_tokens
             loss = loss * share

@@ -11,7 +11,7 @@ import pytest
 import torch
 
 import oscillation
-from bench_bio import saved_bytes
+from devices import saved_bytes
 from conftest import REPO, message_lines, run_script, simulated_env
 from model_bio import GPT, BioMLP, GPTConfig
 from oscillation import Oscillate, oscillate, oscillate_reference

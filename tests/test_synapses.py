@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from torch.func import functional_call
 
 import synapses
-from bench_bio import saved_bytes
+from devices import saved_bytes
 from checkpoints import checked_config, load_model
 from conftest import TINY, load, read_log, run_script
 from generation import generate_tokens
@@ -208,6 +208,56 @@ def test_backward_keeps_no_square_of_the_sequence():
     assert kept < 0.1 * square, kept / square
     kept = saved_bytes(lambda: synapses.FastWeights(config)(torch.randn(1, T, 8, requires_grad=True)))
     assert kept < 0.5 * square, kept / square
+
+
+def reference_fast_weights(module, x):
+    """synapses.py's docstring, one token at a time: read F_(t-1) q_t, then write F_t."""
+    B, T, _ = x.shape
+    nh, r = module.n_head, module.rank
+    q, k, v = (part.view(B, T, nh, r) for part in module.c_qkv(x).split(nh * r, dim=2))
+    q, k = F.normalize(q, dim=-1), F.normalize(k, dim=-1)
+    gate = torch.sigmoid(module.c_gate(x))
+    reads = torch.zeros(B, T, nh, r, dtype=x.dtype)
+    for b in range(B):
+        for h in range(nh):
+            scratch = torch.zeros(r, r, dtype=x.dtype)
+            for t in range(T):
+                reads[b, t, h] = scratch @ q[b, t, h]
+                scratch = module.decay * scratch + gate[b, t, h] * torch.outer(v[b, t, h], k[b, t, h])
+    return module.c_proj(reads.reshape(B, T, nh * r))
+
+
+@pytest.mark.parametrize('chunk', [1, 4, 9, 64])
+def test_fast_weights_are_the_one_token_at_a_time_recursion(chunk):
+    torch.manual_seed(0)
+    module = synapses.FastWeights(GPTConfig(**SMALL, use_fast_weights=True, synapse_chunk=chunk)).double()
+    x = torch.randn(2, 9, SMALL['n_embd'], dtype=torch.float64)
+    with torch.no_grad():
+        torch.testing.assert_close(module(x), reference_fast_weights(module, x), rtol=1e-12, atol=1e-12)
+        cache = {}  # and as generation runs it: a prompt of 4, then one token at a time
+        steps = [module(x[:, :4], cache)] + [module(x[:, t:t + 1], cache) for t in range(4, 9)]
+        torch.testing.assert_close(torch.cat(steps, dim=1), module(x), rtol=1e-12, atol=1e-12)
+
+
+def test_gradcheck_in_float64():
+    """Presynaptic attention (in chunks of 3 and, with dropout's draws replayed by seed, of 2) and the fast
+    weights (chunks of 3 over 7 tokens). The release's straight-through gradient is no finite difference (its
+    value is the draw's): test_chunks_draw_what_the_dense_form_would_have_drawn checks it against the dense form."""
+    T = 7
+    q, k, v = [t.requires_grad_() for t in qkv(T, scale=1.0)]
+    drain = torch.tensor([0.6, 0.2], dtype=torch.float64).log().requires_grad_()
+    lam = torch.tensor([1.2, 0.7], dtype=torch.float64).log().requires_grad_()
+    for chunk, dropout_p, seed in ((3, 0.0, None), (2, 0.25, 5)):
+        assert torch.autograd.gradcheck(
+            lambda *args: synapses.DepressedAttention.apply(*args, 0.8, chunk, dropout_p, False, seed)[0],
+            (q, k, v, drain, lam))
+
+    torch.manual_seed(0)
+    fast = synapses.FastWeights(GPTConfig(**SMALL, use_fast_weights=True, synapse_chunk=3)).double()
+    names = [name for name, _ in fast.named_parameters()]
+    params = [p.detach().clone().requires_grad_() for _, p in fast.named_parameters()]
+    x = torch.randn(2, T, SMALL['n_embd'], dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda x, *ps: functional_call(fast, dict(zip(names, ps)), (x,)), (x, *params))
 
 
 @pytest.mark.parametrize('flags', FLAGS.values(), ids=FLAGS.keys())
