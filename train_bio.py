@@ -721,7 +721,7 @@ def rehearsal_report(timed_iters, seconds):
           f"{per_iter * 1000:.1f} ms/iter, {tokens_per_iter / per_iter:,.0f} tokens/s, "
           f"mfu {'n/a' if mfu is None else f'{mfu * 100:.1f}%'}, peak memory "
           + (f'{memory[0] / 2**30:.2f} of {memory[1] / 2**30:.2f} GiB on {device}' if memory else 'n/a (measured on CUDA only)'))
-    memory_report(memory)
+    memory_report(*kept_per_sequence)
     # an evaluation's cost, from a few of its batches
     batches = eval_batches()['val']
     t0 = time.time()
@@ -743,33 +743,51 @@ def rehearsal_report(timed_iters, seconds):
           f'evaluation {duration(n_evals * per_eval)})')
 
 
-def memory_report(peak):
-    """A rehearsal's memory, projected for GPUs of 8, 12 and 16 GiB: weights, gradients and optimizer state, and
-    per sequence what the first micro-batch kept for backward (or, compiled on CUDA, the peak beyond the rest);
-    for each size the largest batch_size that fits with a tenth left for transients (the CUDA context, the
-    allocator's slack, the logits' gradient), and the accumulation that keeps the run's sequences per
-    iteration. A CPU can rehearse a GPU run's memory (--dtype=bfloat16 keeps float16's sizes), at batch 1."""
-    fixed = (sum(p.numel() * p.element_size() for p in raw_model.parameters())
-             + sum(p.numel() * 4 for p in raw_model.parameters() if p.requires_grad) + state_bytes(optimizers))
-    if kept_per_micro_batch is not None:
-        per_sequence, source = kept_per_micro_batch / batch_size, 'kept for backward'
-    elif peak:
-        per_sequence, source = max(peak[0] - fixed, 0) / batch_size, 'the peak beyond them'
-    else:
-        print('rehearsal: no memory projection (compiled, off CUDA: nothing to count); rehearse with --compile=False')
+def kept_for_backward_per_sequence(x, y):
+    """What the eager model keeps for backward per sequence, and per micro-batch whatever its size (autocast's
+    copies of the weights), from forwards of one and two sequences; bytes."""
+    kept = []
+    for n in (1, 2):
+        with autocast, devices.kept_for_backward([*raw_model.parameters(), *raw_model.buffers()]) as count:
+            raw_model(x[:1].repeat(n, 1), y[:1].repeat(n, 1))
+        kept.append(count['bytes'])
+    return kept[1] - kept[0], max(2 * kept[0] - kept[1], 0)
+
+
+def memory_report(per_sequence, per_micro_batch):
+    """A rehearsal's memory, projected for GPUs of 8, 12 and 16 GiB: weights, float32 gradients (twice under
+    DDP: its buckets) and optimizer state; per micro-batch autocast's copies of the weights; per sequence what
+    it keeps for backward and the loss's gradient (two float32 block_size x vocab tensors at the start of
+    backward). For each size the largest batch_size that fits with a tenth left for what this does not count
+    (the CUDA context, the allocator's slack, other transients), and of those dividing the run's sequences
+    per iteration the largest, with the accumulation that keeps them. Counted, not measured: a CPU rehearses a
+    GPU run's memory (--dtype=bfloat16 has float16's sizes); no GPU has checked it."""
+    if gradient_checkpointing:
+        print('rehearsal: no memory projection with gradient_checkpointing=True (its recomputation keeps what '
+              'the count cannot see); rehearse without it')
         return
-    print(f'rehearsal: memory: weights, gradients and optimizer state {fixed / 2**20:,.2f} MiB; per sequence of '
-          f'{block_size} tokens {per_sequence / 2**20:,.2f} MiB ({source}, {dtype}); at batch_size={batch_size}: '
-          f'about {(fixed + batch_size * per_sequence) / 2**20:,.2f} MiB')
-    largest = {gib: int((0.9 * gib * 2**30 - fixed) // max(per_sequence, 1)) for gib in (8, 12, 16)}
-    print('rehearsal: the largest batch_size that fits, a tenth left for transients: '
+    weights = list(raw_model.parameters())
+    fixed = (sum(p.numel() * p.element_size() for p in weights) + state_bytes(optimizers)
+             + (1 + ddp) * sum(p.numel() * 4 for p in weights if p.requires_grad) + per_micro_batch)
+    per_sequence += 2 * block_size * raw_model.config.vocab_size * 4
+    print(f'rehearsal: memory: weights, gradients, optimizer state and weight copies {fixed / 2**20:,.2f} MiB; per '
+          f'sequence of {block_size} tokens {per_sequence / 2**20:,.2f} MiB (kept for backward and the loss\'s '
+          f'gradient, {dtype}); at batch_size={batch_size}: about {(fixed + batch_size * per_sequence) / 2**20:,.2f} MiB'
+          + ('; dropout > 0 off CUDA: attention keeps T x T weights here that a GPU\'s fused kernel does not, '
+             'so the projection is high (rehearse with --dropout=0.0)' if dropout > 0 and device.type != 'cuda' else ''))
+    largest = {gib: int((0.9 * gib * 2**30 - fixed) // per_sequence) for gib in (8, 12, 16)}
+    print('rehearsal: the largest batch_size that fits, a tenth left: '
           + ', '.join(f'{gib} GiB {b}' if b >= 1 else f'{gib} GiB none (try --gradient_checkpointing=True)'
                       for gib, b in largest.items()))
     sequences = batch_size * gradient_accumulation_steps  # per process and iteration
-    keep = [f'{gib} GiB --batch_size={min(b, sequences)} --gradient_accumulation_steps={-(-sequences // min(b, sequences))}'
-            for gib, b in largest.items() if b >= 1]
+    keep = []
+    for gib, b in largest.items():
+        if b >= 1:
+            batch = max(d for d in range(1, min(b, sequences) + 1) if sequences % d == 0)
+            # the command line's gradient_accumulation_steps counts every process's micro-steps
+            keep.append(f'{gib} GiB --batch_size={batch} --gradient_accumulation_steps={sequences // batch * world_size}')
     if keep:
-        print(f"rehearsal: this run's {sequences} sequences per iteration at those: {'; '.join(keep)}")
+        print(f"rehearsal: this run's {sequences * world_size} sequences per iteration at those: {'; '.join(keep)}")
 
 
 def count_training_time():
@@ -787,7 +805,6 @@ start_iter = iter_num
 skipped_in_a_row = 0
 stop_requested = False
 warmup_iters_rehearsed = max(1, rehearsal_iters // 5)  # the first iterations compile, allocate and tune: never timed
-kept_per_micro_batch = None  # what a rehearsal's first micro-batch keeps for backward (memory_report)
 devices.reset_peak_memory(device)
 interval_start, interval_iters = time.time(), 0
 segment_start = time.time()  # of the training steps since the last evaluation
@@ -851,12 +868,10 @@ try:
         for micro_step, (x, y) in enumerate(batches):
             # in DDP, gradients are averaged across processes only on the last micro-step
             sync = train_model.no_sync() if ddp and micro_step < gradient_accumulation_steps - 1 else nullcontext()
-            # a rehearsal counts what its first micro-batch keeps for backward (torch.compile's graphs keep their own)
-            counting = not writes and iter_num == start_iter and micro_step == 0 and not compile
-            with sync, autocast, devices.kept_for_backward([*raw_model.parameters(), *raw_model.buffers()]) if counting else nullcontext() as kept:
+            if not writes and iter_num == start_iter and micro_step == 0:  # a rehearsal's memory, counted once
+                kept_per_sequence = kept_for_backward_per_sequence(x, y)
+            with sync, autocast:
                 _, loss = train_model(x, y)
-            if counting:
-                kept_per_micro_batch = kept['bytes']
             # DDP averages the processes' gradients, so each process's share is scaled up by their number
             share = counts[micro_step] * world_size / trained_tokens
             loss = loss * share
