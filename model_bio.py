@@ -26,8 +26,10 @@ comparison can tell more parameters from the mechanism.
 Seed 003's synaptic mechanisms are one flag each, off by default, with any MLP (synapses.py says what they
 compute): use_presynaptic (short-term depression in attention, which then computes its weights itself in
 place of fused SDPA; tau_rrp), stochastic_release (its release drawn in training), use_fast_weights (a
-Hebbian scratchpad beside the MLP; fast_weight_rank, fast_weight_decay). Their state along a sequence
-lives in the KV cache in generation, so cached and recomputed logits agree.
+Hebbian scratchpad beside the MLP; fast_weight_rank, fast_weight_decay). Training computes both
+synapse_chunk positions at a time, so that their time grows as T^2 and what backward keeps as T x
+synapse_chunk at most (synapses.py); their state along a sequence lives in the KV cache in generation,
+so cached and recomputed logits agree.
 
 The activation (oscillation.py holds its maths and the implementations that run it, plain, function
 and fused, chosen by oscillation.OSCILLATION_IMPL) can be sparse-gated in v3 (use_sparse_gate): a neuron
