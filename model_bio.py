@@ -27,8 +27,8 @@ Seed 003's synaptic mechanisms are one flag each, off by default, with any MLP (
 compute): use_presynaptic (short-term depression in attention, which then computes its weights itself in
 place of fused SDPA; tau_rrp), stochastic_release (its release drawn in training), use_fast_weights (a
 Hebbian scratchpad beside the MLP; fast_weight_rank, fast_weight_decay). Training computes both
-synapse_chunk positions at a time, so that their time grows as T^2 and what backward keeps as T x
-synapse_chunk at most (synapses.py); their state along a sequence lives in the KV cache in generation,
+synapse_chunk positions at a time, so that their time grows as T^2 and backward keeps no T x T tensor
+(synapses.py); their state along a sequence lives in the KV cache in generation,
 so cached and recomputed logits agree.
 
 The activation (oscillation.py holds its maths and the implementations that run it, plain, function
