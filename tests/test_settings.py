@@ -37,6 +37,8 @@ CASES = [
      'error: fast_weight_decay=1.0 is not from 0 up to (not including) 1'),
     ('train_bio.py', ['--use_fast_weights=True', '--fast_weight_rank=0'],
      'error: fast_weight_rank=0 is not a whole number from 1 to 1,024'),
+    ('train_bio.py', ['--use_presynaptic=True', '--synapse_chunk=0'],
+     'error: synapse_chunk=0 is not a whole number from 1 to 65,536'),
     ('train_bio.py', ['--bio_variant=v4'], "error: bio_variant='v4' is not one of 'v3', 'v2', 'v1'"),
     ('train_bio.py', ['--mlp=swish'], "error: mlp='swish' is not one of '', 'bio', 'gelu', 'swiglu', 'relu2', 'bio_glu'"),
     ('train_bio.py', ['--mlp=swiglu', '--use_sparse_gate=True'],
