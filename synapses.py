@@ -59,11 +59,15 @@ def decayed_past(queries, keys, rate, device):
     return torch.where(age >= 0, rate ** age.clamp(min=0), 0.0)  # float64: callers take what precision they need
 
 
-def chunk_draws(seed, chunk_index, shape, device, dtype, count):
-    """count uniform [0, 1) tensors of shape for one chunk, from its own generator: the forward pass and the
-    backward's recomputation (which visits the chunks in reverse) draw the same numbers."""
+def chunk_draws(seed, chunk_index, shape, device, dtype, stochastic, dropout_p):
+    """The uniform [0, 1) tensors of shape one chunk draws (the release's, then dropout's; none without a seed),
+    from a generator of its own: the forward pass and the backward's recomputation (which visits the chunks in
+    reverse) draw the same numbers."""
+    if seed is None:
+        return []
     generator = torch.Generator(device=device)
     generator.manual_seed(seed + chunk_index)
+    count = stochastic + (dropout_p > 0)
     return [torch.rand(shape, generator=generator, device=device, dtype=dtype) for _ in range(count)]
 
 
@@ -89,8 +93,9 @@ def depressed_chunk(scaled, k, start, carry, drain, lam, refill, dropout_p, stoc
     if stochastic:  # 1 (log 0) with probability pool, else eps: the draw's value, the expectation's gradient
         released = torch.where(draws.pop(0) < (bias / lam).exp(), 0.0, floor)
     att = (scores + released).softmax(-1)
-    kept = att * (draws.pop(0) >= dropout_p) / (1 - dropout_p) if dropout_p > 0 else att
-    return dict(probs=probs, used=used, bias=bias, floor=floor, released=released, att=att, kept=kept,
+    keep = draws.pop(0) >= dropout_p if dropout_p > 0 else None
+    kept = att * keep / (1 - dropout_p) if dropout_p > 0 else att
+    return dict(probs=probs, used=used, bias=bias, floor=floor, released=released, att=att, keep=keep, kept=kept,
                 weights=weights, powers=powers)
 
 
@@ -112,8 +117,7 @@ class DepressedAttention(torch.autograd.Function):
             carries, outputs = [], []
             for index, start in enumerate(range(0, T, chunk)):
                 n = min(chunk, T - start)
-                draws = chunk_draws(seed, index, (B, nh, n, start + n), q.device, work,
-                                    stochastic + (dropout_p > 0)) if seed is not None else []
+                draws = chunk_draws(seed, index, (B, nh, n, start + n), q.device, work, stochastic, dropout_p)
                 carries.append(carry)
                 c = depressed_chunk(scaled[:, :, start:start + n], k, start, carry, drain, lam, refill, dropout_p,
                                     stochastic, draws)
@@ -146,16 +150,14 @@ class DepressedAttention(torch.autograd.Function):
                 start = starts[index]
                 n = min(chunk, T - start)
                 end = start + n
-                draws = chunk_draws(seed, index, (B, nh, n, end), q.device, work,
-                                    stochastic + (dropout_p > 0)) if seed is not None else []
-                keep = draws[-1] >= dropout_p if dropout_p > 0 else None
+                draws = chunk_draws(seed, index, (B, nh, n, end), q.device, work, stochastic, dropout_p)
                 c = depressed_chunk(scaled[:, :, start:end], k, start, carries[index], drain, lam, refill,
                                     dropout_p, stochastic, draws)
                 dy_chunk = dy[:, :, start:end]
                 dv[:, :, :end] += (c['kept'].to(v.dtype).transpose(-1, -2) @ dy_chunk).to(work)
                 d_scores = (dy_chunk @ v[:, :, :end].transpose(-1, -2)).to(work)
-                if keep is not None:
-                    d_scores.mul_(keep).div_(1 - dropout_p)
+                if c['keep'] is not None:
+                    d_scores.mul_(c['keep']).div_(1 - dropout_p)
                 d_scores.sub_(dy_y[:, :, start:end]).mul_(c['att'])  # through the second softmax
                 # log lambda's gradient: d_scores . lambda log(release); log drain's: d_scores . lambda
                 # log(pool) where the pool is above eps, which is also where used's gradient is

@@ -117,14 +117,15 @@ def dense_depressed_attention(q, k, v, log_drain, log_lambda, refill, dropout_p=
     return att @ v, used_all[:, :, T]
 
 
-def chunked_draws(seed, shape, chunk, count):
-    """The draws DepressedAttention makes chunk by chunk, laid out whole as dense_depressed_attention takes them."""
+def chunked_draws(seed, shape, chunk):
+    """The draws DepressedAttention makes chunk by chunk with both the release and dropout on, laid out whole as
+    dense_depressed_attention takes them."""
     B, nh, T = shape
-    whole = [torch.ones(B, nh, T, T, dtype=torch.float64) for _ in range(count)]
+    whole = [torch.ones(B, nh, T, T, dtype=torch.float64) for _ in range(2)]
     for index, start in enumerate(range(0, T, chunk)):
         n = min(chunk, T - start)
         for full, part in zip(whole, synapses.chunk_draws(seed, index, (B, nh, n, start + n), 'cpu', torch.float64,
-                                                          count)):
+                                                          True, 0.5)):
             full[:, :, start:start + n, :start + n] = part
     return whole
 
@@ -184,7 +185,7 @@ def test_chunks_draw_what_the_dense_form_would_have_drawn():
     log_drain, log_lambda = torch.tensor([0.9, 0.3], dtype=torch.float64).log(), torch.tensor([1.5, 0.5]).double().log()
     leaves = [t.clone().requires_grad_() for t in (q, k, v, log_drain, log_lambda)]
     got, _ = synapses.DepressedAttention.apply(*leaves, 0.8, chunk, p, True, seed)
-    draws = chunked_draws(seed, (2, 2, T), chunk, 2)
+    draws = chunked_draws(seed, (2, 2, T), chunk)
     twins = [t.clone().requires_grad_() for t in (q, k, v, log_drain, log_lambda)]
     expected, _ = dense_depressed_attention(*twins, 0.8, p, True, draws)
     torch.testing.assert_close(got, expected, rtol=1e-12, atol=1e-12)
