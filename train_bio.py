@@ -102,9 +102,17 @@ from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 
+claimed = False  # whether this run has taken its folder, which only an exit that runs atexit gives back
+
+
 def interrupted_at_start(signum, frame):
     print('\ninterrupted before training started: nothing was saved', file=sys.stderr)  # maybe mid-line: a line of its own
-    sys.exit(130)
+    if claimed:
+        sys.exit(130)
+    sys.stderr.flush()
+    # nothing to give back: at once, as an exception raised inside an import that C code made (numpy's of datetime,
+    # say) comes out as an ImportError with its traceback
+    os._exit(130)
 
 
 signal.signal(signal.SIGINT, interrupted_at_start)  # the loop's own handler, which saves, is set once there is a run
@@ -326,6 +334,7 @@ if writes and init_from != 'resume':
 if writes and init_from == 'resume' and not os.path.isfile(ckpt_path):
     fail(f'init_from=resume but {ckpt_path} does not exist (train from scratch first, or fix out_dir)')
 if writes and master and init_from == 'resume':
+    claimed = True
     try:  # before the checkpoint is read: a run being written by another process is not resumed under it
         claim_folder(out_dir)
     except ValueError as e:
@@ -660,6 +669,7 @@ def unclaim_if_unused():
 
 
 if master and writes and init_from != 'resume':
+    claimed = True
     try:  # only now: a run refused by any check above leaves no folder behind
         claim_folder(out_dir)
         if not held_files() and os.path.isfile(log_path) and not os.path.islink(log_path):
