@@ -693,7 +693,9 @@ def listen_failure(host, port, error):
 def listening_socket(host, port):
     """A socket listening on host:port (IPv6 for an IPv6 address), or a ValueError saying why not."""
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    sock = socket.socket(family, socket.SOCK_STREAM)
+    # proto named: asyncio turns off Nagle's algorithm (TCP_NODELAY) only on sockets whose proto says TCP; left on, each
+    # write after a reply's first waited for the client's delayed ack (40 ms a streamed piece, or a request on a kept connection)
+    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

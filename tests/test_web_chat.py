@@ -187,6 +187,16 @@ def test_the_page_is_served_with_the_chat_settings(server):
     assert '<textarea id="message"' in page and 'id="clear"' in page
 
 
+def test_each_connection_writes_without_waiting_for_the_clients_ack(server):
+    # Nagle's algorithm on held each write after a reply's first until the client's delayed ack: 40 ms a streamed piece
+    connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
+    connection.request('GET', '/')
+    connection.getresponse().read()
+    sockets = [c.transport.get_extra_info('socket') for c in server.uvicorn.server_state.connections]
+    assert sockets and all(s.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY) for s in sockets)
+    connection.close()
+
+
 def test_the_operators_system_prompt_applies_but_is_shown_only_when_asked(start, bot, gate):
     hidden = start(system='Secret rules.')
     assert 'Secret rules' not in get_page(hidden)
