@@ -102,16 +102,21 @@ from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 
-claimed = False  # whether this run has taken its folder, which only an exit that runs atexit gives back
+exit_cleans_up = False  # set once a download or the run's claim on its folder has begun: an exit then runs
+# finally blocks and atexit, which delete a partial download and give the folder back
 
 
 def interrupted_at_start(signum, frame):
     print('\ninterrupted before training started: nothing was saved', file=sys.stderr)  # maybe mid-line: a line of its own
-    if claimed:
+    if exit_cleans_up:
         sys.exit(130)
-    sys.stderr.flush()
-    # nothing to give back: at once, as an exception raised inside an import that C code made (numpy's of datetime,
+    # nothing to clean up: at once, as an exception raised inside an import that C code made (numpy's of datetime,
     # say) comes out as an ImportError with its traceback
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError):  # a pipe closed, say: what it held is lost either way
+            pass
     os._exit(130)
 
 
@@ -334,7 +339,7 @@ if writes and init_from != 'resume':
 if writes and init_from == 'resume' and not os.path.isfile(ckpt_path):
     fail(f'init_from=resume but {ckpt_path} does not exist (train from scratch first, or fix out_dir)')
 if writes and master and init_from == 'resume':
-    claimed = True
+    exit_cleans_up = True
     try:  # before the checkpoint is read: a run being written by another process is not resumed under it
         claim_folder(out_dir)
     except ValueError as e:
@@ -347,6 +352,7 @@ if init_from not in ('scratch', 'resume'):
     if not is_checkpoint_location(init_from):
         fail(f"init_from={init_from!r} is not 'scratch', 'resume', a checkpoint (file or exported folder), a hub name "
              "hf:OWNER/REPO/FILE.pt or one of OpenAI's gpt2, gpt2-medium, gpt2-large, gpt2-xl")
+    exit_cleans_up = is_hub_name(init_from)  # huggingface_hub deletes a partial download in a finally block
     try:
         source = fetch_from_hub(init_from) if is_hub_name(init_from) else init_from
     except ValueError as e:
@@ -669,7 +675,7 @@ def unclaim_if_unused():
 
 
 if master and writes and init_from != 'resume':
-    claimed = True
+    exit_cleans_up = True
     try:  # only now: a run refused by any check above leaves no folder behind
         claim_folder(out_dir)
         if not held_files() and os.path.isfile(log_path) and not os.path.islink(log_path):

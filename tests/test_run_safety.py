@@ -11,6 +11,9 @@ import shutil
 import signal
 import subprocess
 import sys
+import threading
+import time
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import pytest
 import torch
@@ -400,6 +403,79 @@ def test_ctrl_c_while_starting_is_quiet_and_leaves_nothing(workdir):
     assert proc.returncode == 130 and 'Traceback' not in err, err
     assert [line for line in message_lines(err) if line] == ['interrupted before training started: nothing was saved'], err
     assert not (workdir / 'new').exists()
+
+
+def test_ctrl_c_before_the_claim_keeps_what_was_printed(workdir, tiny_run):
+    # stdout to a pipe is buffered (as under `| tee`) once PYTHONUNBUFFERED is unset; the signal comes after the
+    # stderr note that follows stdout's first lines, before the run has its folder
+    env = {name: value for name, value in os.environ.items() if name != 'PYTHONUNBUFFERED'}
+    proc = subprocess.Popen([sys.executable, 'train_bio.py', *TINY, f'--init_from={tiny_run / "ckpt.pt"}', '--n_layer=3',
+                             '--out_dir=new'], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env=env)
+    while not proc.stderr.readline().startswith("note: the checkpoint's architecture is kept"):
+        assert proc.poll() is None
+    proc.send_signal(signal.SIGINT)
+    out, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130 and out.startswith("device cpu"), (out, err)
+    assert not (workdir / 'new').exists()
+
+
+class SlowHub(BaseHTTPRequestHandler):
+    """A hub whose every file is 64 MiB that arrive 1 MiB a second: a download in progress to interrupt."""
+    protocol_version = 'HTTP/1.1'
+    size = 64 * 2 ** 20
+
+    def head(self):
+        self.send_response(200)
+        for name, value in (('Content-Length', self.size), ('ETag', '"e0"'), ('X-Repo-Commit', 'a' * 40),
+                            ('Content-Type', 'application/octet-stream')):
+            self.send_header(name, str(value))
+        self.end_headers()
+
+    def do_HEAD(self):
+        self.head()
+
+    def do_GET(self):
+        if '/resolve/' not in self.path:  # the library's other calls: nothing here
+            self.send_response(404)
+            self.send_header('Content-Length', '0')
+            self.end_headers()
+            return
+        self.head()
+        try:
+            for _ in range(self.size // 2 ** 20):
+                self.wfile.write(bytes(2 ** 20))
+                self.wfile.flush()
+                time.sleep(1)
+        except OSError:  # the client has gone
+            pass
+
+    def log_message(self, *args):
+        pass
+
+
+def test_ctrl_c_during_a_hub_download_leaves_no_partial_file(workdir, tmp_path):
+    hub = ThreadingHTTPServer(('127.0.0.1', 0), SlowHub)
+    threading.Thread(target=hub.serve_forever, daemon=True).start()
+    env = {**{name: value for name, value in os.environ.items() if name != 'HF_HUB_OFFLINE'},
+           'HF_ENDPOINT': f'http://127.0.0.1:{hub.server_address[1]}', 'HF_HOME': str(tmp_path / 'hf'),
+           'HF_HUB_DISABLE_XET': '1', 'NO_PROXY': '127.0.0.1'}
+    proc = subprocess.Popen([sys.executable, 'train_bio.py', *TINY, '--init_from=hf:someone/model/ckpt.pt',
+                             '--out_dir=new'], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
+    try:
+        deadline = time.monotonic() + 60
+        while not list((tmp_path / 'hf').rglob('*.incomplete')):  # the download has begun
+            assert proc.poll() is None and time.monotonic() < deadline, proc.communicate()
+            time.sleep(0.05)
+        proc.send_signal(signal.SIGINT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        proc.kill()
+        hub.shutdown()
+        hub.server_close()
+    assert proc.returncode == 130 and b'Traceback' not in err, err
+    assert err.decode().splitlines()[-1] == 'interrupted before training started: nothing was saved', err
+    assert not list((tmp_path / 'hf').rglob('*.incomplete')) and not (workdir / 'new').exists()
 
 
 def test_a_compile_that_fails_is_one_line_and_leaves_no_claim(workdir):
