@@ -570,6 +570,13 @@ def guarded_protocol():
 
         def connection_made(self, transport):
             super().connection_made(transport)
+            # Nagle's algorithm off, which asyncio leaves on for these sockets (their proto is 0; on Windows every
+            # accepted one's is): a write after a reply's first waited for the client's delayed ack, 40 ms a
+            # request on a kept connection
+            try:
+                transport.get_extra_info('socket').setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            except OSError:  # the client has gone already (macOS then says EINVAL)
+                pass
             self.address, self.head = self.client[0] if self.client else '', b''
             clients[self.address] += 1
             connections[self] = None
@@ -693,9 +700,7 @@ def listen_failure(host, port, error):
 def listening_socket(host, port):
     """A socket listening on host:port (IPv6 for an IPv6 address), or a ValueError saying why not."""
     family = socket.AF_INET6 if ':' in host else socket.AF_INET
-    # proto named: asyncio turns off Nagle's algorithm (TCP_NODELAY) only on sockets whose proto says TCP; left on, each
-    # write after a reply's first waited for the client's delayed ack (40 ms a streamed piece, or a request on a kept connection)
-    sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
+    sock = socket.socket(family, socket.SOCK_STREAM)
     try:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((host, port))

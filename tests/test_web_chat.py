@@ -188,7 +188,7 @@ def test_the_page_is_served_with_the_chat_settings(server):
 
 
 def test_each_connection_writes_without_waiting_for_the_clients_ack(server):
-    # Nagle's algorithm on held each write after a reply's first until the client's delayed ack: 40 ms a streamed piece
+    # Nagle's algorithm on, a write after a reply's first waited for the client's delayed ack: 40 ms a kept connection's request
     connection = http.client.HTTPConnection(*server.server_address[:2], timeout=30)
     connection.request('GET', '/')
     connection.getresponse().read()
