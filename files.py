@@ -230,6 +230,7 @@ def claim_folder(folder, what='run'):
             break
         os.close(fd)
     claim = FolderClaim(folder, fd, made_folder)
+    atexit.register(claim.release)  # at once: an exit (Ctrl-C) while the holder is written still gives the folder back
     command = ' '.join([os.path.basename(sys.argv[0])] + sys.argv[1:])
     try:
         os.ftruncate(fd, 0)
@@ -237,7 +238,6 @@ def claim_folder(folder, what='run'):
     except OSError as e:  # a full disk: nothing is left of the claim
         claim.release()
         raise write_error(lock_path, e) from None
-    atexit.register(claim.release)
     return claim
 
 
