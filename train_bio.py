@@ -106,17 +106,26 @@ exit_cleans_up = False  # set once a download or the run's claim on its folder h
 # finally blocks and atexit, which delete a partial download and give the folder back
 
 
+def write_from_handler(fd, line):
+    """line to fd (1: stdout, 2: stderr) from a signal handler, after what was printed before it but past Python's
+    buffers: a print that the signal came inside holds its stream's, and a second print there raises RuntimeError."""
+    for stream in (sys.stdout, sys.stderr):
+        try:
+            stream.flush()
+        except (OSError, ValueError, RuntimeError):  # a pipe closed, or that print's stream
+            pass
+    try:
+        os.write(fd, f'\n{line}\n'.encode())  # maybe mid-line: a line of its own
+    except OSError:
+        pass
+
+
 def interrupted_at_start(signum, frame):
-    print('\ninterrupted before training started: nothing was saved', file=sys.stderr)  # maybe mid-line: a line of its own
+    write_from_handler(2, 'interrupted before training started: nothing was saved')
     if exit_cleans_up:
         sys.exit(130)
     # nothing to clean up: at once, as an exception raised inside an import that C code made (numpy's of datetime,
     # say) comes out as an ImportError with its traceback
-    for stream in (sys.stdout, sys.stderr):
-        try:
-            stream.flush()
-        except (OSError, ValueError):  # a pipe closed, say: what it held is lost either way
-            pass
     os._exit(130)
 
 
@@ -717,10 +726,10 @@ signal_seen = None
 def request_stop(signum, frame):
     global signal_seen
     if signal_seen == signal.SIGINT and signum == signal.SIGINT:
-        print('\ninterrupted again: exiting without saving', file=sys.stderr)
+        write_from_handler(2, 'interrupted again: exiting without saving')
         os._exit(130)
     if signal_seen is None and master:
-        print('\ninterrupted: saving a checkpoint after this iteration (Ctrl-C again to quit without saving)')
+        write_from_handler(1, 'interrupted: saving a checkpoint after this iteration (Ctrl-C again to quit without saving)')
     signal_seen = signal_seen or signum
 
 

@@ -147,6 +147,7 @@ def test_ctrl_c_saves_a_checkpoint_of_that_iteration(workdir):
     _, ckpt = load_model(str(workdir / 'out' / 'ckpt.pt'), 'cpu')
     assert ckpt['iter_num'] == last_iter >= 5
     assert f'saved checkpoint at iter {last_iter}' in out
+    assert '\ninterrupted: saving a checkpoint after this iteration (Ctrl-C again to quit without saving)\n' in out
 
 
 @pytest.mark.slow
