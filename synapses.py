@@ -34,8 +34,7 @@ use_fast_weights: a Hebbian scratchpad beside the MLP (FastWeights). Per sequenc
 Cost: presynaptic depression needs the attention weights themselves (no fused SDPA kernel): about T^2 (chunk
 + 2 hs) / 2 multiply-adds per head forward, and backward recomputes each chunk from q, k, v, the output and one
 row of used per chunk, the only things it keeps (O(T hs + T^2 / chunk) per head, about what SDPA keeps;
-the dense form, kept in tests/test_synapses.py as the reference, kept five T x T tensors per head). A
-sequence of one chunk (T <= synapse_chunk) keeps that chunk's tensors instead of computing them twice. The
+the dense form, kept in tests/test_synapses.py as the reference, kept five T x T tensors per head). The
 fast weights keep a few chunk x chunk products per chunk, O(T chunk) per head. Dropout and the release's
 draws come from a generator per chunk, seeded once per call, so backward draws them again. synapse_chunk
 (64) trades the chunks' count (Python steps) against the in-chunk product's size; bench_bio.py measures
@@ -105,8 +104,7 @@ class DepressedAttention(torch.autograd.Function):
     a recursion down each key's column, so a chunk needs from the ones before it only the row of used sums
     its first query inherits (the carry). Backward keeps q, k, v, the output and one carry per chunk,
     O(T^2 / chunk) per head where the dense form kept several T x T tensors, and recomputes each chunk's
-    attention (but for a sequence of one chunk, whose tensors it keeps); the gradient of used runs up the
-    columns, a carry the other way."""
+    attention; the gradient of used runs up the columns, a carry the other way."""
 
     @staticmethod
     def forward(ctx, q, k, v, log_drain, log_lambda, refill, chunk, dropout_p, stochastic, seed):
@@ -126,10 +124,7 @@ class DepressedAttention(torch.autograd.Function):
                 outputs.append(c['kept'].to(v.dtype) @ v[:, :, :start + n])
                 carry = F.pad(c['used'][:, :, n], (0, T - start - n))
             y = torch.cat(outputs, dim=2)
-        # a sequence of one chunk keeps that chunk's tensors (a few T x T, small at such T) to spare backward their
-        # recomputation
-        ctx.whole = [name for name in c if name != 'used'] if T <= chunk else []
-        ctx.save_for_backward(q, k, v, y, log_drain, log_lambda, torch.stack(carries), *(c[name] for name in ctx.whole))
+        ctx.save_for_backward(q, k, v, y, log_drain, log_lambda, torch.stack(carries))
         ctx.settings = refill, chunk, dropout_p, stochastic, seed
         ctx.mark_non_differentiable(carry)
         return y, carry
@@ -137,7 +132,7 @@ class DepressedAttention(torch.autograd.Function):
     @staticmethod
     @torch.autograd.function.once_differentiable  # the carries are constants to autograd: no second derivative
     def backward(ctx, dy, _):
-        q, k, v, y, log_drain, log_lambda, carries, *whole = ctx.saved_tensors
+        q, k, v, y, log_drain, log_lambda, carries = ctx.saved_tensors
         refill, chunk, dropout_p, stochastic, seed = ctx.settings
         B, nh, T, hs = q.shape
         work = carries.dtype
@@ -155,9 +150,9 @@ class DepressedAttention(torch.autograd.Function):
                 start = starts[index]
                 n = min(chunk, T - start)
                 end = start + n
-                c = dict(zip(ctx.whole, whole)) if whole else depressed_chunk(
-                    scaled[:, :, start:end], k, start, carries[index], drain, lam, refill, dropout_p, stochastic,
-                    chunk_draws(seed, index, (B, nh, n, end), q.device, work, stochastic, dropout_p))
+                draws = chunk_draws(seed, index, (B, nh, n, end), q.device, work, stochastic, dropout_p)
+                c = depressed_chunk(scaled[:, :, start:end], k, start, carries[index], drain, lam, refill,
+                                    dropout_p, stochastic, draws)
                 dy_chunk = dy[:, :, start:end]
                 dv[:, :, :end] += (c['kept'].to(v.dtype).transpose(-1, -2) @ dy_chunk).to(work)
                 d_scores = (dy_chunk @ v[:, :, :end].transpose(-1, -2)).to(work)
