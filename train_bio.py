@@ -102,8 +102,10 @@ from contextlib import nullcontext
 from dataclasses import asdict, fields
 
 
-exit_cleans_up = False  # set once a download or the run's claim on its folder has begun: an exit then runs
-# finally blocks and atexit, which delete a partial download and give the folder back
+# what a Ctrl-C before training raises, so that finally blocks and atexit run: KeyboardInterrupt in a hub download
+# (huggingface_hub deletes its partial file, hf_xet aborts its session), SystemExit once the run claims its folder
+# (atexit gives it back); None: nothing to clean up
+interrupt_raises = None
 
 
 def write_from_handler(fd, line):
@@ -122,8 +124,8 @@ def write_from_handler(fd, line):
 
 def interrupted_at_start(signum, frame):
     write_from_handler(2, 'interrupted before training started: nothing was saved')
-    if exit_cleans_up:
-        sys.exit(130)
+    if interrupt_raises:
+        raise interrupt_raises(130)
     # nothing to clean up: at once, as an exception raised inside an import that C code made (numpy's of datetime,
     # say) comes out as an ImportError with its traceback
     os._exit(130)
@@ -348,7 +350,7 @@ if writes and init_from != 'resume':
 if writes and init_from == 'resume' and not os.path.isfile(ckpt_path):
     fail(f'init_from=resume but {ckpt_path} does not exist (train from scratch first, or fix out_dir)')
 if writes and master and init_from == 'resume':
-    exit_cleans_up = True
+    interrupt_raises = SystemExit
     try:  # before the checkpoint is read: a run being written by another process is not resumed under it
         claim_folder(out_dir)
     except ValueError as e:
@@ -361,11 +363,14 @@ if init_from not in ('scratch', 'resume'):
     if not is_checkpoint_location(init_from):
         fail(f"init_from={init_from!r} is not 'scratch', 'resume', a checkpoint (file or exported folder), a hub name "
              "hf:OWNER/REPO/FILE.pt or one of OpenAI's gpt2, gpt2-medium, gpt2-large, gpt2-xl")
-    exit_cleans_up = is_hub_name(init_from)  # huggingface_hub deletes a partial download in a finally block
+    interrupt_raises = KeyboardInterrupt if is_hub_name(init_from) else None
     try:
         source = fetch_from_hub(init_from) if is_hub_name(init_from) else init_from
     except ValueError as e:
         fail(str(e))
+    except KeyboardInterrupt:  # the handler's, its line written
+        sys.exit(130)
+    interrupt_raises = None
 
 # -----------------------------------------------------------------------------
 # data: token memmaps written by data/<dataset>/prepare.py
@@ -684,7 +689,7 @@ def unclaim_if_unused():
 
 
 if master and writes and init_from != 'resume':
-    exit_cleans_up = True
+    interrupt_raises = SystemExit
     try:  # only now: a run refused by any check above leaves no folder behind
         claim_folder(out_dir)
         if not held_files() and os.path.isfile(log_path) and not os.path.islink(log_path):

@@ -405,18 +405,35 @@ def test_ctrl_c_while_starting_is_quiet_and_leaves_nothing(workdir):
     assert not (workdir / 'new').exists()
 
 
+# train_bio.py as `python train_bio.py ARGS` runs it, with a stderr that sends the process Ctrl-C once a line
+# starting with the first argument is written: a signal at a chosen point, not after a chosen delay
+INTERRUPTED_AFTER = """
+import os, runpy, signal, sys
+class Interrupting:
+    def __init__(self, stream, start):
+        self.stream, self.start = stream, start
+    def write(self, text):
+        written = self.stream.write(text)
+        if text.startswith(self.start):
+            os.kill(os.getpid(), signal.SIGINT)
+        return written
+    def __getattr__(self, name):
+        return getattr(self.stream, name)
+sys.stderr = Interrupting(sys.stderr, sys.argv[1])
+sys.argv = sys.argv[2:]
+runpy.run_path(sys.argv[0], run_name='__main__')
+"""
+
+
 def test_ctrl_c_before_the_claim_keeps_what_was_printed(workdir, tiny_run):
-    # stdout to a pipe is buffered (as under `| tee`) once PYTHONUNBUFFERED is unset; the signal comes after the
-    # stderr note that follows stdout's first lines, before the run has its folder
+    # stdout to a pipe is buffered (as under `| tee`) once PYTHONUNBUFFERED is unset; the signal comes at the stderr
+    # note that follows stdout's first lines, before the run has its folder
     env = {name: value for name, value in os.environ.items() if name != 'PYTHONUNBUFFERED'}
-    proc = subprocess.Popen([sys.executable, 'train_bio.py', *TINY, f'--init_from={tiny_run / "ckpt.pt"}', '--n_layer=3',
-                             '--out_dir=new'], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env=env)
-    while not proc.stderr.readline().startswith("note: the checkpoint's architecture is kept"):
-        assert proc.poll() is None
-    proc.send_signal(signal.SIGINT)
-    out, err = proc.communicate(timeout=60)
-    assert proc.returncode == 130 and out.startswith("device cpu"), (out, err)
+    proc = subprocess.run([sys.executable, '-c', INTERRUPTED_AFTER, "note: the checkpoint's architecture is kept",
+                           'train_bio.py', *TINY, f'--init_from={tiny_run / "ckpt.pt"}', '--n_layer=3', '--out_dir=new',
+                           '--max_iters=2'], cwd=workdir, capture_output=True, text=True, env=env, timeout=120)
+    assert proc.returncode == 130 and proc.stdout.startswith('device cpu'), (proc.stdout, proc.stderr)
+    assert proc.stderr.splitlines()[-1] == 'interrupted before training started: nothing was saved', proc.stderr
     assert not (workdir / 'new').exists()
 
 
@@ -457,8 +474,8 @@ class SlowHub(BaseHTTPRequestHandler):
 def test_ctrl_c_during_a_hub_download_leaves_no_partial_file(workdir, tmp_path):
     hub = ThreadingHTTPServer(('127.0.0.1', 0), SlowHub)
     threading.Thread(target=hub.serve_forever, daemon=True).start()
-    env = {**{name: value for name, value in os.environ.items() if name != 'HF_HUB_OFFLINE'},
-           'HF_ENDPOINT': f'http://127.0.0.1:{hub.server_address[1]}', 'HF_HOME': str(tmp_path / 'hf'),
+    env = {**{name: value for name, value in os.environ.items() if name not in ('HF_HUB_OFFLINE', 'HUGGINGFACE_HUB_CACHE')},
+           'HF_ENDPOINT': f'http://127.0.0.1:{hub.server_address[1]}', 'HF_HUB_CACHE': str(tmp_path / 'hf'),
            'HF_HUB_DISABLE_XET': '1', 'NO_PROXY': '127.0.0.1'}
     proc = subprocess.Popen([sys.executable, 'train_bio.py', *TINY, '--init_from=hf:someone/model/ckpt.pt',
                              '--out_dir=new'], cwd=workdir, stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env)
