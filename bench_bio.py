@@ -74,27 +74,8 @@ import tempfile
 import time
 from dataclasses import asdict, fields
 
-import torch
-import torch.nn.functional as F
-
-import devices
-import model_bio
-import oscillation
-import synapses
-from checkpoints import config_problem
 from configurator import check_folder, configure, declared_rules, fail, script_defaults
-from files import WriteError, write_file
-from generation import generate_tokens
-from model_bio import GPT, GPTConfig
-from optimizers import OPTIMIZERS, build_optimizers, state_bytes
 
-# bench_step's rows for synapses.py's mechanisms: the GPTConfig flags each adds to the bio arm
-SYNAPSE_FLAGS = {'presynaptic': dict(use_presynaptic=True),
-                 'stochastic': dict(use_presynaptic=True, stochastic_release=True),
-                 'fast_weights': dict(use_fast_weights=True),
-                 'all': dict(use_presynaptic=True, stochastic_release=True, use_fast_weights=True)}
-
-ADDED_KINDS = [k for k in model_bio.MLP_KINDS if k not in ('bio', 'gelu')]  # the MLPs --mlp_kinds may add rows for
 REPO = os.path.dirname(os.path.abspath(__file__))
 # the bench's own settings, beside train_bio.py's (which say what model, batch and run to measure)
 BENCH_SETTINGS = dict(
@@ -115,6 +96,30 @@ BENCH_SETTINGS = dict(
 # what each of them allows, in the rules train_bio.py declares its own in (configurator.py checks both)
 BENCH_RULES = {'part': 'one of steps, act, attn, step, optim, sample, whole', 'rounds': '>= 1', 'act_calls': '>= 1',
                'sample_repeats': '>= 1', 'new_tokens': '>= 1', 'whole_pairs': '>= 1', 'whole_iters': '>= 1'}
+TRAIN_SCRIPT = os.path.join(REPO, 'train_bio.py')
+TRAIN_DEFAULTS = script_defaults(TRAIN_SCRIPT)
+# read before torch is imported: a mistake in them is named at once, not after torch's two seconds
+cfg = configure({**TRAIN_DEFAULTS, **BENCH_SETTINGS}, sys.argv[1:], {**declared_rules(TRAIN_SCRIPT), **BENCH_RULES})
+
+import torch  # noqa: E402
+import torch.nn.functional as F  # noqa: E402
+
+import devices  # noqa: E402
+import model_bio  # noqa: E402
+import oscillation  # noqa: E402
+import synapses  # noqa: E402
+from checkpoints import config_problem  # noqa: E402
+from files import WriteError, write_file  # noqa: E402
+from generation import generate_tokens  # noqa: E402
+from model_bio import GPT, GPTConfig  # noqa: E402
+from optimizers import OPTIMIZERS, build_optimizers, state_bytes  # noqa: E402
+
+# bench_step's rows for synapses.py's mechanisms: the GPTConfig flags each adds to the bio arm
+SYNAPSE_FLAGS = {'presynaptic': dict(use_presynaptic=True),
+                 'stochastic': dict(use_presynaptic=True, stochastic_release=True),
+                 'fast_weights': dict(use_fast_weights=True),
+                 'all': dict(use_presynaptic=True, stochastic_release=True, use_fast_weights=True)}
+ADDED_KINDS = [k for k in model_bio.MLP_KINDS if k not in ('bio', 'gelu')]  # the MLPs --mlp_kinds may add rows for
 
 
 def median_times(variants, device, rounds, calls):
@@ -416,10 +421,6 @@ def bench_whole_runs(cfg, train_defaults):
 
 
 def main():
-    argv = sys.argv[1:]
-    train_script = os.path.join(REPO, 'train_bio.py')
-    train_defaults = script_defaults(train_script)
-    cfg = configure({**train_defaults, **BENCH_SETTINGS}, argv, {**declared_rules(train_script), **BENCH_RULES})
     # the model's settings as train_bio.py checks them, so the bench measures only models it could train
     model_config = {**asdict(GPTConfig()), **{f.name: cfg[f.name] for f in fields(GPTConfig) if f.name in cfg}}
     problem = config_problem(model_config)
@@ -449,9 +450,9 @@ def main():
         problem = config_problem({**model_config, **moe_arm(cfg, n)})
         if problem:
             fail(f"moe_sizes={cfg['moe_sizes']!r}: {problem}")
-    report = {'torch': torch.__version__, 'argv': argv}
+    report = {'torch': torch.__version__, 'argv': sys.argv[1:]}
     if 'whole' in parts:
-        report['whole'] = bench_whole_runs(cfg, train_defaults)
+        report['whole'] = bench_whole_runs(cfg, TRAIN_DEFAULTS)
     else:
         try:
             device = devices.pick_device(cfg['device'])

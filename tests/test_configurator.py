@@ -169,7 +169,7 @@ def test_errors_are_said_by_every_process_that_has_them(monkeypatch, capsys):
 @pytest.mark.parametrize('script', ['train_bio.py', 'finetune_native.py', 'sample_bio.py', 'chat.py',
                                     'bench_bio.py'])
 def test_every_script_starts_and_refuses_an_unknown_setting(script):
-    # quick: each script starts and reads its settings (train_bio.py before it imports torch)
+    # quick: each script starts and reads its settings (train_bio.py and bench_bio.py before they import torch)
     proc = subprocess.run([sys.executable, os.path.join(REPO, script), '--no_such_setting=1'],
                           capture_output=True, text=True, cwd=REPO)
     errors = [line for line in proc.stderr.splitlines() if not line.startswith('config: ')]  # finetune_native sets task
