@@ -59,6 +59,13 @@ def decayed_past(queries, keys, rate, device):
     return torch.where(age >= 0, rate ** age.clamp(min=0), 0.0)  # float64: callers take what precision they need
 
 
+def chunk_decays(n, rate, device, dtype):
+    """decayed_past(n + 1, n, rate) and rate ** (0 .. n), in dtype, for chunks of up to n positions: a chunk of
+    m takes [:m + 1, :m] and [:m + 1] (their entries do not depend on n), so a call builds them once."""
+    return (decayed_past(n + 1, n, rate, device).to(dtype),
+            (rate ** torch.arange(n + 1, device=device, dtype=torch.float64)).to(dtype))
+
+
 def chunk_draws(seed, chunk_index, shape, device, dtype, stochastic, dropout_p):
     """The uniform [0, 1) tensors of shape one chunk draws (the release's, then dropout's; none without a seed),
     from a generator of its own: the forward pass and the backward's recomputation (which visits the chunks in
@@ -71,10 +78,11 @@ def chunk_draws(seed, chunk_index, shape, device, dtype, stochastic, dropout_p):
     return [torch.rand(shape, generator=generator, device=device, dtype=dtype) for _ in range(count)]
 
 
-def depressed_chunk(scaled, k, start, carry, drain, lam, refill, dropout_p, stochastic, draws):
+def depressed_chunk(scaled, k, start, carry, drain, lam, decays, dropout_p, stochastic, draws):
     """Presynaptic attention for the queries start .. start + n (scaled: their q / sqrt(hs), (B, nh, n, hs))
     over keys 0 .. start + n of k, given carry (B, nh, >= start): the used sums the chunk's first query
-    inherits. Returns, keyed by name, what forward and backward need; works in carry's dtype."""
+    inherits; decays: chunk_decays' pair for refill. Returns, keyed by name, what forward and backward need;
+    works in carry's dtype."""
     n = scaled.size(2)
     end = start + n
     scores = (scaled @ k[:, :, :end].transpose(-1, -2)).to(carry.dtype)
@@ -82,8 +90,7 @@ def depressed_chunk(scaled, k, start, carry, drain, lam, refill, dropout_p, stoc
     scores[:, :, :, start:].masked_fill_(future, float('-inf'))
     probs = scores.softmax(-1)  # the attention before depression drains the pools
     # rows 0 .. n - 1: each query's used; row n: the next chunk's carry (decayed_past's extra row)
-    weights = decayed_past(n + 1, n, refill, scores.device).to(carry.dtype)
-    powers = refill ** torch.arange(n + 1, device=scores.device, dtype=torch.float64).to(carry.dtype)
+    weights, powers = decays[0][:n + 1, :n], decays[1][:n + 1]
     used = weights @ probs
     used[:, :, :, :start].addcmul_(powers[:, None], carry[:, :, None, :start])
     # lambda log(max(pool, eps)) with pool = exp(-drain * used): each query releases a share of what is left
@@ -114,12 +121,13 @@ class DepressedAttention(torch.autograd.Function):
             drain, lam = log_drain.exp().to(work)[:, None, None], log_lambda.exp().to(work)[:, None, None]
             scaled = q / math.sqrt(hs)  # before the product, as SDPA does, so that float16 logits do not overflow
             carry = q.new_zeros(B, nh, T, dtype=work)
+            decays = chunk_decays(min(chunk, T), refill, q.device, work)
             carries, outputs = [], []
             for index, start in enumerate(range(0, T, chunk)):
                 n = min(chunk, T - start)
                 draws = chunk_draws(seed, index, (B, nh, n, start + n), q.device, work, stochastic, dropout_p)
                 carries.append(carry)
-                c = depressed_chunk(scaled[:, :, start:start + n], k, start, carry, drain, lam, refill, dropout_p,
+                c = depressed_chunk(scaled[:, :, start:start + n], k, start, carry, drain, lam, decays, dropout_p,
                                     stochastic, draws)
                 outputs.append(c['kept'].to(v.dtype) @ v[:, :, :start + n])
                 carry = F.pad(c['used'][:, :, n], (0, T - start - n))
@@ -145,13 +153,14 @@ class DepressedAttention(torch.autograd.Function):
             dq, dk, dv = torch.zeros_like(q, dtype=work), torch.zeros_like(k, dtype=work), torch.zeros_like(v, dtype=work)
             d_log_drain, d_log_lambda = torch.zeros_like(drain), torch.zeros_like(lam)
             d_next = q.new_zeros(B, nh, T, dtype=work)  # the gradient of the carry the next chunk inherits
+            decays = chunk_decays(min(chunk, T), refill, q.device, work)
             starts = list(range(0, T, chunk))
             for index in reversed(range(len(starts))):
                 start = starts[index]
                 n = min(chunk, T - start)
                 end = start + n
                 draws = chunk_draws(seed, index, (B, nh, n, end), q.device, work, stochastic, dropout_p)
-                c = depressed_chunk(scaled[:, :, start:end], k, start, carries[index], drain, lam, refill,
+                c = depressed_chunk(scaled[:, :, start:end], k, start, carries[index], drain, lam, decays,
                                     dropout_p, stochastic, draws)
                 dy_chunk = dy[:, :, start:end]
                 dv[:, :, :end] += (c['kept'].to(v.dtype).transpose(-1, -2) @ dy_chunk).to(work)
@@ -250,15 +259,15 @@ class FastWeights(nn.Module):
         B, nh, T, rank = q.shape
         work = torch.promote_types(q.dtype, torch.float32)
         scratch = q.new_zeros(B, nh, rank, rank, dtype=work)
+        decays = chunk_decays(min(self.chunk, T), self.decay, q.device, work)
         reads = []
         for start in range(0, T, self.chunk):
             n = min(self.chunk, T - start)
             qc, kc, vc = (t[:, :, start:start + n] for t in (q, k, v))
-            past = decayed_past(n + 1, n, self.decay, q.device).to(work)  # row n: weights of the next scratchpad
+            past, powers = decays[0][:n + 1, :n], decays[1][:n + 1]  # past's row n: weights of the next scratchpad
             written = past * gate[:, :, None, start:start + n].to(work)  # [t, s]: decay^(t-1-s) gate_s for s < t
             within = ((qc @ kc.transpose(-1, -2)) * written[:, :, :n].to(q.dtype)) @ vc
             with torch.autocast(q.device.type, enabled=False):
-                powers = self.decay ** torch.arange(n + 1, device=q.device, dtype=torch.float64).to(work)
                 earlier = powers[:n, None] * (qc.to(work) @ scratch.transpose(-1, -2))
                 reads.append(within + earlier.to(within.dtype))
                 scratch = powers[n] * scratch + (vc.to(work) * written[:, :, n, :, None]).transpose(-1, -2) @ kc.to(work)
